@@ -1,0 +1,99 @@
+"""Configuration: schema validation and the cross-field checks a schema cannot express.
+
+The workflow calls :func:`validate_config` at start-up, so a typo or an unknown dataset/method name
+stops the run before any job starts, with the offending key in the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from siad.errors import ConfigError, SiadError
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def load_schema(path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
+    """Read the JSON schema (stored as YAML)."""
+    return yaml.safe_load(Path(path).read_text())
+
+
+def validate_config(config: Mapping[str, Any], schema_path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
+    """Validate ``config`` against the schema, then the names and the protocol; return it as a dict.
+
+    Raises:
+        ConfigError: with the path of the offending key and what is expected.
+    """
+    config = dict(config)
+    validator = jsonschema.Draft202012Validator(load_schema(schema_path))
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"  {'/'.join(map(str, e.absolute_path)) or '(top level)'}: {e.message}" for e in errors[:10]]
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines))
+    _check_names(config)
+    return config
+
+
+def _check_names(config: Mapping[str, Any]) -> None:
+    from siad.data.registry import get_dataset
+    from siad.engine.protocol import protocol_pairs
+    from siad.methods import get_method_class
+
+    try:
+        for name, entry in config["datasets"].items():
+            spec = get_dataset(name)
+            unknown = set(entry.get("classes", [])) - set(spec.classes)
+            if unknown:
+                raise ConfigError(f"datasets/{name}/classes: unknown class(es) {sorted(unknown)}; known: {list(spec.classes)}")
+        for source, target in protocol_pairs(config["protocol"]):
+            for name in (source, target):
+                if name not in config["datasets"]:
+                    raise ConfigError(f"protocol: dataset {name!r} is not listed under `datasets`")
+        for name, entry in config["methods"].items():
+            cls = get_method_class(name)
+            for variant, overrides in {"default": {}, **entry.get("variants", {})}.items():
+                cls.resolve_params({**entry.get("params", {}), **overrides})
+        for name in config["report"]["table1"]["methods"]:
+            if name not in config["methods"]:
+                raise ConfigError(f"report/table1/methods: {name!r} is not listed under `methods`")
+    except ConfigError:
+        raise
+    except SiadError as err:
+        raise ConfigError(f"invalid configuration: {err}") from None
+
+
+def method_variants(config: Mapping[str, Any], method: str) -> list[str]:
+    """Variant names of ``method`` ("default" first)."""
+    return ["default", *[v for v in config["methods"][method].get("variants", {}) if v != "default"]]
+
+
+def method_params(config: Mapping[str, Any], method: str, variant: str) -> dict[str, Any]:
+    """The method's parameters with the variant's overrides applied."""
+    entry = config["methods"][method]
+    variants = entry.get("variants", {})
+    if variant != "default" and variant not in variants:
+        raise ConfigError(f"methods/{method}: unknown variant {variant!r}; known: {method_variants(config, method)}")
+    return {**entry.get("params", {}), **variants.get(variant, {})}
+
+
+def dataset_root(config: Mapping[str, Any], name: str) -> Path:
+    """Folder holding dataset ``name`` in its native layout (per-dataset override or <data.root>/<folder>)."""
+    from siad.data.registry import get_dataset
+
+    override = config["datasets"].get(name, {}).get("root")
+    return Path(override) if override else Path(config["data"]["root"]) / get_dataset(name).folder
+
+
+def results_root(config: Mapping[str, Any]) -> Path:
+    """``results/<profile>``: every run of this profile lives below it."""
+    return Path("results") / config["profile"]
+
+
+def tables_root(config: Mapping[str, Any]) -> Path:
+    """``tables/<profile>``: the rendered tables and figures of this profile."""
+    return Path("tables") / config["profile"]

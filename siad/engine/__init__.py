@@ -1,0 +1,1 @@
+"""Running methods: the protocol and the evaluation loop."""

@@ -1,0 +1,77 @@
+"""The evaluation protocol: settings, (source → target) pairs, run keys and the leakage guard.
+
+SIAD-LLM Sec. 4.1: industrial models train on MVTecAD and are tested on the other industrial sets,
+MVTecAD itself with VisA-trained weights; medical models train on Br35H and are tested on BrainMRI
+and HeadCT, Br35H with BrainMRI-trained weights. Training-free methods have no source: they run once
+per target (source ``none``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from siad.errors import ConfigError, LeakageError
+
+SETTINGS = ("uzad", "pseudo", "zad")
+"""uzad: auxiliary normal images only; pseudo: normal + pseudo-anomalies; zad: auxiliary anomalies."""
+
+NO_SOURCE = "none"
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """Identifies one evaluation: ``{setting}/{method}/{variant}/{source}/{target}``."""
+
+    setting: str
+    method: str
+    variant: str
+    source: str
+    target: str
+
+    def run_dir(self, results_root: str | Path) -> Path:
+        """Where this run's predictions and metrics live."""
+        return Path(results_root, self.setting, self.method, self.variant, self.source, self.target)
+
+    def model_dir(self, results_root: str | Path) -> Path:
+        """Where the model trained for this run lives (shared by all targets of one source)."""
+        return Path(results_root, self.setting, self.method, self.variant, self.source)
+
+
+def protocol_pairs(protocol: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(source, target) pairs in config order; a pair whose target is its source is refused."""
+    pairs = []
+    for entry in protocol:
+        for target in entry["targets"]:
+            if target == entry["source"]:
+                raise ConfigError(f"protocol: {target!r} is both source and target; zero-shot forbids it")
+            pairs.append((entry["source"], target))
+    targets = [t for _, t in pairs]
+    duplicated = sorted({t for t in targets if targets.count(t) > 1})
+    if duplicated:
+        raise ConfigError(f"protocol: target(s) {duplicated} appear under more than one source")
+    return pairs
+
+
+def protocol_runs(
+    protocol: Sequence[Mapping[str, Any]], *, setting: str, method: str, variant: str, training_free: bool
+) -> list[RunKey]:
+    """The runs of one (setting, method, variant): one per target, source ``none`` if training-free."""
+    if setting not in SETTINGS:
+        raise ConfigError(f"unknown setting {setting!r}; known: {SETTINGS}")
+    return [
+        RunKey(setting, method, variant, NO_SOURCE if training_free else source, target)
+        for source, target in protocol_pairs(protocol)
+    ]
+
+
+def check_no_leakage(trained_on: Iterable[str], target: str) -> None:
+    """Refuse to evaluate on a dataset the model saw in training (the zero-shot guarantee)."""
+    seen = set(trained_on)
+    if target in seen:
+        raise LeakageError(
+            f"refusing to evaluate on {target!r}: the model was trained on {sorted(seen)}. "
+            "Zero-shot evaluation requires an unseen target; fix the protocol in the config."
+        )

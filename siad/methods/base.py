@@ -1,0 +1,109 @@
+"""The method interface every baseline and SIAD-LLM implement, and the method registry.
+
+A method turns a batch of preprocessed images into image scores and anomaly maps. Training-based
+methods learn in :meth:`Method.fit` from an auxiliary dataset; training-free ones do nothing there
+(test-time adaptation belongs in :meth:`Method.predict`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+from siad.errors import ConfigError
+from siad.registry import Registry
+
+Batch = Mapping[str, Any]
+"""A batch: ``image`` [B,3,H,W] (the method's own transform applied), ``cls_name`` list[str],
+``img_path`` list[str], and for training ``mask`` [B,H,W] and ``label`` [B]."""
+
+
+class Method(ABC):
+    """Base class of all methods.
+
+    Subclasses declare ``training_free`` and the parameters they accept (``defaults``); the config
+    entry of the method (plus the variant's overrides) arrives as ``params``.
+    """
+
+    training_free: ClassVar[bool] = False
+    defaults: ClassVar[Mapping[str, Any]] = {}
+
+    def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0) -> None:
+        self.params = self.resolve_params(params or {})
+        self.device = torch.device(device)
+        self.seed = seed
+
+    @classmethod
+    def resolve_params(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Defaults overlaid with ``params``; an unknown key is a config error (typos never pass)."""
+        unknown = set(params) - set(cls.defaults)
+        if unknown:
+            raise ConfigError(
+                f"method {cls.__name__}: unknown parameter(s) {sorted(unknown)}; accepted: {sorted(cls.defaults)}"
+            )
+        return {**cls.defaults, **params}
+
+    @property
+    @abstractmethod
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """PIL image → input tensor [3,H,W] (resize + normalisation of this method's backbone)."""
+
+    @property
+    @abstractmethod
+    def input_size(self) -> int:
+        """Side of the square input image in pixels (training masks are resized to it)."""
+
+    @property
+    def random_init(self) -> bool:
+        """True when any pretrained part is replaced by random weights (demo); stamped on outputs."""
+        return False
+
+    def fit(self, train_data: torch.utils.data.Dataset, setting: str) -> None:
+        """Learn from the auxiliary data of ``setting``; training-free methods keep this no-op."""
+        if not self.training_free:
+            raise NotImplementedError(f"{type(self).__name__} must implement fit()")
+
+    @abstractmethod
+    def predict(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores [B] and anomaly maps [B,h,w] (any resolution; resized for evaluation)."""
+
+    def save(self, path: Path) -> None:
+        """Write the learned state (training-free methods have none)."""
+        torch.save({}, path)
+
+    def load(self, path: Path) -> None:
+        """Read the state written by :meth:`save`."""
+        torch.load(path, map_location=self.device, weights_only=True)
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+_PLUGIN_PACKAGES = ("baselines", "siad.methods")
+
+
+def _discover() -> None:
+    """Import every module of the method packages so their ``@METHODS.register`` lines run."""
+    for package_name in _PLUGIN_PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in pkgutil.iter_modules(package.__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{package_name}.{info.name}")
+
+
+def get_method_class(name: str) -> type[Method]:
+    """The method class registered as ``name`` (modules of ``baselines/`` are discovered on demand)."""
+    if name not in METHODS:
+        _discover()
+    return METHODS.get(name)
+
+
+def build_method(name: str, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0) -> Method:
+    """Instantiate the method ``name`` with config ``params``."""
+    return get_method_class(name)(params, device=device, seed=seed)

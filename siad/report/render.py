@@ -1,0 +1,199 @@
+"""Render a :class:`~siad.report.tables.ClaimTable` as Markdown, LaTeX (booktabs) and long CSV.
+
+Every cell reads "reproduced (claimed)": the reproduced number first, the paper's claim after it
+in parentheses (smaller in LaTeX), both in percent with one decimal as in the paper. Demo outputs
+carry :data:`DEMO_STAMP` on their first line so they cannot be mistaken for real results.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from siad.report.tables import MISSING, NOT_APPLICABLE, Cell, ClaimTable
+
+DEMO_STAMP = (
+    "DEMO OUTPUT: these numbers come from synthetic stand-in data and random-initialised models; "
+    "they are NOT comparable to the paper."
+)
+LEGEND = (
+    "Each cell: reproduced (claimed by the paper), in percent; "
+    "n/a = not reported / not defined; – = not applicable (no pixel masks); missing = no run found."
+)
+DASH = "–"
+CSV_VALUE_FIELDS = ("reproduced", "claimed", "ci_low", "ci_high", "status")
+
+
+def fmt_pct(value: float | None) -> str:
+    """One decimal, or "n/a" for an absent number."""
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def reproduced_text(cell: Cell) -> str:
+    """The reproduced part of a cell: a number, "n/a", "missing" or "–"."""
+    if cell.status == NOT_APPLICABLE:
+        return DASH
+    if cell.status == MISSING:
+        return MISSING
+    return fmt_pct(cell.reproduced)
+
+
+def _header_label(field: str) -> str:
+    return field[:1].upper() + field[1:]
+
+
+def _stamp_lines(table: ClaimTable, prefix: str, suffix: str = "") -> list[str]:
+    """The demo stamp as the output's first line (in the format's comment/emphasis syntax)."""
+    return [prefix + DEMO_STAMP + suffix] if table.demo else []
+
+
+# ----------------------------------------------------------------------------------------- Markdown
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _md_cell(cell: Cell) -> str:
+    if cell.status == NOT_APPLICABLE:
+        return DASH
+    return f"{reproduced_text(cell)} ({fmt_pct(cell.claimed)})"
+
+
+def render_markdown(table: ClaimTable) -> str:
+    """A Markdown table (GitHub flavour) with a legend and the table's notes."""
+    header = [_header_label(f) for f in table.row_header] + table.columns
+    align = ["---"] * len(table.row_header) + ["---:"] * len(table.columns)
+    lines = _stamp_lines(table, "> **", "**") + ([""] if table.demo else [])
+    lines += [f"### {table.title}", "", f"_{LEGEND}_", ""]
+    lines.append("| " + " | ".join(map(_md_escape, header)) + " |")
+    lines.append("|" + "|".join(align) + "|")
+    for row in table.row_keys:
+        values = list(row) + [_md_cell(table.cell(row, c)) for c in table.columns]
+        lines.append("| " + " | ".join(map(_md_escape, values)) + " |")
+    if table.notes:
+        lines += ["", "Notes:"] + [f"- {n}" for n in table.notes]
+    return "\n".join(lines) + "\n"
+
+
+# -------------------------------------------------------------------------------------------- LaTeX
+
+_LATEX_SPECIALS = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    DASH: "--",
+}
+
+
+def latex_escape(text: str) -> str:
+    """Escape LaTeX special characters (and write the en dash as ``--``)."""
+    return "".join(_LATEX_SPECIALS.get(ch, ch) for ch in text)
+
+
+def _tex_cell(cell: Cell) -> str:
+    if cell.status == NOT_APPLICABLE:
+        return "--"
+    return f"{reproduced_text(cell)} {{\\scriptsize({fmt_pct(cell.claimed)})}}"
+
+
+def _tex_rows(table: ClaimTable) -> list[str]:
+    lines: list[str] = []
+    for i, block in enumerate(table.blocks()):
+        if i:
+            lines.append(r"\midrule")
+        for j, row in enumerate(block):
+            keys = [latex_escape(k) for k in row]
+            if j:  # the block's shared first key is printed on its first row only
+                keys[0] = ""
+            cells = [_tex_cell(table.cell(row, c)) for c in table.columns]
+            lines.append(" & ".join(keys + cells) + r" \\")
+    return lines
+
+
+def render_latex(table: ClaimTable) -> str:
+    """A booktabs ``table`` environment; image/pixel (first-key) blocks separated by ``\\midrule``."""
+    legend = latex_escape(LEGEND).replace("(claimed by the paper)", r"{\scriptsize(claimed by the paper)}")
+    caption = f"{latex_escape(table.title)}. {legend}"
+    if table.demo:
+        caption += r" \textbf{" + latex_escape(DEMO_STAMP) + "}"
+    header = [latex_escape(_header_label(f)) for f in table.row_header] + [latex_escape(c) for c in table.columns]
+    lines = _stamp_lines(table, "% ")
+    lines += [f"% note: {n}" for n in table.notes]
+    lines += [
+        r"% requires \usepackage{booktabs}",
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\caption{" + caption + "}",
+        r"\label{tab:" + latex_escape(table.name) + "}",
+        r"\begin{tabular}{" + "l" * len(table.row_header) + "c" * len(table.columns) + "}",
+        r"\toprule",
+        " & ".join(header) + r" \\",
+        r"\midrule",
+        *_tex_rows(table),
+        r"\bottomrule",
+        r"\end{tabular}",
+        r"\end{table}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- CSV
+
+
+def _csv_number(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+def render_csv(table: ClaimTable) -> str:
+    """Long format, one line per cell: table, <row key fields>, <column header>, reproduced, claimed,
+    ci_low, ci_high, status (percent, full precision; empty = none). Demo: a '#' first line."""
+    out = io.StringIO()
+    for line in _stamp_lines(table, "# "):
+        out.write(line + "\n")
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["table", *table.row_header, table.column_header, *CSV_VALUE_FIELDS])
+    for row in table.row_keys:
+        for column in table.columns:
+            cell = table.cell(row, column)
+            low, high = cell.ci if cell.ci is not None else (None, None)
+            values = [cell.reproduced, cell.claimed, low, high]
+            writer.writerow([table.name, *row, column, *map(_csv_number, values), cell.status])
+    return out.getvalue()
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+RENDERERS: dict[str, Callable[[ClaimTable], str]] = {"md": render_markdown, "tex": render_latex, "csv": render_csv}
+
+
+def write_table(table: ClaimTable, out_dir: Path, stem: str) -> list[Path]:
+    """Write ``stem.md``, ``stem.tex`` and ``stem.csv`` into ``out_dir`` atomically; return the paths."""
+    return [write_text_atomic(Path(out_dir) / f"{stem}.{ext}", render(table)) for ext, render in RENDERERS.items()]

@@ -1,0 +1,369 @@
+"""A generic table of reproduced numbers beside the paper's claimed ones, and the Table 1/2 builder.
+
+The model is deliberately shape-agnostic so that every paper table reuses it:
+
+* a :class:`RowSpec` says which runs feed a row (``select`` on the run identity), which metric it
+  shows (or leaves that to the columns) and the claimed numbers per column;
+* a :class:`ColumnSpec` adds its own run selection (typically ``target``) and optionally the metric
+  (Tables 4 and 5 have ``image`` / ``pixel`` columns);
+* :func:`build_claim_table` looks up exactly one run per cell and, optionally, appends an
+  ``Average`` column: the unweighted mean of the row's dataset means, with a bootstrap CI whose
+  replicate *b* is the mean of the datasets' replicate *b*.
+
+All numbers in a :class:`ClaimTable` are percent (metrics.json holds fractions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from siad.errors import ConfigError, DataError
+from siad.report.reference import reference_claims
+from siad.report.runs import ci_value, confidence, demo_flag, matching_runs, mean_value, run_label
+
+OK = "ok"
+MISSING = "missing"
+NOT_APPLICABLE = "not_applicable"
+
+RowKey = tuple[str, ...]
+
+#: Paper tables 1 and 2: row level -> metrics.json metric.
+LEVEL_METRICS: dict[str, str] = {"image": "image_auroc", "pixel": "pixel_auroc"}
+AVERAGE = "Average"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One table cell, in percent. ``status``: ``ok``, ``missing`` (no run) or ``not_applicable``."""
+
+    claimed: float | None = None
+    reproduced: float | None = None
+    ci: tuple[float, float] | None = None
+    status: str = OK
+
+
+@dataclass
+class ClaimTable:
+    """Rows (keyed by tuples named by ``row_header``) x columns of :class:`Cell`.
+
+    Consecutive rows sharing their first key element form a block (e.g. the image and the pixel
+    level of Table 1); renderers separate blocks with a rule.
+    """
+
+    name: str
+    title: str
+    row_header: tuple[str, ...]
+    row_keys: list[RowKey]
+    columns: list[str]
+    cells: dict[tuple[RowKey, str], Cell]
+    notes: list[str] = field(default_factory=list)
+    demo: bool = False
+    confidence: float | None = None
+    column_header: str = "dataset"
+
+    def cell(self, row: RowKey, column: str) -> Cell:
+        """The cell at (row, column)."""
+        return self.cells[(row, column)]
+
+    def blocks(self) -> list[list[RowKey]]:
+        """Rows grouped into consecutive runs of equal first key element."""
+        groups: list[list[RowKey]] = []
+        for row in self.row_keys:
+            if groups and groups[-1][0][0] == row[0]:
+                groups[-1].append(row)
+            else:
+                groups.append([row])
+        return groups
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """How one row is filled: runs matching ``select``, ``metric`` (unless columns set it), claims.
+
+    ``claimed`` maps column name -> claimed percent; ``None`` means the reference has no such row
+    (shown as "n/a"). Columns in ``not_applicable`` are shown as "–" (e.g. pixel level of medical sets).
+    """
+
+    key: RowKey
+    select: Mapping[str, Any]
+    metric: str | None = None
+    claimed: Mapping[str, float | None] | None = None
+    not_applicable: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """A column: its display ``name``, extra run selection and, optionally, the metric it shows."""
+
+    name: str
+    select: Mapping[str, Any] = field(default_factory=dict)
+    metric: str | None = None
+
+
+def _cell_metric(row: RowSpec, col: ColumnSpec) -> str:
+    if (row.metric is None) == (col.metric is None):
+        raise ConfigError(
+            f"table cell ({row.key}, {col.name}): exactly one of the row and the column must set the "
+            "metric; fix the table definition"
+        )
+    return row.metric or col.metric  # type: ignore[return-value]
+
+
+def _cell_select(row: RowSpec, col: ColumnSpec) -> dict[str, Any]:
+    clash = {k for k in row.select.keys() & col.select.keys() if row.select[k] != col.select[k]}
+    if clash:
+        raise ConfigError(f"row {row.key} and column {col.name!r} select different {sorted(clash)}")
+    return {**row.select, **col.select}
+
+
+def _describe(select: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in select.items())
+
+
+def _claim(row: RowSpec, column: str) -> float | None:
+    return None if row.claimed is None else row.claimed.get(column)
+
+
+def _find_run(runs: Sequence[Mapping[str, Any]], select: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    found = matching_runs(runs, select)
+    if len(found) > 1:
+        names = "; ".join(run_label(r) for r in found)
+        raise DataError(
+            f"{len(found)} runs match one table cell ({_describe(select)}): {names}; "
+            "pass exactly one metrics.json per cell (remove stale runs or add the field that tells them apart)"
+        )
+    return found[0] if found else None
+
+
+def _pct(value: float | None) -> float | None:
+    return None if value is None else 100.0 * value
+
+
+def _pct_ci(ci: tuple[float, float] | None) -> tuple[float, float] | None:
+    return None if ci is None else (100.0 * ci[0], 100.0 * ci[1])
+
+
+def _fill_cell(
+    runs: Sequence[Mapping[str, Any]], row: RowSpec, col: ColumnSpec, notes: list[str]
+) -> tuple[Cell, Mapping[str, Any] | None]:
+    """The cell for (row, col) and the run it came from (None if missing / not applicable)."""
+    claimed = _claim(row, col.name)
+    if col.name in row.not_applicable:
+        return Cell(claimed=claimed, status=NOT_APPLICABLE), None
+    metric = _cell_metric(row, col)
+    select = _cell_select(row, col)
+    run = _find_run(runs, select)
+    if run is None:
+        notes.append(f"missing run: {_describe(select)}")
+        return Cell(claimed=claimed, status=MISSING), None
+    value = mean_value(run, metric)
+    if value is None:
+        notes.append(f"{run_label(run)}: {metric} is not defined (null)")
+    return Cell(claimed, _pct(value), _pct_ci(ci_value(run, metric))), run
+
+
+def _replicate_ci(
+    runs: Sequence[Mapping[str, Any]], metric: str, level: float
+) -> tuple[tuple[float, float] | None, str | None]:
+    """Percentile CI of the mean over datasets, replicate by replicate; (None, reason) if impossible."""
+    reps = [r["mean_replicates"].get(metric) for r in runs]
+    lacking = [run_label(r) for r, rep in zip(runs, reps) if not rep]
+    if lacking:
+        return None, f"no {metric} replicates in {', '.join(lacking)}"
+    counts = sorted({len(rep) for rep in reps})
+    if len(counts) > 1:
+        return None, f"{metric} replicate counts differ between datasets ({', '.join(map(str, counts))})"
+    averages = np.asarray(reps, dtype=float).mean(axis=0)
+    finite = averages[np.isfinite(averages)]
+    if finite.size == 0:
+        return None, f"every {metric} replicate average is NaN"
+    alpha = 1.0 - level
+    low, high = np.quantile(finite, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return (float(low), float(high)), None
+
+
+def _average_cell(
+    row: RowSpec, cols: Sequence[ColumnSpec], cells: Mapping[str, Cell], used: Mapping[str, Mapping[str, Any]]
+) -> tuple[Cell, str | None]:
+    """Average over the row's applicable columns; all must have a value (else None with a reason)."""
+    applicable = [c for c in cols if c.name not in row.not_applicable]
+    metrics = {_cell_metric(row, c) for c in applicable}
+    if len(metrics) != 1:
+        raise ConfigError(f"row {row.key}: an Average needs one metric across columns, got {sorted(metrics)}")
+    metric = next(iter(metrics))
+    claimed = _claim(row, AVERAGE)
+    label = "/".join(row.key)
+    absent = [c.name for c in applicable if cells[c.name].reproduced is None]
+    if absent:
+        return Cell(claimed=claimed), f"{AVERAGE} of row {label} not computed: no value for {', '.join(absent)}"
+    runs = [used[c.name] for c in applicable]
+    value = float(np.mean([mean_value(r, metric) for r in runs]))
+    ci, reason = _replicate_ci(runs, metric, confidence(runs[0]))
+    note = None if reason is None else f"{AVERAGE} CI of row {label} not computed: {reason}"
+    return Cell(claimed, 100.0 * value, _pct_ci(ci)), note
+
+
+def _common_confidence(used: Sequence[Mapping[str, Any]]) -> float | None:
+    levels = {confidence(r) for r in used}
+    if len(levels) > 1:
+        raise DataError(
+            f"runs of one table use different bootstrap confidence levels {sorted(levels)}; "
+            "re-evaluate them with one 'bootstrap.confidence' setting"
+        )
+    return levels.pop() if levels else None
+
+
+def _run_warnings(used: Sequence[Mapping[str, Any]]) -> list[str]:
+    return [f"{run_label(r)}: {w}" for r in used for w in r.get("warnings", []) or []]
+
+
+def build_claim_table(
+    runs: Sequence[Mapping[str, Any]],
+    rows: Sequence[RowSpec],
+    columns: Sequence[ColumnSpec],
+    *,
+    name: str,
+    title: str,
+    row_header: Sequence[str],
+    average: bool = False,
+    column_header: str = "dataset",
+    notes: Sequence[str] = (),
+) -> ClaimTable:
+    """Fill every (row, column) cell from exactly one matching run; optionally add an Average column.
+
+    Raises:
+        DataError: several runs match one cell, demo and real runs are mixed, or confidence levels differ.
+        ConfigError: the row/column specs are inconsistent.
+    """
+    demo = demo_flag(runs)
+    all_notes = list(notes)
+    cells: dict[tuple[RowKey, str], Cell] = {}
+    used_all: list[Mapping[str, Any]] = []
+    for row in rows:
+        row_cells: dict[str, Cell] = {}
+        used: dict[str, Mapping[str, Any]] = {}
+        for col in columns:
+            cell, run = _fill_cell(runs, row, col, all_notes)
+            row_cells[col.name] = cells[(row.key, col.name)] = cell
+            if run is not None:
+                used[col.name] = run
+        used_all.extend(used.values())
+        if average:
+            cells[(row.key, AVERAGE)], note = _average_cell(row, columns, row_cells, used)
+            if note:
+                all_notes.append(note)
+    unique_used = list({id(r): r for r in used_all}.values())
+    all_notes.extend(_run_warnings(unique_used))
+    return ClaimTable(
+        name=name,
+        title=title,
+        row_header=tuple(row_header),
+        row_keys=[r.key for r in rows],
+        columns=[c.name for c in columns] + ([AVERAGE] if average else []),
+        cells=cells,
+        notes=list(dict.fromkeys(all_notes)),
+        demo=demo,
+        confidence=_common_confidence(unique_used),
+        column_header=column_header,
+    )
+
+
+def _check_names(medical: set[str], datasets: Mapping[str, str]) -> None:
+    unknown = sorted(set(medical) - set(datasets))
+    if unknown:
+        raise ConfigError(
+            f"medical dataset(s) {', '.join(unknown)} are not among the table's datasets "
+            f"({', '.join(datasets)}); fix the report configuration"
+        )
+
+
+def _reference_notes(reference: pd.DataFrame, datasets: Mapping[str, str], average: bool) -> list[str]:
+    source = reference.attrs.get("source", "reference table")
+    wanted = list(datasets.values()) + ([AVERAGE] if average else [])
+    return [f"{source}: no column {c!r}; its claims show as n/a" for c in wanted if c not in reference.columns]
+
+
+def dataset_rows(
+    reference: pd.DataFrame,
+    *,
+    methods: Mapping[str, str],
+    datasets: Mapping[str, str],
+    medical: set[str],
+    setting: str,
+    variant: str = "default",
+    setting_overrides: Mapping[str, str] | None = None,
+    levels: Mapping[str, str] = LEVEL_METRICS,
+) -> tuple[list[RowSpec], list[str]]:
+    """Rows of a (level, method) x dataset table like Tables 1 and 2, plus notes on absent claims.
+
+    All methods of one level come before the next level. Levels whose metric is a pixel metric are
+    not applicable on ``medical`` datasets. ``setting_overrides`` maps a method to another setting
+    (Table 2 repeats SIAD-LLM's UZAD row).
+    """
+    _check_names(medical, datasets)
+    overrides = dict(setting_overrides or {})
+    source = reference.attrs.get("source", "reference table")
+    columns = list(datasets.values()) + [AVERAGE]
+    medical_names = frozenset(datasets[d] for d in medical)
+    rows, notes = [], []
+    for level, metric in levels.items():
+        skip = medical_names if metric.startswith("pixel") else frozenset()
+        for method, display in methods.items():
+            claimed = reference_claims(reference, {"level": level, "method": display}, columns)
+            if claimed is None:
+                notes.append(f"{source}: no {level}-level row for method {display!r}; its claims show as n/a")
+            select = {"setting": overrides.get(method, setting), "method": method, "variant": variant}
+            rows.append(RowSpec((level, display), select, metric, claimed, skip))
+    return rows, notes
+
+
+def build_dataset_table(
+    runs: Sequence[Mapping[str, Any]],
+    reference: pd.DataFrame,
+    *,
+    name: str,
+    title: str,
+    methods: Mapping[str, str],
+    datasets: Mapping[str, str],
+    medical: set[str],
+    setting: str,
+    variant: str = "default",
+    setting_overrides: Mapping[str, str] | None = None,
+) -> ClaimTable:
+    """A (level, method) x dataset table with an Average column (paper Tables 1 and 2).
+
+    ``methods`` and ``datasets`` map config names to display names, in display order; display
+    names must match the reference's ``method`` values and column headers.
+    """
+    rows, notes = dataset_rows(
+        reference, methods=methods, datasets=datasets, medical=medical, setting=setting,
+        variant=variant, setting_overrides=setting_overrides,
+    )
+    columns = [ColumnSpec(display, {"target": cfg}) for cfg, display in datasets.items()]
+    notes = _reference_notes(reference, datasets, average=True) + notes
+    return build_claim_table(
+        runs, rows, columns, name=name, title=title, row_header=("level", "method"), average=True, notes=notes
+    )
+
+
+def build_table1(
+    runs: Sequence[Mapping[str, Any]],
+    reference: pd.DataFrame,
+    *,
+    methods: Mapping[str, str],
+    datasets: Mapping[str, str],
+    medical: set[str],
+    setting: str = "uzad",
+) -> ClaimTable:
+    """Paper Table 1: image- then pixel-level AUROC per method and dataset, default variants."""
+    title = f"Table 1: zero-shot anomaly detection, {setting.upper()} setting, AUROC (%)"
+    return build_dataset_table(
+        runs, reference, name="table1", title=title, methods=methods, datasets=datasets,
+        medical=medical, setting=setting,
+    )
+

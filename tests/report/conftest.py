@@ -1,0 +1,130 @@
+"""Synthetic metrics.json runs and a small reference table shared by the report tests.
+
+Everything is exposed as fixtures (factories included) so test modules never import this file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from siad.report.reference import load_reference
+
+METHODS = {"clip": "CLIP", "siad_llm": "SIAD-LLM"}
+DATASETS = {"mvtec": "MVTecAD", "visa": "VisA", "btad": "BTAD", "headct": "HeadCT"}
+MEDICAL = {"headct"}
+
+REFERENCE_TEXT = """\
+# Toy reference: Table 1 shape, AUROC in percent.
+# Pixel level not reported for medical sets.
+level,method,MVTecAD,VisA,BTAD,HeadCT,Average
+image,CLIP,60.9,49.1,59.3,56.5,56.5
+image,SIAD-LLM,72.8,,73.1,76.0,74.0
+pixel,CLIP,53.4,51.3,47.5,,50.7
+pixel,SIAD-LLM,86.0,88.1,88.2,,87.4
+"""
+
+#: Reproduced dataset means (fractions): (method, dataset) -> (image, pixel or None).
+VALUES = {
+    ("clip", "mvtec"): (0.610, 0.534),   # claims lie inside the CIs
+    ("clip", "visa"): (0.492, 0.513),
+    ("clip", "btad"): (0.593, 0.475),
+    ("clip", "headct"): (0.565, None),
+    ("siad_llm", "mvtec"): (0.500, 0.700),  # claims lie far outside the CIs
+    ("siad_llm", "visa"): (0.600, 0.880),
+    ("siad_llm", "btad"): (0.731, 0.882),
+    ("siad_llm", "headct"): (0.760, None),
+}
+
+
+def _make_run(
+    method: str,
+    target: str,
+    image: float,
+    pixel: float | None,
+    *,
+    demo: bool = True,
+    setting: str = "uzad",
+    variant: str = "default",
+    n_replicates: int = 200,
+    half_width: float = 0.02,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """A metrics.json dict with seeded bootstrap-like replicates around the means."""
+    rng = np.random.default_rng(seed)
+    means = {"image_auroc": image, "pixel_auroc": pixel}
+    ci = {k: None if v is None else [v - half_width, v + half_width] for k, v in means.items()}
+    reps = {k: [] if v is None else list(v + rng.normal(0.0, half_width / 2, n_replicates)) for k, v in means.items()}
+    return {
+        "run": {"profile": "demo" if demo else "paper", "demo": demo, "setting": setting, "method": method,
+                "variant": variant, "source": "mvtec", "target": target, "eval_size": [256, 256], "seed": 0},
+        "classes": {},
+        "mean": means,
+        "ci": ci,
+        "n_classes": {"image_auroc": 1},
+        "mean_replicates": reps,
+        "bootstrap": {"n": n_replicates, "seed": 0, "confidence": confidence},
+        "warnings": [],
+    }
+
+
+def _standard_runs(**kwargs: Any) -> list[dict[str, Any]]:
+    """One run per (method, dataset) of :data:`VALUES`, each with its own replicate seed."""
+    return [_make_run(m, d, i, p, seed=k, **kwargs) for k, ((m, d), (i, p)) in enumerate(VALUES.items())]
+
+
+@pytest.fixture
+def reference_path(tmp_path: Path) -> Path:
+    path = tmp_path / "toy_table1.csv"
+    path.write_text(REFERENCE_TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def reference(reference_path: Path) -> pd.DataFrame:
+    return load_reference(reference_path)
+
+
+@pytest.fixture
+def runs() -> list[dict[str, Any]]:
+    return _standard_runs()
+
+
+@pytest.fixture
+def make_run() -> Callable[..., dict[str, Any]]:
+    return _make_run
+
+
+@pytest.fixture
+def standard_runs() -> Callable[..., list[dict[str, Any]]]:
+    return _standard_runs
+
+
+@pytest.fixture
+def toy() -> SimpleNamespace:
+    """The toy table's configuration: methods, datasets (config -> display), medical set, values."""
+    return SimpleNamespace(methods=dict(METHODS), datasets=dict(DATASETS), medical=set(MEDICAL), values=VALUES)
+
+
+def _write_runs(runs: list[dict[str, Any]], folder: Path) -> list[Path]:
+    """Write runs as metrics.json files (one folder per run) and return the paths."""
+    paths = []
+    for k, run in enumerate(runs):
+        path = folder / f"run{k}" / "metrics.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(run), encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def write_runs() -> Callable[[list[dict[str, Any]], Path], list[Path]]:
+    return _write_runs

@@ -1,0 +1,182 @@
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from siad.errors import ConfigError, DataError
+from siad.report.tables import (
+    AVERAGE,
+    MISSING,
+    NOT_APPLICABLE,
+    OK,
+    ColumnSpec,
+    RowSpec,
+    build_claim_table,
+    build_dataset_table,
+    build_table1,
+)
+
+
+def _table1(runs: list[dict[str, Any]], reference: pd.DataFrame, toy: Any) -> Any:
+    return build_table1(runs, reference, methods=toy.methods, datasets=toy.datasets, medical=toy.medical)
+
+
+def _run_for(runs: list[dict[str, Any]], method: str, target: str) -> dict[str, Any]:
+    return next(r for r in runs if r["run"]["method"] == method and r["run"]["target"] == target)
+
+
+def test_rows_are_image_then_pixel_and_columns_end_with_average(runs, reference, toy) -> None:
+    table = _table1(runs, reference, toy)
+    assert table.row_keys == [("image", "CLIP"), ("image", "SIAD-LLM"), ("pixel", "CLIP"), ("pixel", "SIAD-LLM")]
+    assert table.columns == ["MVTecAD", "VisA", "BTAD", "HeadCT", AVERAGE]
+    assert [len(b) for b in table.blocks()] == [2, 2]
+    assert table.demo is True and table.confidence == 0.95
+
+
+def test_cells_hold_percent_reproduced_claimed_and_ci(runs, reference, toy) -> None:
+    table = _table1(runs, reference, toy)
+    cell = table.cell(("image", "SIAD-LLM"), "BTAD")
+    assert cell.status == OK
+    assert cell.reproduced == pytest.approx(73.1)
+    assert cell.claimed == pytest.approx(73.1)
+    assert cell.ci == pytest.approx((71.1, 75.1))
+    assert table.cell(("image", "SIAD-LLM"), "VisA").claimed is None  # empty reference cell
+
+
+def test_medical_pixel_cells_are_not_applicable(runs, reference, toy) -> None:
+    table = _table1(runs, reference, toy)
+    for method in toy.methods.values():
+        assert table.cell(("pixel", method), "HeadCT").status == NOT_APPLICABLE
+        assert table.cell(("image", method), "HeadCT").status == OK
+
+
+def test_average_is_mean_of_dataset_means(runs, reference, toy) -> None:
+    table = _table1(runs, reference, toy)
+    for method, display in toy.methods.items():
+        image = [toy.values[(method, d)][0] for d in toy.datasets]
+        pixel = [toy.values[(method, d)][1] for d in toy.datasets if d not in toy.medical]
+        assert table.cell(("image", display), AVERAGE).reproduced == pytest.approx(100 * np.mean(image))
+        assert table.cell(("pixel", display), AVERAGE).reproduced == pytest.approx(100 * np.mean(pixel))
+    assert table.cell(("pixel", "CLIP"), AVERAGE).claimed == pytest.approx(50.7)
+
+
+def test_average_ci_from_per_replicate_means(runs, reference, toy) -> None:
+    table = _table1(runs, reference, toy)
+    targets = [d for d in toy.datasets if d not in toy.medical]
+    reps = np.array([_run_for(runs, "clip", d)["mean_replicates"]["pixel_auroc"] for d in targets])
+    expected = np.quantile(reps.mean(axis=0), [0.025, 0.975]) * 100
+    assert table.cell(("pixel", "CLIP"), AVERAGE).ci == pytest.approx(tuple(expected))
+    # the average of independent replicates is narrower than any single dataset's spread
+    low, high = table.cell(("pixel", "CLIP"), AVERAGE).ci
+    assert high - low < 4.0
+
+
+def test_average_ci_skips_nan_replicates(runs, reference, toy) -> None:
+    run = _run_for(runs, "clip", "visa")
+    run["mean_replicates"]["image_auroc"][0] = float("nan")
+    table = _table1(runs, reference, toy)
+    reps = np.array([_run_for(runs, "clip", d)["mean_replicates"]["image_auroc"] for d in toy.datasets])
+    averages = reps.mean(axis=0)[1:]
+    expected = np.quantile(averages, [0.025, 0.975]) * 100
+    assert table.cell(("image", "CLIP"), AVERAGE).ci == pytest.approx(tuple(expected))
+
+
+def test_unequal_replicate_counts_give_no_average_ci(runs, reference, toy) -> None:
+    run = _run_for(runs, "clip", "visa")
+    run["mean_replicates"]["image_auroc"] = run["mean_replicates"]["image_auroc"][:50]
+    table = _table1(runs, reference, toy)
+    cell = table.cell(("image", "CLIP"), AVERAGE)
+    assert cell.ci is None and cell.reproduced is not None
+    assert any("replicate counts differ" in n and "image/CLIP" in n for n in table.notes)
+
+
+def test_duplicate_runs_for_a_cell_fail(runs, reference, toy, make_run) -> None:
+    twin = make_run("clip", "visa", 0.5, 0.5)
+    twin["_source"] = "results/demo/uzad/clip/default/mvtec/visa/again.json"
+    _run_for(runs, "clip", "visa")["_source"] = "results/demo/uzad/clip/default/mvtec/visa/metrics.json"
+    with pytest.raises(DataError, match="2 runs match.*visa/metrics.json.*again.json"):
+        _table1(runs + [twin], reference, toy)
+
+
+def test_other_variants_and_settings_are_not_duplicates(runs, reference, toy, make_run) -> None:
+    extra = [make_run("clip", "visa", 0.1, 0.1, variant="wo_si"), make_run("clip", "visa", 0.1, 0.1, setting="pseudo")]
+    table = _table1(runs + extra, reference, toy)
+    assert table.cell(("image", "CLIP"), "VisA").reproduced == pytest.approx(49.2)
+
+
+def test_mixed_demo_and_real_runs_fail(runs, reference, toy, make_run) -> None:
+    runs.append(make_run("clip", "other", 0.5, 0.5, demo=False))
+    with pytest.raises(DataError, match="demo and non-demo"):
+        _table1(runs, reference, toy)
+
+
+def test_missing_run_is_shown_and_noted(runs, reference, toy) -> None:
+    runs.remove(_run_for(runs, "siad_llm", "visa"))
+    table = _table1(runs, reference, toy)
+    assert table.cell(("image", "SIAD-LLM"), "VisA").status == MISSING
+    assert table.cell(("pixel", "SIAD-LLM"), AVERAGE).reproduced is None
+    assert "missing run: setting=uzad method=siad_llm variant=default target=visa" in table.notes
+    assert sum(n.startswith("missing run") for n in table.notes) == 1  # deduplicated across levels
+
+
+def test_method_without_reference_row_has_no_claims(runs, reference, toy, make_run) -> None:
+    runs += [make_run("newbase", d, 0.5, None if d in toy.medical else 0.5) for d in toy.datasets]
+    methods = {**toy.methods, "newbase": "NewBase"}
+    table = build_table1(runs, reference, methods=methods, datasets=toy.datasets, medical=toy.medical)
+    cell = table.cell(("image", "NewBase"), "VisA")
+    assert cell.claimed is None and cell.reproduced == pytest.approx(50.0)
+    assert any("no image-level row for method 'NewBase'" in n for n in table.notes)
+
+
+def test_run_warnings_become_notes(runs, reference, toy) -> None:
+    _run_for(runs, "clip", "btad")["warnings"] = ["class 02 has 3 anomalies"]
+    table = _table1(runs, reference, toy)
+    assert any(n.endswith("class 02 has 3 anomalies") for n in table.notes)
+
+
+def test_unknown_medical_name_fails(runs, reference, toy) -> None:
+    with pytest.raises(ConfigError, match="brainmri"):
+        build_table1(runs, reference, methods=toy.methods, datasets=toy.datasets, medical={"brainmri"})
+
+
+def test_differing_confidence_levels_fail(runs, reference, toy) -> None:
+    _run_for(runs, "clip", "visa")["bootstrap"]["confidence"] = 0.9
+    with pytest.raises(DataError, match="confidence"):
+        _table1(runs, reference, toy)
+
+
+def test_setting_override_takes_the_row_from_another_setting(reference, toy, standard_runs) -> None:
+    uzad = [r for r in standard_runs() if r["run"]["method"] == "siad_llm"]
+    pseudo = [r for r in standard_runs(setting="pseudo") if r["run"]["method"] == "clip"]
+    table = build_dataset_table(
+        uzad + pseudo, reference, name="table2", title="T2", methods=toy.methods, datasets=toy.datasets,
+        medical=toy.medical, setting="pseudo", setting_overrides={"siad_llm": "uzad"},
+    )
+    assert table.cell(("image", "SIAD-LLM"), "MVTecAD").reproduced == pytest.approx(50.0)
+    assert table.cell(("pixel", "CLIP"), "VisA").reproduced == pytest.approx(51.3)
+    assert not any(n.startswith("missing run") for n in table.notes)
+
+
+def test_generic_table_with_metrics_in_columns(make_run) -> None:
+    runs = [make_run("siad_llm", "mvtec", 0.70 + 0.01 * c, 0.80 + 0.01 * c, variant=f"case{c}") for c in (1, 2, 3)]
+    rows = [RowSpec((str(c),), {"method": "siad_llm", "variant": f"case{c}", "target": "mvtec"},
+                    claimed={"image": 68.2, "pixel": None}) for c in (1, 2, 3)]
+    cols = [ColumnSpec("image", metric="image_auroc"), ColumnSpec("pixel", metric="pixel_auroc")]
+    table = build_claim_table(runs, rows, cols, name="table5", title="T5", row_header=("case",), column_header="metric")
+    assert table.columns == ["image", "pixel"]
+    assert table.cell(("2",), "pixel").reproduced == pytest.approx(82.0)
+    assert table.cell(("3",), "image").claimed == 68.2
+
+
+def test_metric_must_be_set_exactly_once(make_run) -> None:
+    runs = [make_run("m", "t", 0.5, 0.5)]
+    both = [RowSpec(("r",), {"method": "m"}, metric="image_auroc")]
+    with pytest.raises(ConfigError, match="exactly one"):
+        build_claim_table(runs, both, [ColumnSpec("t", {"target": "t"}, metric="pixel_auroc")],
+                          name="x", title="x", row_header=("r",))
+    clash = [RowSpec(("r",), {"target": "u"}, metric="image_auroc")]
+    with pytest.raises(ConfigError, match="select different"):
+        build_claim_table(runs, clash, [ColumnSpec("t", {"target": "t"})], name="x", title="x", row_header=("r",))

@@ -1,0 +1,72 @@
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from siad.config import dataset_root, method_params, method_variants, validate_config
+from siad.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name):
+    return yaml.safe_load((ROOT / "config" / name).read_text())
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "demo.yaml"])
+def test_shipped_profiles_are_valid(name):
+    config = validate_config(load(name))
+    assert set(config["datasets"]) == {"mvtec", "visa", "mpdd", "dtd", "sdd", "btad", "brainmri", "headct", "br35h"}
+
+
+def test_demo_and_paper_differ_where_they_must():
+    paper, demo = load("config.yaml"), load("demo.yaml")
+    assert paper["demo"] is False and demo["demo"] is True
+    assert demo["data"]["synthetic"] and not paper["data"]["synthetic"]
+    assert paper["protocol"] == demo["protocol"]
+
+
+def broken(mutate):
+    config = copy.deepcopy(load("demo.yaml"))
+    mutate(config)
+    return config
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda c: c.update(unknown_key=1), "unknown_key"),
+        (lambda c: c["evaluation"].update(size="big"), "evaluation/size"),
+        (lambda c: c["evaluation"].update(batch_size=0), "evaluation/batch_size"),
+        (lambda c: c.pop("protocol"), "protocol"),
+        (lambda c: c["data"]["options"].update(sdd_protocol="halves"), "data/options/sdd_protocol"),
+        (lambda c: c["datasets"].update(kolektor2={}), "kolektor2"),
+        (lambda c: c["datasets"]["mvtec"].update(classes=["bottle", "banana"]), "banana"),
+        (lambda c: c["methods"].update(winclip={"display_name": "WinCLIP"}), "winclip"),
+        (lambda c: c["methods"]["clip"]["params"].update(temprature=1), "temprature"),
+        (lambda c: c["methods"]["clip"].update(variants={"hot": {"logit_scale": 1, "tmp": 2}}), "tmp"),
+        (lambda c: c["protocol"].append({"source": "mvtec", "targets": ["mvtec"]}), "both source and target"),
+        (lambda c: c["datasets"].pop("sdd"), "'sdd' is not listed"),
+        (lambda c: c["report"]["table1"].update(methods=["anovl"]), "anovl"),
+    ],
+)
+def test_malformed_configs_name_the_problem(mutate, expected):
+    with pytest.raises(ConfigError, match=expected):
+        validate_config(broken(mutate))
+
+
+def test_variants_and_params():
+    config = broken(lambda c: c["methods"]["clip"].update(variants={"cold": {"logit_scale": 10.0}}))
+    assert method_variants(config, "clip") == ["default", "cold"]
+    assert method_params(config, "clip", "cold")["logit_scale"] == 10.0
+    assert "logit_scale" not in method_params(config, "clip", "default")
+    with pytest.raises(ConfigError, match="warm"):
+        method_params(config, "clip", "warm")
+
+
+def test_dataset_root_default_and_override():
+    config = load("demo.yaml")
+    assert dataset_root(config, "visa").parts[:2] == ("data", "demo")
+    config["datasets"]["visa"]["root"] = "/elsewhere/VisA"
+    assert dataset_root(config, "visa") == Path("/elsewhere/VisA")

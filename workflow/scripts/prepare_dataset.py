@@ -1,0 +1,30 @@
+"""Fetch (if allowed) and convert one dataset to meta.json, checking real per-class counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from siad.runtime import run_step
+
+if TYPE_CHECKING:
+    from snakemake.iocontainers import snakemake
+
+
+def main(smk) -> None:
+    from siad.data.prepare import prepare_dataset
+
+    data = smk.config["data"]
+    archive_dir = data.get("archive_dir")
+    prepare_dataset(
+        smk.wildcards.dataset,
+        Path(smk.params.root),
+        Path(smk.output.meta),
+        options=data.get("options", {}),
+        download=data["download"] and not data["synthetic"],
+        archive_dir=Path(archive_dir) if archive_dir else None,
+        verify_counts=data["verify_counts"],
+    )
+
+
+run_step(main, snakemake)  # noqa: F821 (injected by Snakemake)

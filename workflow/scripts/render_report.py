@@ -1,0 +1,21 @@
+"""Render the paper's tables and the claims check from the runs' metrics.json files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from siad.runtime import run_step
+
+if TYPE_CHECKING:
+    from snakemake.iocontainers import snakemake
+
+
+def main(smk) -> None:
+    from siad.report.paper import render_report
+
+    out_dir = Path(smk.output.claims).parent
+    render_report(smk.config, [Path(p) for p in smk.input.metrics], out_dir, Path(smk.params.repo_root))
+
+
+run_step(main, snakemake)  # noqa: F821 (injected by Snakemake)
