@@ -1,4 +1,7 @@
-"""Process-wide set-up shared by every workflow step: seeding, device choice, logging, clean errors."""
+"""Process-wide set-up shared by every workflow step: seeding, device choice, logging, clean errors.
+
+Imports of numpy and torch are deferred so light steps (data preparation) start fast.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +12,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-import torch
-
 from siad.errors import SiadError
 
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch and ask for deterministic kernels (same seed → same numbers)."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -28,6 +31,8 @@ def seed_everything(seed: int) -> None:
 
 def resolve_device(device: str) -> str:
     """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device

@@ -1,7 +1,5 @@
 """Evaluate one run of the protocol: predictions.npz and metrics.json."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import TYPE_CHECKING
 

@@ -1,7 +1,5 @@
 """Train one method on the auxiliary (source) dataset of a setting: model.json + weights."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import TYPE_CHECKING
 

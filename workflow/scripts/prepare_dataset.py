@@ -1,7 +1,5 @@
 """Fetch (if allowed) and convert one dataset to meta.json, checking real per-class counts."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import TYPE_CHECKING
 

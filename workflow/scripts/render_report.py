@@ -1,7 +1,5 @@
 """Render the paper's tables and the claims check from the runs' metrics.json files."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import TYPE_CHECKING
 

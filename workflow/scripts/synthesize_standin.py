@@ -1,7 +1,5 @@
 """Write the synthetic stand-in of one dataset in its native on-disk layout (demo profile)."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import TYPE_CHECKING
 

@@ -17,7 +17,6 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from sklearn.model_selection import train_test_split
 
 from siad.data.records import Meta, Record, build_meta, make_record
 from siad.errors import DataError
@@ -199,6 +198,8 @@ def split_normals(names: Iterable[str], test_size: float = 0.25) -> tuple[list[s
     The community scripts split ``os.listdir`` order, which differs between file systems; sorting first
     makes the split reproducible everywhere (the sizes are the same: ``ceil(test_size * n)`` in test).
     """
+    from sklearn.model_selection import train_test_split  # heavy import, only needed for splits
+
     ordered = sorted(names)
     if len(ordered) < 2:
         return ordered, []

@@ -36,7 +36,7 @@ from PIL import Image
 
 from siad.data.converters.common import (LayoutNotFound, find_level, log, mvtec_style_class, rel,
                                          split_normals, subdirs)
-from siad.data.loading import open_checked
+from siad.data.imageio import open_checked
 from siad.data.records import Meta, build_meta
 from siad.errors import DataError
 

@@ -287,14 +287,14 @@ def sdd_counts(req: Request) -> tuple[int, tuple[int, int]]:
     """(train, (test normal, test anomalous)) thirds after the ``adaclip_thirds`` conversion.
 
     Mirrors the converter: anomalous thirds all go to test; the sorted normal third names are split
-    with ``train_test_split(test_size=0.25, random_state=42)``.
+    with the converter's own :func:`~siad.data.converters.common.split_normals`.
     """
-    from sklearn.model_selection import train_test_split  # heavy import, only needed here
+    from siad.data.converters.common import split_normals
 
     parts = ksdd_plan(req)
     anomalous = sum(p.defect_third is not None for p in parts)
     normal = sorted(p.third_name(t) for p in parts for t in range(3) if t != p.defect_third)
-    train, test = train_test_split(normal, test_size=0.25, random_state=42)
+    train, test = split_normals(normal)
     return len(train), (len(test), anomalous)
 
 
