@@ -1,5 +1,7 @@
 # SIAD-LLM benchmark suite. Paper profile: `snakemake --cores 1 all`;
 # offline demo: `snakemake --cores 1 all --configfile config/demo.yaml`. See README.md.
+from pathlib import Path
+
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -9,7 +11,7 @@ min_version("9.0")
 # so the two profiles never mix (--config key=value overrides still apply on top).
 if not workflow.overwrite_configfiles:
 
-    configfile: "config/config.yaml"
+    configfile: Path(workflow.basedir) / "config" / "config.yaml"
 
 
 include: "workflow/rules/common.smk"

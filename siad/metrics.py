@@ -854,7 +854,9 @@ def summarize(
     """
     _check_confidence(confidence)
     replicates = replicates or {}
-    out: dict[str, Any] = {"mean": {}, "n_classes": {}, "ci": {}, "mean_replicates": {}, "warnings": []}
+    out: dict[str, Any] = {
+        "mean": {}, "n_classes": {}, "ci": {}, "mean_replicates": {}, "undefined_replicates": {}, "warnings": []
+    }
     for metric in _metric_keys(per_class):
         defined = {}
         for cls in sorted(per_class):
@@ -877,13 +879,10 @@ def _summarize_replicates(
     metric: str, classes: list[str], replicates: Mapping, confidence: float, out: dict
 ) -> None:
     matrix = _class_replicates(metric, classes, replicates)
-    for cls, row in zip(classes, matrix):
-        n_nan = int(np.isnan(row).sum())
-        if n_nan:
-            out["warnings"].append(
-                f"class '{cls}': {n_nan} of {row.size} bootstrap replicates of {metric} are undefined "
-                "(the resample lacked a normal or an anomalous sample); CIs use the others."
-            )
+    # Resamples that lack a normal or an anomalous image are routine for small classes: they are
+    # counted (not warned about) and the CIs use the other replicates.
+    undefined = {cls: int(np.isnan(row).sum()) for cls, row in zip(classes, matrix)}
+    out["undefined_replicates"][metric] = {cls: n for cls, n in undefined.items() if n}
     mean_reps = _nan_mean_rows(matrix)
     out["mean_replicates"][metric] = [float(v) for v in mean_reps]
     ci = percentile_ci(mean_reps, confidence)
@@ -935,7 +934,12 @@ def evaluate_dataset(
         "n_classes": summary["n_classes"],
         "mean_replicates": summary["mean_replicates"],
         "warnings": notes + summary["warnings"],
-        "bootstrap": {"n": n_bootstrap, "seed": seed, "confidence": confidence},
+        "bootstrap": {
+            "n": n_bootstrap,
+            "seed": seed,
+            "confidence": confidence,
+            "undefined_replicates": summary["undefined_replicates"],
+        },
     }
 
 

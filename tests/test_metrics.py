@@ -361,7 +361,7 @@ def test_evaluate_dataset_is_deterministic_given_seed():
     other = M.evaluate_dataset(inputs, with_pixel=True, n_bootstrap=30, seed=8)
     assert first == again
     assert first["mean_replicates"] != other["mean_replicates"]
-    assert first["bootstrap"] == {"n": 30, "seed": 7, "confidence": 0.95}
+    assert {k: first["bootstrap"][k] for k in ("n", "seed", "confidence")} == {"n": 30, "seed": 7, "confidence": 0.95}
     json.loads(json.dumps(first))  # plain Python types only (metrics.json)
 
 
@@ -385,6 +385,15 @@ def test_bootstrap_marks_undefined_resamples_as_nan():
     n_nan = int(np.isnan(reps["image_auroc"]).sum())
     assert 30 < n_nan < 120
     assert np.all(reps["image_auroc"][~np.isnan(reps["image_auroc"])] == 0.0)  # anomaly has lowest score
+
+
+def test_undefined_replicates_are_counted_not_warned():
+    inputs = {"rare": M.ClassInputs(np.array([1] + [0] * 9), np.linspace(0.0, 1.0, 10))}
+    out = M.evaluate_dataset(inputs, with_pixel=False, n_bootstrap=200, seed=1)
+    again = M.bootstrap_class(inputs["rare"].labels, inputs["rare"].scores, n=200,
+                              rng=np.random.default_rng(1), with_pixel=False)
+    assert out["bootstrap"]["undefined_replicates"] == {"image_auroc": {"rare": int(np.isnan(again["image_auroc"]).sum())}}
+    assert not any("replicates" in w for w in out["warnings"])
 
 
 def test_binned_auroc_without_resampling_matches_exact():
