@@ -25,13 +25,13 @@ def protocol_targets(config: Mapping[str, Any]) -> dict[str, str]:
     return {name: get_dataset(name).display_name for name in DATASETS.names() if name in targets}
 
 
-def table1(config: Mapping[str, Any], runs: Sequence[Mapping[str, Any]], repo_root: Path) -> ClaimTable:
+def table1(config: Mapping[str, Any], runs: Sequence[Mapping[str, Any]], reference: Path) -> ClaimTable:
     """SIAD-LLM Table 1 (image and pixel AUROC per dataset) for the configured methods."""
     section = config["report"]["table1"]
     datasets = protocol_targets(config)
     return build_table1(
         runs,
-        load_reference(repo_root / section["reference"]),
+        load_reference(reference),
         methods={m: config["methods"][m]["display_name"] for m in section["methods"]},
         datasets=datasets,
         medical={d for d in datasets if get_dataset(d).domain == "medical"},
@@ -39,10 +39,15 @@ def table1(config: Mapping[str, Any], runs: Sequence[Mapping[str, Any]], repo_ro
     )
 
 
-def render_report(config: Mapping[str, Any], metrics_paths: Sequence[Path], out_dir: Path, repo_root: Path) -> list[Path]:
-    """Write every configured table (md, tex, csv) and ``claims_check.md`` into ``out_dir``."""
+def render_report(
+    config: Mapping[str, Any], metrics_paths: Sequence[Path], out_dir: Path, references: Mapping[str, Path]
+) -> list[Path]:
+    """Write every configured table (md, tex, csv) and ``claims_check.md`` into ``out_dir``.
+
+    ``references`` maps a table's report key (``table1``) to its claimed-numbers CSV.
+    """
     runs = load_runs([Path(p) for p in metrics_paths])
-    tables = {"table1_uzad": table1(config, runs, repo_root)}
+    tables = {"table1_uzad": table1(config, runs, Path(references["table1"]))}
     written = [path for stem, table in tables.items() for path in write_table(table, out_dir, stem)]
     written.append(write_text_atomic(out_dir / "claims_check.md", claims_check(list(tables.values()))))
     return written

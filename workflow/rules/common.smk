@@ -47,3 +47,26 @@ def run_metrics(setting, method, variant="default"):
 
 def meta_path(dataset):
     return f"{RESULTS}/datasets/{dataset}/meta.json"
+
+
+def repo_file(relative):
+    """A file shipped in the repository (config/reference/...), whatever the working directory."""
+    return str(Path(workflow.basedir) / relative)
+
+
+def trained_model(wc):
+    """model.json of a run's source, or nothing for training-free methods."""
+    if wc.source == "none":
+        return []
+    return f"{RESULTS}/{wc.setting}/{wc.method}/{wc.variant}/{wc.source}/model.json"
+
+
+def table1_metrics():
+    section = config["report"]["table1"]
+    setting = section.get("setting", "uzad")
+    return [path for method in section["methods"] for path in run_metrics(setting, method)]
+
+
+def all_outputs():
+    """Everything `snakemake all` builds: every table and the claims check."""
+    return [*rules.report.output]

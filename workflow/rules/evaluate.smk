@@ -1,12 +1,6 @@
 # Evaluation: one job per (setting, method, variant, source, target) run of the protocol.
 
 
-def trained_model(wc):
-    if wc.source == "none":
-        return []
-    return f"{RESULTS}/{wc.setting}/{wc.method}/{wc.variant}/{wc.source}/model.json"
-
-
 rule evaluate:
     input:
         meta=lambda wc: meta_path(wc.target),

@@ -13,7 +13,7 @@ def main(smk) -> None:
     from siad.report.paper import render_report
 
     out_dir = Path(smk.output.claims).parent
-    render_report(smk.config, [Path(p) for p in smk.input.metrics], out_dir, Path(smk.params.repo_root))
+    render_report(smk.config, [Path(p) for p in smk.input.metrics], out_dir, {"table1": Path(smk.input.table1_reference)})
 
 
 run_step(main, snakemake)  # noqa: F821 (injected by Snakemake)
