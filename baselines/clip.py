@@ -23,7 +23,9 @@ from siad.methods import METHODS, Batch, Method
 from siad.prompts import ENSEMBLES, encode_state_features
 
 
-def image_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[[Image.Image], torch.Tensor]:
+def image_transform(
+    size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> Callable[[Image.Image], torch.Tensor]:
     """Squash-resize to ``size``² (bicubic, so maps align with full-image masks) and normalise."""
     return transforms.Compose(
         [

@@ -49,14 +49,16 @@ def _check_names(config: Mapping[str, Any]) -> None:
             spec = get_dataset(name)
             unknown = set(entry.get("classes", [])) - set(spec.classes)
             if unknown:
-                raise ConfigError(f"datasets/{name}/classes: unknown class(es) {sorted(unknown)}; known: {list(spec.classes)}")
+                raise ConfigError(
+                    f"datasets/{name}/classes: unknown class(es) {sorted(unknown)}; known: {list(spec.classes)}"
+                )
         for source, target in protocol_pairs(config["protocol"]):
             for name in (source, target):
                 if name not in config["datasets"]:
                     raise ConfigError(f"protocol: dataset {name!r} is not listed under `datasets`")
         for name, entry in config["methods"].items():
             cls = get_method_class(name)
-            for variant, overrides in {"default": {}, **entry.get("variants", {})}.items():
+            for overrides in [{}, *entry.get("variants", {}).values()]:
                 cls.resolve_params({**entry.get("params", {}), **overrides})
         for name in config["report"]["table1"]["methods"]:
             if name not in config["methods"]:

@@ -44,7 +44,8 @@ def run_step(step: Callable[[Any], None], smk: Any) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_path:
         handlers.append(logging.FileHandler(log_path, mode="w"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers, force=True)
+    log_format = "%(asctime)s %(levelname)s %(message)s"
+    logging.basicConfig(level=logging.INFO, format=log_format, handlers=handlers, force=True)
     try:
         step(smk)
     except SiadError as err:

@@ -392,7 +392,8 @@ def test_undefined_replicates_are_counted_not_warned():
     out = M.evaluate_dataset(inputs, with_pixel=False, n_bootstrap=200, seed=1)
     again = M.bootstrap_class(inputs["rare"].labels, inputs["rare"].scores, n=200,
                               rng=np.random.default_rng(1), with_pixel=False)
-    assert out["bootstrap"]["undefined_replicates"] == {"image_auroc": {"rare": int(np.isnan(again["image_auroc"]).sum())}}
+    n_undefined = int(np.isnan(again["image_auroc"]).sum())
+    assert out["bootstrap"]["undefined_replicates"] == {"image_auroc": {"rare": n_undefined}}
     assert not any("replicates" in w for w in out["warnings"])
 
 

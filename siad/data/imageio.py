@@ -15,6 +15,7 @@ Conventions (fixed here so every method sees the same data):
 from __future__ import annotations
 
 from pathlib import Path
+
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from siad.data.converters import brainmri, br35h, btad, dtd, headct, mpdd, mvtec, sdd, visa
+from siad.data.converters import br35h, brainmri, btad, dtd, headct, mpdd, mvtec, sdd, visa
 from siad.data.records import Meta, count
 from siad.data.sources import KaggleSource, ManualSource, Source, UrlSource
 from siad.errors import ConfigError, DataError

@@ -65,7 +65,8 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def _resize_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     if tuple(anomaly_map.shape[-2:]) != size:
-        anomaly_map = F.interpolate(anomaly_map[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+        resized = F.interpolate(anomaly_map[None, None].float(), size=size, mode="bilinear", align_corners=False)
+        anomaly_map = resized[0, 0]
     return anomaly_map.float().cpu().numpy()
 
 

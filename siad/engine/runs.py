@@ -13,11 +13,11 @@ from typing import Any
 
 from siad.config import dataset_root, method_params
 from siad.data.loading import AnomalyDataset
-from siad.errors import ConfigError, DataError
 from siad.data.records import load_meta
 from siad.data.registry import get_dataset
 from siad.engine.evaluate import evaluate_predictions, predict_dataset, save_predictions
 from siad.engine.protocol import NO_SOURCE, RunKey, check_no_leakage
+from siad.errors import ConfigError, DataError
 from siad.methods import Method, build_method
 from siad.runtime import resolve_device, seed_everything
 

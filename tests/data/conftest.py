@@ -10,7 +10,6 @@ by-index one.
 from __future__ import annotations
 
 from pathlib import Path
-
 from types import SimpleNamespace
 
 import numpy as np

@@ -19,7 +19,6 @@ from siad.data.registry import DATASETS, get_dataset
 from siad.errors import DataError
 
 
-
 def _records(meta, split="test"):
     return [r for recs in meta[split].values() for r in recs]
 

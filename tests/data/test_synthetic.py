@@ -13,8 +13,7 @@ import pytest
 from PIL import Image
 
 from siad.data.records import count
-from siad.data.synthetic import DATASETS, DEFAULT_CLASSES, MARKER, write_standin
-from siad.data.synthetic import layouts, standin
+from siad.data.synthetic import DATASETS, DEFAULT_CLASSES, MARKER, layouts, standin, write_standin
 from siad.data.synthetic.catalog import DEFECTS, render_sample
 from siad.data.synthetic.common import derive_rng
 from siad.data.synthetic.defects import DEFECTS as DEFECT_KINDS

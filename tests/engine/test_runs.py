@@ -30,7 +30,8 @@ class MeanImage(Method):
         super().__init__(params, device=device, seed=seed)
         self.mean = None
         self.seen_setting = None
-        self._transform = transforms.Compose([transforms.Resize((self.input_size, self.input_size)), transforms.ToTensor()])
+        size = (self.input_size, self.input_size)
+        self._transform = transforms.Compose([transforms.Resize(size), transforms.ToTensor()])
 
     @property
     def transform(self):
@@ -117,7 +118,9 @@ def test_medical_uzad_training_needs_normal_images(workspace):
 
 
 def test_training_meta_per_setting():
-    rec = lambda path, anomaly: {"img_path": path, "mask_path": "", "cls_name": "c", "specie_name": "", "anomaly": anomaly}  # noqa: E731
+    def rec(path, anomaly):
+        return {"img_path": path, "mask_path": "", "cls_name": "c", "specie_name": "", "anomaly": anomaly}
+
     meta = {"train": {"c": [rec("t0", 0)]}, "test": {"c": [rec("n0", 0), rec("a0", 1)]}}
     assert [r["img_path"] for r in training_meta(meta, "uzad")["train"]["c"]] == ["t0"]
     assert [r["img_path"] for r in training_meta(meta, "pseudo", "all")["train"]["c"]] == ["t0", "n0"]

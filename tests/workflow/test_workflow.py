@@ -1,6 +1,5 @@
 """The Snakemake workflow: dry-run job lists, start-up validation, and a tiny end-to-end demo."""
 
-import copy
 import re
 import subprocess
 import sys
@@ -105,7 +104,8 @@ def test_tiny_demo_end_to_end_and_resumable(tmp_path):
     pixel_row = next(line for line in table.splitlines() if line.startswith("| pixel | CLIP"))
     assert pixel_row.count("–") == 1  # HeadCT has no masks
     for target in ("visa", "sdd", "headct"):
-        assert (tmp_path / "results" / "demo" / "uzad" / "clip" / "default" / "none" / target / "metrics.json").is_file()
+        run_dir = tmp_path / "results" / "demo" / "uzad" / "clip" / "default" / "none" / target
+        assert (run_dir / "metrics.json").is_file()
     assert (tmp_path / "results" / "demo" / "benchmarks" / "evaluate").is_dir()
 
     again = snakemake(tmp_path, "all", configfile=configfile)

@@ -13,7 +13,8 @@ def main(smk) -> None:
     from siad.report.paper import render_report
 
     out_dir = Path(smk.output.claims).parent
-    render_report(smk.config, [Path(p) for p in smk.input.metrics], out_dir, {"table1": Path(smk.input.table1_reference)})
+    references = {"table1": Path(smk.input.table1_reference)}
+    render_report(smk.config, [Path(p) for p in smk.input.metrics], out_dir, references)
 
 
 run_step(main, snakemake)  # noqa: F821 (injected by Snakemake)

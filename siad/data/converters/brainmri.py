@@ -13,8 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from siad.data.converters.common import (LayoutNotFound, find_level, images_by_relpath, list_images, log,
-                                         medical_meta)
+from siad.data.converters.common import LayoutNotFound, find_level, images_by_relpath, list_images, log, medical_meta
 from siad.data.records import Meta
 
 CLASS = "brain"

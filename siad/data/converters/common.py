@@ -17,7 +17,6 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-
 from siad.data.records import Meta, Record, build_meta, make_record
 from siad.errors import DataError
 

@@ -34,8 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from siad.data.converters.common import (LayoutNotFound, find_level, log, mvtec_style_class, rel,
-                                         split_normals, subdirs)
+from siad.data.converters.common import LayoutNotFound, find_level, log, mvtec_style_class, rel, split_normals, subdirs
 from siad.data.imageio import open_checked
 from siad.data.records import Meta, build_meta
 from siad.errors import DataError

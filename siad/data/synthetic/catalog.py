@@ -1,6 +1,6 @@
 """What each class of each stand-in looks like and which defects it gets.
 
-The class lists are the real class names of the nine datasets (spec section B/D). Every class maps
+The class lists come from the dataset registry (the real class names of the nine datasets). Every class maps
 to a material (:class:`TextureStyle`) or a product drawing (object recipe) and to its defect
 categories: ``(name on disk or in the annotation, defect kind)``. Defect directory names are real
 ones of MVTec AD / MPDD (two per class at most, to keep the demo small).
@@ -12,30 +12,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from siad.data.registry import DATASETS as _REGISTRY
 from siad.data.synthetic import objects as ob
 from siad.data.synthetic.common import add_sensor_noise, derive_rng, to_gray, to_uint8
 from siad.data.synthetic.defects import apply_defect
 from siad.data.synthetic.textures import TextureStyle, render_texture
 
-MVTEC_CLASSES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw",
-                 "tile", "toothbrush", "transistor", "wood", "zipper")
-VISA_CLASSES = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2", "pcb3",
-                "pcb4", "pipe_fryum")
-MPDD_CLASSES = ("bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes")
-DTD_CLASSES = ("Blotchy_099", "Fibrous_183", "Marbled_078", "Matted_069", "Mesh_114", "Perforated_037",
-               "Stratified_154", "Woven_001", "Woven_068", "Woven_104", "Woven_125", "Woven_127")
-BTAD_CLASSES = ("01", "02", "03")
-
-# Single-class datasets: the class key the converters (siad.data.registry) put in meta.json.
-SDD_CLASS = "electrical_commutators"
-BRAINMRI_CLASS = "brain"
-HEADCT_CLASS = "head"
-BR35H_CLASS = "brain"
-
-DATASET_CLASSES: dict[str, tuple[str, ...]] = {
-    "mvtec": MVTEC_CLASSES, "visa": VISA_CLASSES, "mpdd": MPDD_CLASSES, "dtd": DTD_CLASSES, "sdd": (SDD_CLASS,),
-    "btad": BTAD_CLASSES, "brainmri": (BRAINMRI_CLASS,), "headct": (HEADCT_CLASS,), "br35h": (BR35H_CLASS,),
-}
+# The real class keys, straight from the dataset registry (the converters write these into meta.json).
+DATASET_CLASSES: dict[str, tuple[str, ...]] = {name: _REGISTRY.get(name).classes for name in _REGISTRY.names()}
+BTAD_CLASSES = DATASET_CLASSES["btad"]
+(SDD_CLASS,) = DATASET_CLASSES["sdd"]
+(BRAINMRI_CLASS,) = DATASET_CLASSES["brainmri"]
+(HEADCT_CLASS,) = DATASET_CLASSES["headct"]
+(BR35H_CLASS,) = DATASET_CLASSES["br35h"]
 # A mix of textures and objects where the dataset has both.
 DEFAULT_CLASSES: dict[str, tuple[str, ...]] = {
     "mvtec": ("bottle", "carpet", "screw"), "visa": ("candle", "macaroni2", "pcb1"),
@@ -128,7 +117,7 @@ DEFECTS: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
 }
 for _pcb in ("pcb1", "pcb2", "pcb3", "pcb4"):
     DEFECTS[("visa", _pcb)] = (("missing", "missing"), ("scratch", "scratch"))
-for _tex in DTD_CLASSES:  # DTD-Synthetic anomalies: lines, colour changes, shape changes
+for _tex in DATASET_CLASSES["dtd"]:  # DTD-Synthetic anomalies: lines, colour changes, shape changes
     DEFECTS[("dtd", _tex)] = (("bad", "scratch"), ("bad", "stain"), ("bad", "crack"), ("bad", "hole"))
 
 
