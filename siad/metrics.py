@@ -37,6 +37,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import ndimage
 from sklearn.metrics import auc as _sklearn_auc
+from tqdm.auto import tqdm
 
 from siad.errors import NumericalError, SiadError
 
@@ -902,6 +903,7 @@ def evaluate_dataset(
     seed: int,
     aupro_limit: float = 0.3,
     confidence: float = 0.95,
+    progress: bool = False,
 ) -> dict:
     """Per-class metrics with bootstrap CIs, class means with CIs, and all warnings.
 
@@ -917,7 +919,7 @@ def evaluate_dataset(
     metrics: dict[str, dict] = {}
     replicates: dict[str, dict] = {}
     notes: list[str] = []
-    for cls in sorted(per_class_inputs):
+    for cls in tqdm(sorted(per_class_inputs), desc="metrics", unit="class", disable=not progress):
         inp = per_class_inputs[cls]
         data = _ClassData.build(inp.labels, inp.scores, inp.masks, inp.maps, with_pixel=with_pixel, class_name=cls)
         metrics[cls], class_notes = _evaluate(data, with_pixel=with_pixel, limit=limit)

@@ -100,12 +100,14 @@ def _check_finite(scores: torch.Tensor, maps: torch.Tensor, paths: Sequence[str]
 
 
 def evaluate_predictions(
-    preds: Predictions, *, with_pixel: bool, n_bootstrap: int, seed: int, aupro_limit: float = 0.3
+    preds: Predictions, *, with_pixel: bool, n_bootstrap: int, seed: int, aupro_limit: float = 0.3,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Per-class and mean metrics with bootstrap CIs (the body of ``metrics.json``)."""
     per_class = {c: preds.select(c) for c in sorted(set(preds.cls_names))}
     return metrics.evaluate_dataset(
-        per_class, with_pixel=with_pixel, n_bootstrap=n_bootstrap, seed=seed, aupro_limit=aupro_limit
+        per_class, with_pixel=with_pixel, n_bootstrap=n_bootstrap, seed=seed, aupro_limit=aupro_limit,
+        progress=progress,
     )
 
 

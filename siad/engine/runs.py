@@ -73,7 +73,7 @@ def evaluate_run(
     preds = predict_dataset(method, dataset, batch_size=evaluation["batch_size"],
                             num_workers=evaluation.get("num_workers", 0), progress=progress)
     body = evaluate_predictions(preds, with_pixel=spec.has_masks, n_bootstrap=evaluation["n_bootstrap"],
-                                seed=seed, aupro_limit=evaluation.get("aupro_limit", 0.3))
+                                seed=seed, aupro_limit=evaluation.get("aupro_limit", 0.3), progress=progress)
     body["run"] = {
         "profile": config["profile"],
         "demo": bool(config["demo"] or method.random_init),
