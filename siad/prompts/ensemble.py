@@ -52,6 +52,14 @@ ENSEMBLES.add(
     ),
 )
 
+# The two-sentence "CLIP" baseline of the AnomalyCLIP / FiLo comparison tables
+# ("A photo of a normal [cls]." vs "A photo of an anomalous [cls]."); selectable with
+# ``methods.clip.params.ensemble`` to compare with those papers' CLIP rows.
+ENSEMBLES.add(
+    "anomalyclip_two_sentences",
+    PromptEnsemble(normal_states=("a normal {}",), abnormal_states=("an anomalous {}",), templates=("A photo of {}.",)),
+)
+
 
 def object_name(cls_name: str) -> str:
     """The object word(s) used in prompts for a dataset class key (``metal_nut`` → ``metal nut``)."""

@@ -14,6 +14,11 @@ def test_appendix_d_ensemble_sentences():
     assert not set(normal) & set(abnormal)
 
 
+def test_two_sentence_clip_ensemble():
+    normal, abnormal = ENSEMBLES.get("anomalyclip_two_sentences").sentences("bottle")
+    assert (normal, abnormal) == (["A photo of a normal bottle."], ["A photo of an anomalous bottle."])
+
+
 def test_object_name_replaces_underscores():
     assert object_name("metal_nut") == "metal nut"
 
