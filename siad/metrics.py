@@ -54,16 +54,21 @@ PIXEL_METRICS: tuple[str, ...] = (
 COUNT_KEYS: tuple[str, ...] = ("n_normal", "n_anomalous")
 BOOTSTRAP_METRICS: tuple[str, ...] = ("image_auroc", "pixel_auroc")
 
-METRIC_LABELS: dict[str, str] = {
-    "image_auroc": "image AUROC",
-    "image_ap": "image AP (average precision)",
-    "image_f1_max": "image F1-max (oracle threshold)",
-    "pixel_auroc": "pixel AUROC",
-    "pixel_ap": "pixel AP (average precision)",
-    "pixel_f1_max": "pixel F1-max (oracle threshold)",
-    "aupro": "AU-PRO (official MVTec, FPR <= 0.3)",
-    "aupro_cflow_legacy": "AU-PRO (CFlow-style legacy, as in zero-shot AD papers)",
-}
+def metric_labels(aupro_limit: float = 0.3) -> dict[str, str]:
+    """Human-readable name of every metric key (written into metrics.json beside the numbers)."""
+    return {
+        "image_auroc": "image AUROC",
+        "image_ap": "image AP (average precision)",
+        "image_f1_max": "image F1-max (oracle threshold)",
+        "pixel_auroc": "pixel AUROC",
+        "pixel_ap": "pixel AP (average precision)",
+        "pixel_f1_max": "pixel F1-max (oracle threshold)",
+        "aupro": f"AU-PRO (official MVTec, FPR <= {aupro_limit:g})",
+        "aupro_cflow_legacy": f"AU-PRO (CFlow-style legacy, FPR < {aupro_limit:g}, as in zero-shot AD papers)",
+    }
+
+
+METRIC_LABELS = metric_labels()
 
 LEGACY_N_THRESHOLDS = 200  # thresholds of the CFlow-style AU-PRO
 _CONNECTIVITY = np.ones((3, 3), dtype=bool)  # 8-connected regions, as the official MVTec code

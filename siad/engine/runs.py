@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from siad import metrics
 from siad.config import dataset_root, method_params
 from siad.data.loading import AnomalyDataset
 from siad.data.records import load_meta
@@ -74,6 +75,7 @@ def evaluate_run(
                             num_workers=evaluation.get("num_workers", 0), progress=progress)
     body = evaluate_predictions(preds, with_pixel=spec.has_masks, n_bootstrap=evaluation["n_bootstrap"],
                                 seed=seed, aupro_limit=evaluation.get("aupro_limit", 0.3), progress=progress)
+    body["metric_labels"] = metrics.metric_labels(evaluation.get("aupro_limit", 0.3))
     body["run"] = {
         "profile": config["profile"],
         "demo": bool(config["demo"] or method.random_init),

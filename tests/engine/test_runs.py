@@ -89,6 +89,7 @@ def test_fit_then_evaluate_writes_model_metrics_and_predictions(workspace):
     written = json.loads((tmp / "m.json").read_text())
     assert written["run"]["trained_on"] == ["mvtec"] and written["run"]["demo"] is True
     assert set(written["classes"]) == {"candle"}
+    assert "oracle" in written["metric_labels"]["image_f1_max"] and "0.3" in written["metric_labels"]["aupro"]
     assert 0.0 <= written["mean"]["image_auroc"] <= 1.0 and written["mean"]["pixel_auroc"] is not None
     assert body["classes"]["candle"]["n_normal"] + body["classes"]["candle"]["n_anomalous"] == 8
     with np.load(tmp / "p.npz") as preds:
