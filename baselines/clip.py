@@ -48,11 +48,14 @@ class ZeroShotCLIP(Method):
         "ensemble": "siad_appendix_d",
         "logit_scale": 100.0,
         "weights_dir": None,  # open_clip download cache (None = Hugging Face default)
+        "random_init": False,  # build the architecture with random weights (speed benchmark, tests)
     }
 
     def __init__(self, params=None, *, device: str = "cpu", seed: int = 0) -> None:
         super().__init__(params, device=device, seed=seed)
         overrides = {k: self.params[k] for k in ("image_size", "checkpoint") if self.params[k] is not None}
+        if self.params["random_init"]:
+            overrides.update(pretrained=None, checkpoint=None)
         spec = get_backbone_spec(self.params["backbone"], overrides)
         self.backbone = load_openclip(spec, cache_dir=self.params["weights_dir"], device=device, seed=seed)
         self.ensemble = ENSEMBLES.get(self.params["ensemble"])

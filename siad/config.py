@@ -63,10 +63,40 @@ def _check_names(config: Mapping[str, Any]) -> None:
         for name in config["report"]["table1"]["methods"]:
             if name not in config["methods"]:
                 raise ConfigError(f"report/table1/methods: {name!r} is not listed under `methods`")
+        _check_report_runs(config)
+        _check_speed(config)
     except ConfigError:
         raise
     except SiadError as err:
         raise ConfigError(f"invalid configuration: {err}") from None
+
+
+def _check_report_runs(config: Mapping[str, Any]) -> None:
+    """Every run a configured table needs must name a configured method, variant and dataset."""
+    from siad.report.paper import required_runs
+
+    for key in required_runs(config):
+        if key.method not in config["methods"]:
+            raise ConfigError(f"report: a table needs method {key.method!r}, which is not listed under `methods`")
+        if key.variant not in method_variants(config, key.method):
+            raise ConfigError(f"report: a table needs variant {key.variant!r} of {key.method!r}; add it under "
+                              f"methods/{key.method}/variants")
+        if key.target not in config["datasets"]:
+            raise ConfigError(f"report: a table needs dataset {key.target!r}, which is not listed under `datasets`")
+
+
+def _check_speed(config: Mapping[str, Any]) -> None:
+    """The speed table's backbone and rows must exist."""
+    from siad.backbones import get_backbone_spec
+
+    if "speed" not in config:
+        return
+    get_backbone_spec(config["speed"]["backbone"])
+    for name, row in config["speed"]["rows"].items():
+        if row["method"] not in config["methods"]:
+            raise ConfigError(f"speed/rows/{name}: method {row['method']!r} is not listed under `methods`")
+        if row.get("variant", "default") not in method_variants(config, row["method"]):
+            raise ConfigError(f"speed/rows/{name}: unknown variant {row.get('variant')!r} of {row['method']!r}")
 
 
 def method_variants(config: Mapping[str, Any], method: str) -> list[str]:

@@ -49,6 +49,7 @@ def broken(mutate):
         (lambda c: c["protocol"].append({"source": "mvtec", "targets": ["mvtec"]}), "both source and target"),
         (lambda c: c["datasets"].pop("sdd"), "'sdd' is not listed"),
         (lambda c: c["report"]["table1"].update(methods=["anovl"]), "anovl"),
+        (lambda c: c["report"].update(tables=["table1_uzad", "table9"]), "unknown paper table 'table9'"),
     ],
 )
 def test_malformed_configs_name_the_problem(mutate, expected):

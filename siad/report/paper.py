@@ -1,53 +1,280 @@
-"""The paper's tables as the workflow renders them: config + metrics.json files → table files.
+"""The paper tables the workflow renders, as a registry: each table says which runs it needs and
+how to build itself from their metrics.json files and the claimed numbers.
 
-Each ``*_table`` function turns the config's report section and the runs into a :class:`ClaimTable`;
-:func:`render_report` writes every table and the claims check that lists all of them.
+Adding a table = one :class:`PaperTable` entry; the workflow's ``report`` rule asks every configured
+table for its runs (so Snakemake schedules exactly those evaluations) and renders them all, plus the
+claims check that lists every claimed number of every table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from siad.data.registry import DATASETS, get_dataset
-from siad.engine.protocol import protocol_pairs
+from siad.engine.protocol import NO_SOURCE, RunKey, protocol_pairs, protocol_runs
+from siad.errors import ConfigError
+from siad.registry import Registry
 from siad.report.claims import claims_check
 from siad.report.reference import load_reference
 from siad.report.render import write_table, write_text_atomic
 from siad.report.runs import load_runs
-from siad.report.tables import ClaimTable, build_table1
+from siad.report.tables import ClaimTable, ColumnSpec, RowSpec, build_claim_table, build_table1
+
+Config = Mapping[str, Any]
 
 
-def protocol_targets(config: Mapping[str, Any]) -> dict[str, str]:
+@dataclass(frozen=True)
+class PaperTable:
+    """One rendered table: ``runs(config)`` lists what it needs, ``build`` makes the ClaimTable."""
+
+    stem: str
+    reference: str | None  # CSV file name of the claimed numbers under the reference folder (None: no claims)
+    runs: Callable[[Config], list[RunKey]]
+    build: Callable[[Config, Sequence[Mapping[str, Any]], pd.DataFrame], ClaimTable]
+
+
+PAPER_TABLES: Registry[PaperTable] = Registry("paper table")
+
+
+def training_free(method: str) -> bool:
+    """Whether ``method`` needs no training (then its runs have source ``none``)."""
+    from siad.methods import get_method_class
+
+    return get_method_class(method).training_free
+
+
+def run_key(config: Config, setting: str, method: str, variant: str, target: str) -> RunKey:
+    """The run evaluating ``method``/``variant`` on ``target``: source ``none`` if training-free,
+    else the protocol's source of ``target``."""
+    if training_free(method):
+        return RunKey(setting, method, variant, NO_SOURCE, target)
+    sources = [s for s, t in protocol_pairs(config["protocol"]) if t == target]
+    if not sources:
+        raise ConfigError(f"report: {target!r} is no protocol target, so {method!r} has no source for it")
+    return RunKey(setting, method, variant, sources[0], target)
+
+
+def protocol_targets(config: Config) -> dict[str, str]:
     """Config name → column name of every protocol target, in the paper's dataset order."""
     targets = {target for _, target in protocol_pairs(config["protocol"])}
     return {name: get_dataset(name).display_name for name in DATASETS.names() if name in targets}
 
 
-def table1(config: Mapping[str, Any], runs: Sequence[Mapping[str, Any]], reference: Path) -> ClaimTable:
-    """SIAD-LLM Table 1 (image and pixel AUROC per dataset) for the configured methods."""
+def display(config: Config, method: str) -> str:
+    return config["methods"][method]["display_name"]
+
+
+# --- SIAD-LLM Table 1 ---------------------------------------------------------------------------
+
+
+def _table1_runs(config: Config) -> list[RunKey]:
+    section = config["report"]["table1"]
+    setting = section.get("setting", "uzad")
+    return [
+        key
+        for method in section["methods"]
+        for key in protocol_runs(config["protocol"], setting=setting, method=method, variant="default",
+                                 training_free=training_free(method))
+    ]
+
+
+def _table1(config: Config, runs: Sequence[Mapping[str, Any]], reference: pd.DataFrame) -> ClaimTable:
     section = config["report"]["table1"]
     datasets = protocol_targets(config)
     return build_table1(
         runs,
-        load_reference(reference),
-        methods={m: config["methods"][m]["display_name"] for m in section["methods"]},
+        reference,
+        methods={m: display(config, m) for m in section["methods"]},
         datasets=datasets,
         medical={d for d in datasets if get_dataset(d).domain == "medical"},
         setting=section.get("setting", "uzad"),
     )
 
 
-def render_report(
-    config: Mapping[str, Any], metrics_paths: Sequence[Path], out_dir: Path, references: Mapping[str, Path]
-) -> list[Path]:
-    """Write every configured table (md, tex, csv) and ``claims_check.md`` into ``out_dir``.
+PAPER_TABLES.add("table1_uzad", PaperTable("table1_uzad", "siad_table1_uzad.csv", _table1_runs, _table1))
 
-    ``references`` maps a table's report key (``table1``) to its claimed-numbers CSV.
-    """
+
+# --- AnoVL's own tables (seed 002) and SIAD-LLM Table 7 ----------------------------------------
+# AnoVL is training-free, so every row is one variant of the `anovl` method (see config/*.yaml):
+# default = TFA + the paper's TTA adapter, tfa = no TTA, attn_* = Table 3, prompt_* = Table 4,
+# linear_probe = Table 5. "PRO" is the CFlow-style AU-PRO of the zero-shot papers' code.
+
+ANOVL = "anovl"
+ANOVL_DATASETS = {"mvtec": "MVTecAD", "visa": "VisA"}
+LOCALIZATION = {"AUROC": "pixel_auroc", "F1Max": "pixel_f1_max", "PRO": "aupro_cflow_legacy"}
+DETECTION = {"AUROC": "image_auroc", "F1Max": "image_f1_max", "AUPR": "image_ap"}
+PRO_NOTE = "PRO = AU-PRO computed as in the zero-shot papers' code (CFlow-style, FPR < 0.3, rescaled)."
+
+
+def _anovl_runs(variants: Sequence[str], targets: Sequence[str]) -> Callable[[Config], list[RunKey]]:
+    def runs(config: Config) -> list[RunKey]:
+        return [run_key(config, "uzad", ANOVL, v, t) for v in variants for t in targets]
+
+    return runs
+
+
+def _claims(frame: pd.DataFrame, columns: Mapping[str, str]) -> dict[str, float | None] | None:
+    """One reference row's claims: table column name → reference column (None if the row is absent)."""
+    if frame.empty:
+        return None
+    row = frame.iloc[0]
+    return {col: (None if pd.isna(row[ref]) else float(row[ref])) for col, ref in columns.items()}
+
+
+def _anovl_results_claims(reference: pd.DataFrame, table: int, method: str, third: str) -> dict[str, float | None]:
+    claimed: dict[str, float | None] = {}
+    for display_name in ANOVL_DATASETS.values():
+        rows = reference[(reference["table"] == table) & (reference["method"] == method)
+                         & (reference["dataset"] == display_name)]
+        row_claims = _claims(rows, {f"{display_name} AUROC": "AUROC", f"{display_name} F1Max": "F1max",
+                                    f"{display_name} {third}": "third_value"})
+        claimed.update(row_claims or {})
+    return claimed
+
+
+def _anovl_localization(config: Config, runs: Sequence[Mapping[str, Any]], reference: pd.DataFrame) -> ClaimTable:
+    rows = [variant_row(config, f"{display(config, ANOVL)}-{label}", ANOVL, variant,
+                        _anovl_results_claims(reference, 1, f"AnoVL-{label}", "PRO"))
+            for label, variant in (("TFA", "tfa"), ("TTA", "default"))]
+    return build_claim_table(runs, rows, table_columns(ANOVL_DATASETS, LOCALIZATION), name="anovl_table1",
+                             title="AnoVL Table 1: zero-shot anomaly localization (%)", row_header=("method",),
+                             column_header="column", notes=[PRO_NOTE])
+
+
+def _anovl_detection(config: Config, runs: Sequence[Mapping[str, Any]], reference: pd.DataFrame) -> ClaimTable:
+    rows = [variant_row(config, display(config, ANOVL), ANOVL, "default",
+                        _anovl_results_claims(reference, 2, "AnoVL", "AUPR"))]
+    return build_claim_table(runs, rows, table_columns(ANOVL_DATASETS, DETECTION), name="anovl_table2",
+                             title="AnoVL Table 2: zero-shot anomaly detection (%)", row_header=("method",),
+                             column_header="column")
+
+
+def _ablation_rows(config: Config, reference: pd.DataFrame, table: str,
+                   rows: Sequence[tuple[str, str]]) -> list[RowSpec]:
+    columns = {"MVTecAD AUROC": "AUROC", "MVTecAD F1Max": "F1Max", "MVTecAD PRO": "PRO_or_AUPR"}
+    return [variant_row(config, label, ANOVL, variant,
+                        _claims(reference[(reference["table"] == table) & (reference["variant"] == ref_label)],
+                                columns))
+            for label, variant, ref_label in ((r[0], r[1], r[0]) for r in rows)]
+
+
+MVTEC_ONLY = {"mvtec": "MVTecAD"}
+ATTENTION_ROWS = (("with QKV attention", "attn_qkv"), ("with V (last layer)", "attn_v_last"),
+                  ("with V-V attention (last layer)", "attn_vv_last"), ("with V-V attention (multi-layer)", "tfa"))
+ADAPTER_ROWS = (("Linear Probe", "linear_probe"), ("AnoVL TTA adapter", "default"))
+PROMPT_ROWS = (("Base", "prompt_base"), ("+CS Prompt", "prompt_cs"), ("+DA Prompt", "tfa"))
+
+
+def _anovl_attention(config: Config, runs: Sequence[Mapping[str, Any]], reference: pd.DataFrame) -> ClaimTable:
+    rows = _ablation_rows(config, reference, "3-attention", ATTENTION_ROWS)
+    return build_claim_table(runs, rows, table_columns(MVTEC_ONLY, LOCALIZATION), name="anovl_table3",
+                             title="AnoVL Table 3: attention adaptation of CLIP, MVTecAD localization (%)",
+                             row_header=("variant",), column_header="column", notes=[PRO_NOTE])
+
+
+def _anovl_adapter(config: Config, runs: Sequence[Mapping[str, Any]], reference: pd.DataFrame) -> ClaimTable:
+    rows = _ablation_rows(config, reference, "5-adapter", ADAPTER_ROWS)
+    return build_claim_table(runs, rows, table_columns(MVTEC_ONLY, LOCALIZATION), name="anovl_table5",
+                             title="AnoVL Table 5: adapter optimisation, MVTecAD localization (%)",
+                             row_header=("variant",), column_header="column", notes=[PRO_NOTE])
+
+
+def _anovl_prompts(config: Config, runs: Sequence[Mapping[str, Any]], reference: pd.DataFrame) -> ClaimTable:
+    metrics = {"AD AUROC": "image_auroc", "AD F1Max": "image_f1_max", "AD AUPR": "image_ap",
+               "AL AUROC": "pixel_auroc", "AL F1Max": "pixel_f1_max", "AL PRO": "aupro_cflow_legacy"}
+    reference_columns = {f"MVTecAD {k}": k.replace(" ", "_") for k in metrics}
+    rows = [variant_row(config, label, ANOVL, variant,
+                        _claims(reference[reference["prompts"] == label], reference_columns))
+            for label, variant in PROMPT_ROWS]
+    return build_claim_table(runs, rows, table_columns(MVTEC_ONLY, metrics), name="anovl_table4",
+                             title="AnoVL Table 4: prompt engineering on MVTecAD (%)", row_header=("prompts",),
+                             column_header="column", notes=[PRO_NOTE])
+
+
+def _industrial_targets(config: Config) -> dict[str, str]:
+    return {n: d for n, d in protocol_targets(config).items() if get_dataset(n).domain == "industrial"}
+
+
+def _table7_runs(config: Config) -> list[RunKey]:
+    methods = config["report"].get("table7", {}).get("methods", [ANOVL])
+    return [run_key(config, "uzad", m, "default", t) for m in methods for t in _industrial_targets(config)]
+
+
+def _table7(config: Config, runs: Sequence[Mapping[str, Any]], reference: pd.DataFrame) -> ClaimTable:
+    methods = config["report"].get("table7", {}).get("methods", [ANOVL])
+    datasets = _industrial_targets(config)
+    rows = [RowSpec((display(config, m),), {"setting": "uzad", "method": m, "variant": "default"},
+                    "pixel_auroc", None) for m in methods]
+    columns = [ColumnSpec(d, {"target": n}) for n, d in datasets.items()]
+    note = ("SIAD-LLM Table 7's numbers are not recoverable from the paper text available to this project "
+            "(only its caption survives), so no claimed values are shown.")
+    return build_claim_table(runs, rows, columns, name="siad_table7", average=True, row_header=("method",),
+                             title="SIAD-LLM Table 7: training-free comparison, pixel AUROC (%)", notes=[note])
+
+
+for _stem, _reference, _runs, _build in (
+    ("anovl_table1_localization", "anovl_tables.csv", _anovl_runs(["tfa", "default"], list(ANOVL_DATASETS)),
+     _anovl_localization),
+    ("anovl_table2_detection", "anovl_tables.csv", _anovl_runs(["default"], list(ANOVL_DATASETS)), _anovl_detection),
+    ("anovl_table3_attention", "anovl_ablations.csv", _anovl_runs([v for _, v in ATTENTION_ROWS], ["mvtec"]),
+     _anovl_attention),
+    ("anovl_table4_prompts", "anovl_prompt_ablation.csv", _anovl_runs([v for _, v in PROMPT_ROWS], ["mvtec"]),
+     _anovl_prompts),
+    ("anovl_table5_adapter", "anovl_ablations.csv", _anovl_runs([v for _, v in ADAPTER_ROWS], ["mvtec"]),
+     _anovl_adapter),
+    ("siad_table7_training_free", None, _table7_runs, _table7),
+):
+    PAPER_TABLES.add(_stem, PaperTable(_stem, _reference, _runs, _build))
+
+
+def render_report(
+    config: Config, metrics_paths: Sequence[Path], out_dir: Path, reference_dir: Path
+) -> list[Path]:
+    """Write every configured table (md, tex, csv) and ``claims_check.md`` into ``out_dir``."""
     runs = load_runs([Path(p) for p in metrics_paths])
-    tables = {"table1_uzad": table1(config, runs, Path(references["table1"]))}
-    written = [path for stem, table in tables.items() for path in write_table(table, out_dir, stem)]
-    written.append(write_text_atomic(out_dir / "claims_check.md", claims_check(list(tables.values()))))
+    tables = []
+    written: list[Path] = []
+    for name in config["report"]["tables"]:
+        table = PAPER_TABLES.get(name)
+        reference = load_reference(reference_dir / table.reference) if table.reference else pd.DataFrame()
+        built = table.build(config, runs, reference)
+        tables.append(built)
+        written += write_table(built, out_dir, table.stem)
+    written.append(write_text_atomic(out_dir / "claims_check.md", claims_check(tables)))
     return written
+
+
+def required_runs(config: Config) -> list[RunKey]:
+    """Every run the configured tables need, without duplicates, in table order."""
+    keys = [key for name in config["report"]["tables"] for key in PAPER_TABLES.get(name).runs(config)]
+    return list(dict.fromkeys(keys))
+
+
+def table_columns(
+    datasets: Mapping[str, str], metrics: Mapping[str, str]
+) -> list[ColumnSpec]:
+    """Columns ``"<Dataset> <label>"`` for each dataset × (label → metric), dataset-major."""
+    return [
+        ColumnSpec(f"{display_name} {label}", {"target": name}, metric)
+        for name, display_name in datasets.items()
+        for label, metric in metrics.items()
+    ]
+
+
+def variant_row(config: Config, key: str, method: str, variant: str, claimed: Mapping[str, float | None] | None,
+                setting: str = "uzad") -> RowSpec:
+    """A row showing ``method``/``variant`` (default setting ``uzad``: training-free runs serve every setting)."""
+    if variant != "default" and variant not in config["methods"][method].get("variants", {}):
+        raise ConfigError(f"report: table row {key!r} needs variant {variant!r} of method {method!r}; add it")
+    return RowSpec((key,), {"setting": setting, "method": method, "variant": variant}, None, claimed)
+
+
+__all__ = [
+    "PAPER_TABLES", "PaperTable", "build_claim_table", "protocol_targets", "render_report", "required_runs",
+    "run_key", "table_columns", "variant_row",
+]

@@ -4,9 +4,9 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from siad.config import dataset_root, method_params, method_variants, results_root, tables_root, validate_config
-from siad.engine.protocol import SETTINGS, protocol_runs
+from siad.engine.protocol import SETTINGS
 from siad.errors import SiadError
-from siad.methods import get_method_class
+from siad.report.paper import PAPER_TABLES, required_runs
 
 try:
     validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
@@ -29,22 +29,6 @@ wildcard_constraints:
     variant="|".join(VARIANTS),
 
 
-def is_training_free(method):
-    return get_method_class(method).training_free
-
-
-def run_metrics(setting, method, variant="default"):
-    """metrics.json of every run of the protocol for one (setting, method, variant)."""
-    keys = protocol_runs(
-        config["protocol"],
-        setting=setting,
-        method=method,
-        variant=variant,
-        training_free=is_training_free(method),
-    )
-    return [str(key.run_dir(RESULTS) / "metrics.json") for key in keys]
-
-
 def meta_path(dataset):
     return f"{RESULTS}/datasets/{dataset}/meta.json"
 
@@ -61,12 +45,20 @@ def trained_model(wc):
     return f"{RESULTS}/{wc.setting}/{wc.method}/{wc.variant}/{wc.source}/model.json"
 
 
-def table1_metrics():
-    section = config["report"]["table1"]
-    setting = section.get("setting", "uzad")
-    return [path for method in section["methods"] for path in run_metrics(setting, method)]
+def report_metrics():
+    """metrics.json of every run the configured tables need."""
+    return [str(key.run_dir(RESULTS) / "metrics.json") for key in required_runs(config)]
+
+
+def report_outputs():
+    """The files of every configured table (md, tex, csv) and the claims check."""
+    stems = [PAPER_TABLES.get(name).stem for name in config["report"]["tables"]]
+    return [f"{TABLES}/{stem}.{ext}" for stem in stems for ext in ("md", "tex", "csv")] + [
+        f"{TABLES}/claims_check.md"
+    ]
 
 
 def all_outputs():
-    """Everything `snakemake all` builds: every table and the claims check."""
-    return [*rules.report.output]
+    """Everything `snakemake all` builds: every table, the claims check and the speed table."""
+    speed = [f"{TABLES}/speed.md", f"{TABLES}/speed.csv"] if "speed" in config else []
+    return report_outputs() + speed

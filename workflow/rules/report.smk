@@ -3,11 +3,10 @@
 
 rule report:
     input:
-        metrics=table1_metrics(),
-        table1_reference=repo_file(config["report"]["table1"]["reference"]),
+        metrics=report_metrics(),
+        references=repo_file("config/reference"),
     output:
-        table1=multiext(f"{TABLES}/table1_uzad", ".md", ".tex", ".csv"),
-        claims=f"{TABLES}/claims_check.md",
+        report_outputs(),
     log:
         f"{RESULTS}/logs/report.log",
     conda:

@@ -12,9 +12,8 @@ if TYPE_CHECKING:
 def main(smk) -> None:
     from siad.report.paper import render_report
 
-    out_dir = Path(smk.output.claims).parent
-    references = {"table1": Path(smk.input.table1_reference)}
-    render_report(smk.config, [Path(p) for p in smk.input.metrics], out_dir, references)
+    out_dir = Path(smk.output[-1]).parent  # the last output is claims_check.md
+    render_report(smk.config, [Path(p) for p in smk.input.metrics], out_dir, Path(smk.input.references))
 
 
 run_step(main, snakemake)  # noqa: F821 (injected by Snakemake)
