@@ -2,7 +2,10 @@
 
 The paper profile loads real weights (downloaded once into a cache); the demo profile builds the same
 architecture family from a small config shipped in ``model_configs/`` with seeded random weights. A
-missing checkpoint while offline stops with :class:`MissingWeightsError` naming the tag and the cache.
+missing checkpoint while offline stops with :class:`MissingWeightsError` naming the tag or URL and the
+cache. Weights come from, in order: a local ``checkpoint`` file, an explicit ``url`` (downloaded with
+open_clip's URL downloader, which checks the sha256 prefix in release file names), or open_clip's own
+source for the ``pretrained`` tag (the Hugging Face hub when it has one).
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import open_clip
 import torch
 from torch import nn
 
-from siad.backbones.registry import BackboneSpec
-from siad.errors import MissingWeightsError, UnknownNameError
+from siad.backbones.registry import MODEL_CONFIG_DIR, BackboneSpec, ensure_model_configs
+from siad.errors import ConfigError, MissingWeightsError, UnknownNameError
 
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-open_clip.add_model_config(MODEL_CONFIG_DIR)
+__all__ = ["MODEL_CONFIG_DIR", "LoadedBackbone", "load_openclip", "resolve_checkpoint", "weights_cache_dir"]
+
+ensure_model_configs()
 
 
 @dataclass
@@ -33,20 +37,44 @@ class LoadedBackbone:
     @property
     def random_init(self) -> bool:
         """True when the weights are random (demo/tests): stated on every output."""
-        return self.spec.pretrained is None and self.spec.checkpoint is None
+        return self.spec.random_init
 
 
-def weights_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
-    """The folder open_clip downloads into (``cache_dir`` or the Hugging Face hub cache)."""
+def weights_cache_dir(cache_dir: str | os.PathLike | None, *, url: bool = False) -> Path:
+    """The folder open_clip downloads into: ``cache_dir``, else ``~/.cache/clip`` for URL downloads or the
+    Hugging Face hub cache for hub downloads (open_clip's defaults)."""
     if cache_dir is not None:
         return Path(cache_dir)
+    if url:
+        return Path("~/.cache/clip").expanduser()
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE)
 
 
+def _download_url(spec: BackboneSpec, cache_dir: str | os.PathLike | None) -> str:
+    """Fetch ``spec.url`` into the cache (a cached file is reused without network access)."""
+    assert spec.url is not None
+    try:
+        return open_clip.pretrained.download_pretrained_from_url(
+            spec.url, cache_dir=None if cache_dir is None else str(cache_dir)
+        )
+    except Exception as err:  # URLError, timeouts, checksum mismatch: the user's fix is the same
+        where = weights_cache_dir(cache_dir, url=True)
+        raise MissingWeightsError(
+            f"backbone {spec.name!r}: checkpoint {spec.url} ({spec.arch} / {spec.pretrained}) is not in the "
+            f"cache {where} and could not be downloaded ({type(err).__name__}: {err}). Run once with internet "
+            f"access, or download that file into {where} yourself (keep its file name: open_clip checks the "
+            "sha256 prefix in it), or set `checkpoint: /path/to/file` for this backbone in the config."
+        ) from err
+
+
 def resolve_checkpoint(spec: BackboneSpec, cache_dir: str | os.PathLike | None = None) -> str | None:
     """Return a local checkpoint path for ``spec`` (downloading it if allowed), or None for random init.
+
+    Source order: ``spec.checkpoint`` (a local file); no ``pretrained`` tag means random weights (``url`` is
+    then ignored, so ``{"pretrained": None}`` always gives a random model); ``spec.url`` (an explicit URL for
+    the tag, overriding open_clip's hub-first choice); else the tag through open_clip.
 
     Raises:
         UnknownNameError: the architecture has no such pretrained tag in open_clip.
@@ -62,6 +90,8 @@ def resolve_checkpoint(spec: BackboneSpec, cache_dir: str | os.PathLike | None =
         return str(path)
     if spec.pretrained is None:
         return None
+    if spec.url is not None:
+        return _download_url(spec, cache_dir)
     pretrained_cfg = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained)
     if not pretrained_cfg:
         tags = open_clip.list_pretrained_tags_by_model(spec.arch)
@@ -86,7 +116,17 @@ def load_openclip(
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> LoadedBackbone:
-    """Build ``spec``'s model in eval mode with frozen weights (random init is seeded by ``seed``)."""
+    """Build ``spec``'s model in eval mode with frozen weights (random init is seeded by ``seed``).
+
+    Raises:
+        ConfigError: the spec's taps name blocks the architecture does not have.
+        UnknownNameError, MissingWeightsError: see :func:`resolve_checkpoint`.
+    """
+    if spec.taps and spec.taps[-1] >= spec.n_blocks:
+        raise ConfigError(
+            f"backbone {spec.name!r}: taps {list(spec.taps)} exceed the {spec.n_blocks} blocks of {spec.arch} "
+            "(taps are 0-indexed block indices); fix `taps` for this backbone"
+        )
     checkpoint = resolve_checkpoint(spec, cache_dir)
     torch.manual_seed(seed)
     model = open_clip.create_model(

@@ -1,4 +1,8 @@
+import urllib.error
+import urllib.request
+
 import huggingface_hub.constants
+import open_clip
 import pytest
 import torch
 
@@ -62,3 +66,60 @@ def test_unknown_names_and_overrides():
     with pytest.raises(UnknownNameError, match="laion"):
         resolve_checkpoint(get_backbone_spec("tiny-vit-demo", {"arch": "ViT-B-32", "pretrained": "laion-nope"}))
     assert "openai-vit-l-14-336" in BACKBONES
+
+
+def test_explicit_url_is_downloaded_with_open_clip_url_downloader(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_download(url, cache_dir=None):
+        calls.append((url, cache_dir))
+        return str(tmp_path / "weights.pt")
+
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained_from_url", fake_download)
+    monkeypatch.setattr(open_clip, "download_pretrained", lambda *a, **k: pytest.fail("hub path must not be used"))
+    spec = get_backbone_spec("laion400m-vit-b-16-plus-240")
+    assert resolve_checkpoint(spec, cache_dir=tmp_path) == str(tmp_path / "weights.pt")
+    assert calls == [(spec.url, str(tmp_path))]
+    assert "laion400m_e32" in calls[0][0]
+
+
+def test_unreachable_url_names_url_and_cache(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    spec = get_backbone_spec("laion400m-vit-b-16-plus-240")
+    with pytest.raises(MissingWeightsError) as err:
+        resolve_checkpoint(spec, cache_dir=tmp_path)
+    message = str(err.value)
+    assert spec.url in message and str(tmp_path) in message and "checkpoint" in message
+    assert not (tmp_path / "vit_b_16_plus_240-laion400m_e32-699c4b84.pt").exists()
+
+
+def test_cached_url_file_is_reused_without_network(tmp_path, monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("must not touch the network"))
+    (tmp_path / "my-weights.pt").write_bytes(b"cached")
+    spec = get_backbone_spec("tiny-vit-demo", {"pretrained": "mine", "url": "https://example.invalid/my-weights.pt"})
+    assert not spec.random_init
+    assert resolve_checkpoint(spec, cache_dir=tmp_path) == str(tmp_path / "my-weights.pt")
+
+
+def test_no_tag_means_random_weights_even_with_a_url(monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("must not touch the network"))
+    spec = get_backbone_spec("laion400m-vit-b-16-plus-240", {"pretrained": None, "image_size": 64})
+    assert spec.url is not None and spec.random_init
+    assert resolve_checkpoint(spec) is None
+
+
+def test_local_checkpoint_wins_over_url(tmp_path):
+    path = tmp_path / "local.pt"
+    path.write_bytes(b"x")
+    spec = get_backbone_spec("laion400m-vit-b-16-plus-240", {"checkpoint": str(path)})
+    assert resolve_checkpoint(spec) == str(path)
+
+
+def test_imagebind_huge_offline_names_tag_and_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(MissingWeightsError) as err:
+        load_openclip(get_backbone_spec("imagebind-huge"), cache_dir=tmp_path)
+    assert "ViT-H-14 / laion2b_s32b_b79k" in str(err.value) and str(tmp_path) in str(err.value)
