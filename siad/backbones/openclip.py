@@ -127,16 +127,23 @@ def load_openclip(
             f"backbone {spec.name!r}: taps {list(spec.taps)} exceed the {spec.n_blocks} blocks of {spec.arch} "
             "(taps are 0-indexed block indices); fix `taps` for this backbone"
         )
+    if spec.checkpoint_format not in ("open_clip", "imagebind"):
+        raise ConfigError(f"backbone {spec.name!r}: checkpoint_format must be 'open_clip' or 'imagebind'")
     checkpoint = resolve_checkpoint(spec, cache_dir)
+    imagebind = spec.checkpoint_format == "imagebind" and checkpoint is not None
     torch.manual_seed(seed)
     model = open_clip.create_model(
         spec.arch,
-        pretrained=checkpoint,
+        pretrained=None if imagebind else checkpoint,
         force_quick_gelu=spec.quick_gelu,
         force_image_size=spec.image_size,
         device=device,
         cache_dir=None if cache_dir is None else str(cache_dir),
     )
+    if imagebind:
+        from siad.backbones.imagebind import load_imagebind_into_openclip
+
+        load_imagebind_into_openclip(model, checkpoint, strict=True)
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(spec.arch)
     return LoadedBackbone(spec=spec, model=model, tokenizer=tokenizer)

@@ -74,6 +74,8 @@ class BackboneSpec:
             if it differs from the architecture's native size).
         quick_gelu: use QuickGELU activations (what OpenAI's CLIP weights were trained with).
         checkpoint: optional local checkpoint file that replaces any download.
+        checkpoint_format: ``open_clip`` (default) or ``imagebind`` for the original ``imagebind_huge.pth``,
+            whose keys are mapped onto the open_clip ViT-H-14 by :mod:`siad.backbones.imagebind`.
         mean, std: input normalisation.
         taps: default stage taps, 0-indexed block indices (the stream after each listed block).
         url: explicit checkpoint URL for the ``pretrained`` tag, overriding open_clip's choice of source
@@ -86,6 +88,7 @@ class BackboneSpec:
     image_size: int
     quick_gelu: bool = False
     checkpoint: str | None = None
+    checkpoint_format: str = "open_clip"  # or "imagebind": the original imagebind_huge.pth (keys are mapped)
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
     taps: tuple[int, ...] = ()

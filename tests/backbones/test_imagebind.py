@@ -278,3 +278,15 @@ def test_vit_h_14_maps_onto_imagebind_huge_shapes():
     text_blocks = {k.split(".")[3] for k in imagebind if k.startswith("modality_trunks.text.blocks.")}
     assert (len(vision_blocks), len(text_blocks)) == (32, 24)
     assert set(imagebind_to_openclip(imagebind)) == set(model.state_dict())
+
+
+def test_load_openclip_reads_an_original_imagebind_checkpoint(tmp_path):
+    from siad.backbones import get_backbone_spec, load_openclip
+
+    source = load_openclip(get_backbone_spec("tiny-vit-h14-demo"), seed=5).model
+    path = tmp_path / "imagebind_huge.pth"
+    torch.save(openclip_to_imagebind(source.state_dict()), path)
+    spec = get_backbone_spec("tiny-vit-h14-demo", {"checkpoint": str(path), "checkpoint_format": "imagebind"})
+    loaded = load_openclip(spec, seed=99).model  # a different seed: every weight must come from the file
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
