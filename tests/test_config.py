@@ -48,8 +48,11 @@ def broken(mutate):
         (lambda c: c["methods"]["clip"].update(variants={"hot": {"logit_scale": 1, "tmp": 2}}), "tmp"),
         (lambda c: c["protocol"].append({"source": "mvtec", "targets": ["mvtec"]}), "both source and target"),
         (lambda c: c["datasets"].pop("sdd"), "'sdd' is not listed"),
-        (lambda c: c["report"]["table1"].update(methods=["anovl"]), "anovl"),
+        (lambda c: c["report"]["table1"].update(methods=["winclip"]), "winclip"),
         (lambda c: c["report"].update(tables=["table1_uzad", "table9"]), "unknown paper table 'table9'"),
+        (lambda c: c["speed"]["rows"].update(WinCLIP={"method": "winclip"}), "speed/rows/WinCLIP"),
+        (lambda c: c["speed"].update(backbone="vit-z"), "vit-z"),
+        (lambda c: c["methods"]["anovl"]["variants"].pop("prompt_cs"), "prompt_cs"),
     ],
 )
 def test_malformed_configs_name_the_problem(mutate, expected):

@@ -1,0 +1,122 @@
+"""The registry of paper tables: the runs each table asks for, and tables built from runs + claims."""
+
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import yaml
+
+from siad.engine.protocol import NO_SOURCE, RunKey
+from siad.errors import ConfigError
+from siad.methods import METHODS, Method
+from siad.report.paper import PAPER_TABLES, render_report, required_runs, run_key
+from siad.report.reference import load_reference
+
+ROOT = Path(__file__).resolve().parents[2]
+REFERENCES = ROOT / "config" / "reference"
+
+
+class TrainedToy(Method):
+    training_free: ClassVar[bool] = False
+    transform = input_size = None  # never built here
+
+    def predict(self, batch):  # pragma: no cover - not called
+        raise AssertionError
+
+
+if "test_trained_toy" not in METHODS:
+    METHODS.add("test_trained_toy", TrainedToy)
+
+
+def demo_config():
+    return yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+
+
+def test_table1_asks_for_one_run_per_target():
+    config = demo_config()
+    keys = PAPER_TABLES.get("table1_uzad").runs(config)
+    assert {k.target for k in keys} == set(config["datasets"])
+    assert {(k.method, k.source, k.setting) for k in keys} == {("clip", NO_SOURCE, "uzad")}
+
+
+def test_run_key_uses_the_protocol_source_for_trained_methods():
+    config = demo_config()
+    assert run_key(config, "uzad", "test_trained_toy", "default", "mvtec") == RunKey(
+        "uzad", "test_trained_toy", "default", "visa", "mvtec")
+    assert run_key(config, "uzad", "test_trained_toy", "default", "headct").source == "br35h"
+    assert run_key(config, "uzad", "clip", "default", "headct").source == NO_SOURCE
+    config["protocol"] = [{"source": "mvtec", "targets": ["visa"]}]
+    with pytest.raises(ConfigError, match="no protocol target"):
+        run_key(config, "uzad", "test_trained_toy", "default", "sdd")
+
+
+def test_required_runs_are_unique_and_cover_every_table():
+    config = demo_config()
+    config["report"]["tables"] = list(PAPER_TABLES.names())
+    keys = required_runs(config)
+    assert len(keys) == len(set(keys))
+    anovl = {(k.variant, k.target) for k in keys if k.method == "anovl"}
+    assert {("tfa", "visa"), ("default", "visa"), ("attn_qkv", "mvtec"), ("prompt_base", "mvtec"),
+            ("linear_probe", "mvtec"), ("default", "btad")} <= anovl
+    assert ("attn_qkv", "visa") not in anovl  # ablations are MVTecAD-only, as in the paper
+
+
+def anovl_run(make_run, variant, target, **means):
+    run = make_run("anovl", target, means.pop("image_auroc", 0.9), means.pop("pixel_auroc", 0.8), variant=variant)
+    run["run"]["source"] = NO_SOURCE
+    run["mean"].update(means)
+    return run
+
+
+def test_anovl_localization_table_places_claims_and_results(make_run):
+    config = demo_config()
+    runs = [anovl_run(make_run, v, t, pixel_auroc=0.5 + i / 10, pixel_f1_max=0.3, aupro_cflow_legacy=0.7)
+            for i, (v, t) in enumerate([("tfa", "mvtec"), ("tfa", "visa"), ("default", "mvtec"),
+                                        ("default", "visa")])]
+    table = PAPER_TABLES.get("anovl_table1_localization").build(
+        config, runs, load_reference(REFERENCES / "anovl_tables.csv"))
+    tta = table.cell(("AnoVL-TTA",), "MVTecAD AUROC")
+    assert tta.claimed == pytest.approx(90.6) and tta.reproduced == pytest.approx(70.0)
+    assert table.cell(("AnoVL-TFA",), "VisA PRO").claimed == pytest.approx(65.1)
+    assert table.cell(("AnoVL-TFA",), "VisA PRO").reproduced == pytest.approx(70.0)
+    assert any("CFlow" in note for note in table.notes)
+
+
+def test_anovl_ablation_tables_read_their_reference_rows(make_run):
+    config = demo_config()
+    prompts = PAPER_TABLES.get("anovl_table4_prompts").build(
+        config, [], load_reference(REFERENCES / "anovl_prompt_ablation.csv"))
+    assert prompts.cell(("Base",), "MVTecAD AD AUROC").claimed == pytest.approx(79.0)
+    assert prompts.cell(("+DA Prompt",), "MVTecAD AL PRO").claimed == pytest.approx(70.4)
+    attention = PAPER_TABLES.get("anovl_table3_attention").build(
+        config, [], load_reference(REFERENCES / "anovl_ablations.csv"))
+    assert attention.cell(("with V (last layer)",), "MVTecAD F1Max").claimed == pytest.approx(22.2)
+    adapter = PAPER_TABLES.get("anovl_table5_adapter").build(
+        config, [], load_reference(REFERENCES / "anovl_ablations.csv"))
+    assert adapter.cell(("Linear Probe",), "MVTecAD PRO").claimed == pytest.approx(74.4)
+
+
+def test_a_table_row_needs_its_variant_in_the_config():
+    config = demo_config()
+    del config["methods"]["anovl"]["variants"]["attn_qkv"]
+    with pytest.raises(ConfigError, match="attn_qkv"):
+        PAPER_TABLES.get("anovl_table3_attention").build(config, [], load_reference(
+            REFERENCES / "anovl_ablations.csv"))
+
+
+def test_render_report_writes_every_configured_table(tmp_path, make_run, write_runs):
+    config = demo_config()
+    config["report"]["tables"] = ["table1_uzad", "siad_table7_training_free"]
+    runs = []
+    for i, target in enumerate(config["datasets"]):
+        run = make_run("clip", target, 0.6, None if target in ("brainmri", "headct", "br35h") else 0.5, seed=i)
+        run["run"]["source"] = NO_SOURCE
+        runs.append(run)
+        if target in ("mvtec", "visa", "mpdd", "dtd", "sdd", "btad"):
+            runs.append(anovl_run(make_run, "default", target, pixel_auroc=0.8))
+    paths = write_runs(runs, tmp_path / "runs")
+    written = render_report(config, paths, tmp_path / "tables", REFERENCES)
+    names = {p.name for p in written}
+    assert {"table1_uzad.md", "siad_table7_training_free.csv", "claims_check.md"} <= names
+    table7 = (tmp_path / "tables" / "siad_table7_training_free.md").read_text()
+    assert "| AnoVL | 80.0 (n/a) |" in table7 and "not recoverable" in table7
