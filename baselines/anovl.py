@@ -43,6 +43,7 @@ import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -52,6 +53,7 @@ from torch import Tensor, nn
 
 from baselines.clip import image_transform
 from siad.backbones import AttentionVariant, get_backbone_spec, load_openclip, stage_features, variant_features
+from siad.backbones.cache import FeatureCache, backbone_namespace, file_fingerprint
 from siad.errors import ConfigError, NumericalError
 from siad.methods import METHODS, Batch, Method
 from siad.prompts import ENSEMBLES, ClassTextFeatures, encode_class_text
@@ -220,6 +222,7 @@ class AnoVL(Method):
         "noise_per_step": True,  # fresh δ at every TTA step (released code); False: one δ per image
         "image_views": "single",  # "single" | "augmented" (22 views of the released MVTec script)
         "text_batch_size": 256,  # sentences per text-encoder batch (924 per class)
+        "feature_cache": None,  # folder of the frozen-feature cache (None: always run the backbone)
     }
 
     def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0) -> None:
@@ -245,6 +248,7 @@ class AnoVL(Method):
         self._input_size = spec.image_size
         self._transform = image_transform(spec.image_size, spec.mean, spec.std)
         self._text: dict[str, ClassTextFeatures] = {}
+        self._cache: FeatureCache | None = None
         self._code_state: dict[str, tuple[CodeAdapter, torch.optim.Optimizer]] = {}
 
     @property
@@ -285,6 +289,23 @@ class AnoVL(Method):
             feats = variant_features(visual, images, self.variant, [-1], ln_post=True, project=True)
             embedding, patches = feats.image_embedding, feats.modified.patch[0]
         return F.normalize(embedding, dim=-1), patches
+
+    def visual_features(self, images: Tensor, files: Sequence[str] | None) -> tuple[Tensor, Tensor]:
+        """:meth:`encode_image`, read from the feature cache when one is configured and the image files
+        are known: variants that share the visual path (TTA modes, prompt ablations) reuse the features."""
+        if self.params["feature_cache"] is None or not files:
+            return self.encode_image(images)
+        if self._cache is None:
+            namespace = backbone_namespace(self.backbone.spec, taps=(), seed=self.seed, feature="anovl_pixel_branch",
+                                           attention=self.params["attention"], start_block=self.params["start_block"])
+            self._cache = FeatureCache(Path(self.params["feature_cache"]), namespace)
+
+        def compute(positions: Sequence[int]) -> dict[str, Tensor]:
+            global_features, tokens = self.encode_image(images[list(positions)])
+            return {"global": global_features, "tokens": tokens}
+
+        cached = self._cache.get_or_compute(list(files), compute, fingerprints=[file_fingerprint(f) for f in files])
+        return cached["global"].to(self.device), cached["tokens"].to(self.device)
 
     @torch.no_grad()
     def image_scores(self, images: Tensor, global_features: Tensor, text: Tensor) -> Tensor:
@@ -358,7 +379,7 @@ class AnoVL(Method):
         images = batch["image"].to(self.device)
         names = list(batch["cls_name"])
         keys = list(batch.get("img_path") or [f"#{i}" for i in range(len(names))])
-        global_features, tokens = self.encode_image(images)
+        global_features, tokens = self.visual_features(images, batch.get("image_file"))
         text = torch.stack([self.class_text(c).features for c in names]).to(tokens)  # [B, 2, D]
         scores = self.image_scores(images, global_features, text)
         if self.params["tta"] != "none":

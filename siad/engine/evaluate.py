@@ -77,7 +77,10 @@ def predict_dataset(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     out = Predictions([], [], np.zeros(0, int), np.zeros(0, np.float32), [], [])
     labels, scores = [], []
+    root = getattr(dataset, "root", None)
     for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress):
+        if root is not None:  # lets methods key a feature cache by file
+            batch["image_file"] = [str(Path(root) / p) for p in batch["img_path"]]
         batch_scores, batch_maps = method.predict(batch)
         _check_finite(batch_scores, batch_maps, batch["img_path"])
         for i, mask in enumerate(batch["mask"]):

@@ -22,7 +22,9 @@ from siad.registry import Registry
 
 Batch = Mapping[str, Any]
 """A batch: ``image`` [B,3,H,W] (the method's own transform applied), ``cls_name`` list[str],
-``img_path`` list[str], and for training ``mask`` [B,H,W] and ``label`` [B]."""
+``img_path`` list[str] (relative to the dataset root), ``image_file`` list[str] (the files, for
+feature caches; absent when the images do not come from files), and for training ``mask`` [B,H,W]
+and ``label`` [B]."""
 
 
 class Method(ABC):

@@ -219,3 +219,25 @@ def test_augmented_views_and_their_image_score(tfa):
     assert torch.isclose(scores[0], expected, atol=1e-6)
     with pytest.raises(ConfigError, match="square"):
         augmented_views(torch.zeros(1, 3, 8, 9))
+
+
+def test_feature_cache_reproduces_the_backbone_and_is_shared_by_variants(tmp_path, tfa):
+    files = []
+    for i in range(2):  # the cache only fingerprints the files; the tensors are the batch's
+        files.append(str(tmp_path / f"img{i}.png"))
+        (tmp_path / f"img{i}.png").write_bytes(bytes([i]) * 16)
+    cached_tfa = _anovl(tta="none", feature_cache=str(tmp_path / "cache"))
+    cached_tta = _anovl(tta="paper", feature_cache=str(tmp_path / "cache"))
+    for method in (cached_tfa, cached_tta):
+        _share_text(method, tfa)
+    batch = {**_batch(n=2), "image_file": files}
+    plain_scores, plain_maps = tfa.predict(batch)
+    scores, maps = cached_tfa.predict(batch)
+    assert torch.allclose(scores, plain_scores) and torch.allclose(maps, plain_maps)
+    assert cached_tfa._cache.cache_stats.misses == 2
+    cached_tta.predict(batch)  # same visual path: read back, not recomputed
+    assert (cached_tta._cache.cache_stats.hits, cached_tta._cache.cache_stats.misses) == (2, 0)
+    qkv = _anovl(tta="none", attention="qkv", feature_cache=str(tmp_path / "cache"))
+    _share_text(qkv, tfa)
+    qkv.predict(batch)  # another visual path: another namespace
+    assert qkv._cache.cache_stats.misses == 2
