@@ -48,14 +48,13 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 
-from baselines.clip import image_transform
-from siad.backbones import AttentionVariant, get_backbone_spec, load_openclip, stage_features, variant_features
+from siad.backbones import AttentionVariant, stage_features, variant_features
 from siad.backbones.cache import FeatureCache, backbone_namespace, file_fingerprint
 from siad.errors import ConfigError, NumericalError
-from siad.methods import METHODS, Batch, Method
+from siad.methods import METHODS, Batch
+from siad.methods.backbone_method import BACKBONE_DEFAULTS, BackboneMethod
 from siad.prompts import ENSEMBLES, ClassTextFeatures, encode_class_text
 
 PROMPT_ENSEMBLES: Mapping[str, str] = {"anovl": "anovl", "cs": "anovl_cs", "base": "anovl_base"}
@@ -201,16 +200,13 @@ def _check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
 
 
 @METHODS.register("anovl")
-class AnoVL(Method):
+class AnoVL(BackboneMethod):
     """AnoVL: V-V attention tokens, domain-aware contrastive-state prompts, optional test-time adapter."""
 
     training_free: ClassVar[bool] = True
     defaults: ClassVar[dict[str, Any]] = {
-        "backbone": "laion400m-vit-b-16-plus-240",
-        "image_size": None,  # None = the backbone spec's size (240)
-        "checkpoint": None,  # optional local checkpoint replacing the tag download
-        "weights_dir": None,  # open_clip download cache (None = open_clip's default)
-        "random_init": False,  # build the architecture with random weights (speed benchmark, tests)
+        **BACKBONE_DEFAULTS,
+        "backbone": "laion400m-vit-b-16-plus-240",  # at its own 240 px
         "attention": "vv",  # "vv" | "v" | "qkv" (Table 3; qkv = plain CLIP patch tokens)
         "start_block": 0,  # first block of the second stream (0 = all blocks; -1 = last block only)
         "prompts": "anovl",  # "anovl" (CS + DA) | "cs" | "base" (Table 4)
@@ -227,6 +223,17 @@ class AnoVL(Method):
 
     def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0) -> None:
         super().__init__(params, device=device, seed=seed)
+        spec = self.backbone.spec
+        self.variant = AttentionVariant(start_block=self.params["start_block"], kind="vv"
+                                        if self.params["attention"] == "qkv" else self.params["attention"])
+        self.variant.resolve_start(spec.n_blocks)  # fail at construction, not at the first image
+        self.ensemble = ENSEMBLES.get(PROMPT_ENSEMBLES[self.params["prompts"]])
+        self._text: dict[str, ClassTextFeatures] = {}
+        self._cache: FeatureCache | None = None
+        self._code_state: dict[str, tuple[CodeAdapter, torch.optim.Optimizer]] = {}
+
+    def check_params(self) -> None:
+        """Refuse bad choices before any weights are loaded."""
         p = self.params
         _check_choice("attention", p["attention"], ATTENTIONS)
         _check_choice("prompts", p["prompts"], tuple(PROMPT_ENSEMBLES))
@@ -236,32 +243,6 @@ class AnoVL(Method):
             raise ConfigError(f"method anovl: tta_steps={p['tta_steps']!r}; use a non-negative integer")
         if p["attention"] == "qkv" and p["start_block"] != 0:
             raise ConfigError("method anovl: attention 'qkv' reads the plain CLIP tokens; leave start_block at 0")
-        overrides = {k: p[k] for k in ("image_size", "checkpoint") if p[k] is not None}
-        if p["random_init"]:
-            overrides.update(pretrained=None, checkpoint=None)
-        spec = get_backbone_spec(p["backbone"], overrides)
-        self.backbone = load_openclip(spec, cache_dir=p["weights_dir"], device=device, seed=seed)
-        self.variant = AttentionVariant(start_block=p["start_block"], kind="vv" if p["attention"] == "qkv"
-                                        else p["attention"])
-        self.variant.resolve_start(spec.n_blocks)  # fail at construction, not at the first image
-        self.ensemble = ENSEMBLES.get(PROMPT_ENSEMBLES[p["prompts"]])
-        self._input_size = spec.image_size
-        self._transform = image_transform(spec.image_size, spec.mean, spec.std)
-        self._text: dict[str, ClassTextFeatures] = {}
-        self._cache: FeatureCache | None = None
-        self._code_state: dict[str, tuple[CodeAdapter, torch.optim.Optimizer]] = {}
-
-    @property
-    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        return self._transform
-
-    @property
-    def input_size(self) -> int:
-        return self._input_size
-
-    @property
-    def random_init(self) -> bool:
-        return self.backbone.random_init
 
     # -- text -----------------------------------------------------------------------------------------
 

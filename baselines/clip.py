@@ -10,70 +10,32 @@ Paper profile: OpenAI ViT-L/14 at 336 px with QuickGELU (the weights were traine
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torchvision import transforms
 
-from siad.backbones import get_backbone_spec, load_openclip
-from siad.methods import METHODS, Batch, Method
+from siad.methods import METHODS, Batch
+from siad.methods.backbone_method import BACKBONE_DEFAULTS, BackboneMethod
 from siad.prompts import ENSEMBLES, encode_state_features
 
 
-def image_transform(
-    size: int, mean: tuple[float, ...], std: tuple[float, ...]
-) -> Callable[[Image.Image], torch.Tensor]:
-    """Squash-resize to ``size``² (bicubic, so maps align with full-image masks) and normalise."""
-    return transforms.Compose(
-        [
-            transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
-    )
-
-
 @METHODS.register("clip")
-class ZeroShotCLIP(Method):
+class ZeroShotCLIP(BackboneMethod):
     """Training-free CLIP with a prompt ensemble (image score from CLS, map from patch tokens)."""
 
     training_free: ClassVar[bool] = True
     defaults: ClassVar[dict[str, Any]] = {
+        **BACKBONE_DEFAULTS,
         "backbone": "openai-vit-l-14-336",
-        "image_size": None,  # None = the backbone spec's size
-        "checkpoint": None,  # optional local checkpoint replacing the tag download
         "ensemble": "siad_appendix_d",
         "logit_scale": 100.0,
-        "weights_dir": None,  # open_clip download cache (None = Hugging Face default)
-        "random_init": False,  # build the architecture with random weights (speed benchmark, tests)
     }
 
     def __init__(self, params=None, *, device: str = "cpu", seed: int = 0) -> None:
         super().__init__(params, device=device, seed=seed)
-        overrides = {k: self.params[k] for k in ("image_size", "checkpoint") if self.params[k] is not None}
-        if self.params["random_init"]:
-            overrides.update(pretrained=None, checkpoint=None)
-        spec = get_backbone_spec(self.params["backbone"], overrides)
-        self.backbone = load_openclip(spec, cache_dir=self.params["weights_dir"], device=device, seed=seed)
         self.ensemble = ENSEMBLES.get(self.params["ensemble"])
-        self._input_size = spec.image_size
-        self._transform = image_transform(spec.image_size, spec.mean, spec.std)
         self._text_features: dict[str, torch.Tensor] = {}
-
-    @property
-    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        return self._transform
-
-    @property
-    def input_size(self) -> int:
-        return self._input_size
-
-    @property
-    def random_init(self) -> bool:
-        return self.backbone.random_init
 
     def text_features(self, cls_name: str) -> torch.Tensor:
         """(normal, abnormal) text features [2, D] of a class, computed once."""

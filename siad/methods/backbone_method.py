@@ -1,0 +1,76 @@
+"""The base of methods built on one open_clip backbone from the registry.
+
+It owns what every such method shares: the backbone parameters of the config, loading (pretrained,
+local checkpoint or random weights), the image transform and the demo stamp, so a baseline module
+only adds its own computation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from siad.backbones import BackboneSpec, LoadedBackbone, get_backbone_spec, load_openclip
+from siad.methods.base import Method
+
+BACKBONE_DEFAULTS: dict[str, Any] = {
+    "backbone": None,  # registry name (siad/backbones/registry.py); each method sets its paper default
+    "image_size": None,  # None = the backbone spec's size
+    "checkpoint": None,  # optional local checkpoint replacing the tag download
+    "weights_dir": None,  # open_clip download cache (None = open_clip's default)
+    "random_init": False,  # build the architecture with random weights (speed benchmark, tests)
+}
+
+
+def image_transform(
+    size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> Callable[[Image.Image], torch.Tensor]:
+    """Squash-resize to ``size``² (bicubic, so maps align with full-image masks) and normalise."""
+    return transforms.Compose(
+        [
+            transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+
+
+class BackboneMethod(Method):
+    """A :class:`Method` whose images go through one registry backbone (``self.backbone``)."""
+
+    defaults: ClassVar[Mapping[str, Any]] = BACKBONE_DEFAULTS
+
+    def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0) -> None:
+        super().__init__(params, device=device, seed=seed)
+        self.check_params()
+        self.backbone: LoadedBackbone = load_openclip(
+            self.backbone_spec(), cache_dir=self.params["weights_dir"], device=device, seed=seed
+        )
+        spec = self.backbone.spec
+        self._transform = image_transform(spec.image_size, spec.mean, spec.std)
+
+    def check_params(self) -> None:
+        """Validate the method's own parameters before any weights are loaded (override as needed)."""
+
+    def backbone_spec(self) -> BackboneSpec:
+        """The registry spec with this run's overrides (input size, local checkpoint, random weights)."""
+        overrides = {k: self.params[k] for k in ("image_size", "checkpoint") if self.params[k] is not None}
+        if self.params["random_init"]:
+            overrides.update(pretrained=None, checkpoint=None)
+        return get_backbone_spec(self.params["backbone"], overrides)
+
+    @property
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        return self._transform
+
+    @property
+    def input_size(self) -> int:
+        return self.backbone.spec.image_size
+
+    @property
+    def random_init(self) -> bool:
+        return self.backbone.random_init
