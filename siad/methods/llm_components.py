@@ -1,6 +1,6 @@
 """AnomalyGPT's trainable pixel-level modules and its segmentation losses.
 
-Everything here follows /work/shared/specs/baselines_llm_filo_anovl.md §1 ("Decoder", "Prompt
+Everything here follows the project spec `specs/baselines_llm_filo_anovl.md` §1 ("Decoder", "Prompt
 learner", "Loss / schedule") and the focal/dice definitions of baselines_clip_family.md §0; the
 released code (CASIA-IVA-Lab/AnomalyGPT @f21c51b) is the reference where it differs from the paper.
 
