@@ -63,15 +63,8 @@ GENERIC_ABNORMAL_STATES: tuple[str, ...] = (
 # the final period as in the released code.
 ANOVL_BASE_TEMPLATES: tuple[str, ...] = tuple(t.removesuffix(".") for t in WINCLIP_TEMPLATES)
 # Seven contrastive pairs: normal phrase i is the antonym of abnormal phrase i (the TTA pairs t_i, t_{i+N}).
-ANOVL_NORMAL_STATES: tuple[str, ...] = (
-    "normal {}",
-    "flawless {}",
-    "perfect {}",
-    "unblemished {}",
-    "{} without flaw",
-    "{} without defect",
-    "{} without damage",
-)
+# (WinCLIP's seven normal phrases with the bare "{}" made explicit as "normal {}").
+ANOVL_NORMAL_STATES: tuple[str, ...] = ("normal {}", *WINCLIP_NORMAL_STATES[1:])
 ANOVL_ABNORMAL_STATES: tuple[str, ...] = (
     "damaged {}",
     "abnormal {}",
