@@ -60,9 +60,7 @@ def _check_names(config: Mapping[str, Any]) -> None:
             cls = get_method_class(name)
             for overrides in [{}, *entry.get("variants", {}).values()]:
                 cls.resolve_params({**entry.get("params", {}), **overrides})
-        for name in config["report"]["table1"]["methods"]:
-            if name not in config["methods"]:
-                raise ConfigError(f"report/table1/methods: {name!r} is not listed under `methods`")
+        _check_report_methods(config)
         _check_report_runs(config)
         _check_speed(config)
     except ConfigError:
@@ -71,11 +69,29 @@ def _check_names(config: Mapping[str, Any]) -> None:
         raise ConfigError(f"invalid configuration: {err}") from None
 
 
+def _check_report_methods(config: Mapping[str, Any]) -> None:
+    """The methods named by the report sections (tables, LLM side table, ablations, figure) must be configured."""
+    report = config["report"]
+    named = {"table1/methods": report["table1"]["methods"],
+             "table7/methods": report.get("table7", {}).get("methods", []),
+             "llm_judgement/methods": report.get("llm_judgement", {}).get("methods", []),
+             "siad_ablations/method": [report["siad_ablations"]["method"]] if "siad_ablations" in report else [],
+             "figure4/methods": report.get("figure4", {}).get("methods", [])}
+    for key, methods in named.items():
+        for name in methods:
+            if name not in config["methods"]:
+                raise ConfigError(f"report/{key}: {name!r} is not listed under `methods`")
+    for name in report.get("figure4", {}).get("datasets", []):
+        if name not in config["datasets"]:
+            raise ConfigError(f"report/figure4/datasets: {name!r} is not listed under `datasets`")
+
+
 def _check_report_runs(config: Mapping[str, Any]) -> None:
-    """Every run a configured table needs must name a configured method, variant and dataset."""
+    """Every run a configured table or the figure needs must name a configured method, variant and dataset."""
+    from siad.report.figures import figure4_runs
     from siad.report.paper import required_runs
 
-    for key in required_runs(config):
+    for key in [*required_runs(config), *figure4_runs(config)]:
         if key.method not in config["methods"]:
             raise ConfigError(f"report: a table needs method {key.method!r}, which is not listed under `methods`")
         if key.variant not in method_variants(config, key.method):
@@ -86,17 +102,33 @@ def _check_report_runs(config: Mapping[str, Any]) -> None:
 
 
 def _check_speed(config: Mapping[str, Any]) -> None:
-    """The speed table's backbone and rows must exist."""
+    """The speed table's backbones and rows must exist; the LLM group's rows must be LLM methods."""
     from siad.backbones import get_backbone_spec
+    from siad.methods import get_method_class
 
     if "speed" not in config:
         return
-    get_backbone_spec(config["speed"]["backbone"])
-    for name, row in config["speed"]["rows"].items():
+    speed = config["speed"]
+    get_backbone_spec(speed["backbone"])
+    _check_speed_rows(config, speed["rows"], "speed/rows")
+    if "llm" in speed:
+        get_backbone_spec(speed["llm"]["backbone"])
+        _check_speed_rows(config, speed["llm"]["rows"], "speed/llm/rows")
+        for name, row in speed["llm"]["rows"].items():
+            cls = get_method_class(row["method"])
+            if not all(callable(getattr(cls, hook, None)) for hook in ("first_pass", "judge", "predict_batch")):
+                raise ConfigError(
+                    f"speed/llm/rows/{name}: {row['method']!r} is not an LLM method (no first_pass/judge); the LLM "
+                    "group times AnomalyGPT/SIAD-LLM-style methods, put other methods under speed/rows"
+                )
+
+
+def _check_speed_rows(config: Mapping[str, Any], rows: Mapping[str, Any], key: str) -> None:
+    for name, row in rows.items():
         if row["method"] not in config["methods"]:
-            raise ConfigError(f"speed/rows/{name}: method {row['method']!r} is not listed under `methods`")
+            raise ConfigError(f"{key}/{name}: method {row['method']!r} is not listed under `methods`")
         if row.get("variant", "default") not in method_variants(config, row["method"]):
-            raise ConfigError(f"speed/rows/{name}: unknown variant {row.get('variant')!r} of {row['method']!r}")
+            raise ConfigError(f"{key}/{name}: unknown variant {row.get('variant')!r} of {row['method']!r}")
 
 
 def method_variants(config: Mapping[str, Any], method: str) -> list[str]:

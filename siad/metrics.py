@@ -957,3 +957,97 @@ def _class_cis(metrics: Mapping[str, Any], reps: Mapping[str, np.ndarray], confi
         ci = percentile_ci(values, confidence) if metrics.get(metric) is not None else None
         cis[metric] = None if ci is None else list(ci)
     return cis
+
+
+# --------------------------------------------------------------------------------------------
+# LLM judgement (AnomalyGPT, SIAD-LLM)
+# --------------------------------------------------------------------------------------------
+
+LLM_METRICS: tuple[str, ...] = ("accuracy", "unparsed_rate", "p_yes_auroc")
+LLM_METRIC_LABELS: dict[str, str] = {
+    "accuracy": "LLM judgement accuracy (parsed yes/no verdict vs label, AnomalyGPT's definition)",
+    "unparsed_rate": "fraction of answers parsed as neither yes nor no (counted wrong in accuracy)",
+    "p_yes_auroc": 'image AUROC of P("Yes") at the answer\'s first token',
+}
+
+
+def _llm_judgement(
+    labels: ArrayLike, answers: Sequence[str], p_yes: ArrayLike | None, class_name: str | None
+) -> tuple[dict[str, float | int | None], list[str]]:
+    from siad.llm.answers import parse_answer  # deferred: siad.llm imports torch, this module does not
+
+    label_arr = _as_labels(labels, class_name)
+    if label_arr.size == 0:
+        raise MetricInputError(f"{_where(class_name)}: no test images; drop the class or supply its images.")
+    if len(answers) != label_arr.size:
+        raise MetricInputError(
+            f"{_where(class_name)}: {len(answers)} answers but {label_arr.size} labels; pass one answer per image."
+        )
+    verdicts = np.array([parse_answer(str(a)).verdict for a in answers])
+    correct = np.where(label_arr, verdicts == "yes", verdicts == "no")
+    notes: list[str] = []
+    auroc = None
+    if p_yes is not None:
+        images = _Images(label_arr, p_yes, class_name)
+        auroc = _auroc_from_counts(images.counts)
+        if auroc is None:
+            missing = "anomalous" if not label_arr.any() else "normal"
+            notes.append(_undefined_note(class_name, ["p_yes_auroc"], f"no {missing} images"))
+    result: dict[str, float | int | None] = {
+        "accuracy": float(correct.mean()),
+        "unparsed_rate": float(np.mean(verdicts == "unparsed")),
+        "p_yes_auroc": auroc,
+        "n_normal": int(np.count_nonzero(~label_arr)),
+        "n_anomalous": int(np.count_nonzero(label_arr)),
+    }
+    return result, notes
+
+
+def llm_judgement(
+    labels: ArrayLike, answers: Sequence[str], p_yes: ArrayLike | None = None, *, class_name: str | None = None
+) -> dict[str, float | int | None]:
+    """The LLM's yes/no judgement of one class, scored against the image labels.
+
+    * ``accuracy``: AnomalyGPT's accuracy -- an anomalous image counts as correct when its answer says
+      "yes", a normal one when it says "no". The verdict is :func:`siad.llm.parse_answer`'s (a leading
+      Yes/No, else the "there is/are (no) anomal..." phrases) instead of the reference's substring test
+      ``'Yes' in answer``; an answer parsed as neither counts as wrong.
+    * ``unparsed_rate``: the fraction of answers parsed as neither yes nor no.
+    * ``p_yes_auroc``: image AUROC of ``p_yes`` (P("Yes") at the answer's first token); ``None`` when
+      ``p_yes`` is not given or the class has one label only (then a :class:`MetricWarning` says why).
+
+    Fractions in [0, 1] like every metric here; ``n_normal``/``n_anomalous`` count the images.
+    """
+    result, notes = _llm_judgement(labels, answers, p_yes, class_name)
+    _warn_all(notes)
+    return result
+
+
+@dataclass(frozen=True)
+class LlmInputs:
+    """The LLM judgement inputs of one class: labels, generated answers and optional P("Yes")."""
+
+    labels: ArrayLike
+    answers: Sequence[str]
+    p_yes: ArrayLike | None = None
+
+
+def evaluate_llm_judgement(per_class_inputs: Mapping[str, LlmInputs]) -> dict:
+    """:func:`llm_judgement` per class and the unweighted mean over classes (AnomalyGPT averages the
+    per-class accuracies); undefined values are excluded from the means, with warnings, as in
+    :func:`summarize`. Returns ``classes``, ``mean``, ``n_classes`` and ``warnings``.
+    """
+    classes: dict[str, dict] = {}
+    notes: list[str] = []
+    for cls in sorted(per_class_inputs):
+        inp = per_class_inputs[cls]
+        classes[cls], class_notes = _llm_judgement(inp.labels, inp.answers, inp.p_yes, cls)
+        notes.extend(class_notes)
+    _warn_all(notes)
+    summary = summarize(classes)
+    return {
+        "classes": classes,
+        "mean": summary["mean"],
+        "n_classes": summary["n_classes"],
+        "warnings": notes + summary["warnings"],
+    }

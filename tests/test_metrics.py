@@ -454,3 +454,68 @@ def test_label_mask_disagreement_warns_and_nan_masks_raise():
     masks[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="mask 0 contains NaN"):
         M.pixel_auroc(masks, inp.maps)
+
+
+# --------------------------------------------------------------------------------------------
+# LLM judgement
+# --------------------------------------------------------------------------------------------
+
+YES = "Yes, there is an anomaly in the image, at the top left of the image."
+NO = "No, there are no anomalies in the image."
+
+
+def test_llm_judgement_hand_counted():
+    labels = [1, 1, 0, 0, 1]
+    answers = [YES, NO, NO, YES, "I cannot tell from this picture."]
+    p_yes = [0.9, 0.2, 0.1, 0.3, 0.8]
+    result = M.llm_judgement(labels, answers, p_yes)
+    assert result["accuracy"] == pytest.approx(2 / 5)  # right: images 0 (yes/anomalous) and 2 (no/normal)
+    assert result["unparsed_rate"] == pytest.approx(1 / 5)
+    assert result["p_yes_auroc"] == pytest.approx(5 / 6)  # 0.9 and 0.8 beat both normals, 0.2 beats 0.1 only
+    assert (result["n_normal"], result["n_anomalous"]) == (2, 3)
+
+
+def test_llm_judgement_reads_the_verdict_not_a_substring():
+    # "no" inside a "yes" answer and "Yes" as a later word must not flip the verdict
+    answers = ["Yes, there is an anomaly; no other defects.", "No. Yes-like texture, but there is no anomaly."]
+    assert M.llm_judgement([1, 0], answers)["accuracy"] == 1.0
+    assert M.llm_judgement([0, 1], answers)["accuracy"] == 0.0
+
+
+def test_llm_judgement_one_label_only_leaves_p_yes_auroc_undefined():
+    with pytest.warns(M.MetricWarning, match="p_yes_auroc not defined"):
+        result = M.llm_judgement([0, 0, 0], [NO, NO, YES], [0.1, 0.2, 0.9], class_name="good_only")
+    assert result["p_yes_auroc"] is None and result["accuracy"] == pytest.approx(2 / 3)
+    assert M.llm_judgement([1, 0], [YES, NO])["p_yes_auroc"] is None  # no P(Yes) given: nothing to rank
+
+
+@pytest.mark.parametrize(("labels", "answers", "p_yes", "error"), [
+    ([1, 0], [YES], None, M.MetricInputError),
+    ([1, 0], [YES, NO], [0.5], M.MetricInputError),
+    ([1, 0], [YES, NO], [0.5, float("nan")], NumericalError),
+    ([], [], None, M.MetricInputError),
+])
+def test_llm_judgement_rejects_malformed_inputs(labels, answers, p_yes, error):
+    with pytest.raises(error):
+        M.llm_judgement(labels, answers, p_yes)
+
+
+def test_llm_judgement_mean_is_over_classes_as_anomalygpt():
+    per_class = {
+        "a": M.LlmInputs([1], [YES], [0.9]),  # accuracy 1, AUROC undefined (anomalous only)
+        "b": M.LlmInputs([1, 0, 0, 1], [NO, NO, YES, NO], [0.4, 0.1, 0.5, 0.6]),  # accuracy 1/4, AUROC 3/4
+    }
+    with pytest.warns(M.MetricWarning):
+        out = M.evaluate_llm_judgement(per_class)
+    assert out["mean"]["accuracy"] == pytest.approx((1 + 0.25) / 2)  # per image it would be 2/5
+    assert out["mean"]["p_yes_auroc"] == pytest.approx(0.75) and out["n_classes"]["p_yes_auroc"] == 1
+    assert any("'a'" in w and "p_yes_auroc" in w for w in out["warnings"])
+    assert "n_normal" not in out["mean"]
+
+
+def test_metrics_module_stays_torch_free_at_import():
+    import subprocess
+    import sys
+
+    code = "import sys, siad.metrics; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0

@@ -35,14 +35,16 @@ class AnomalyDataset(torch.utils.data.Dataset):
     Each item is ``{"image", "label", "mask", "has_mask", "cls_name", "img_path"}``: ``image`` is
     ``transform(rgb_image)`` (the PIL image when ``transform`` is None), ``mask`` a ``torch.bool``
     ``[H, W]`` tensor at ``mask_size`` (native image size when None), all-False for normal images and
-    for datasets without masks. ``has_mask`` says whether the mask is pixel ground truth: true for every
+    for datasets without masks. ``name`` is the dataset's registry name ("" when unknown). ``has_mask`` says
+    whether the mask is pixel ground truth: true for every
     image of a dataset with masks (normal images included, whose truth is all-False), false otherwise.
     """
 
     def __init__(self, root: Path, meta: Meta, split: str = "test", classes: Sequence[str] | None = None,
                  transform: Callable[[Image.Image], torch.Tensor] | None = None,
-                 mask_size: tuple[int, int] | None = None) -> None:
+                 mask_size: tuple[int, int] | None = None, name: str = "") -> None:
         self.root = Path(root)
+        self.name = name  # registry name of the dataset (e.g. "mvtec"); methods may key per-dataset settings on it
         self.split = split
         self.transform = transform
         self.mask_size = tuple(mask_size) if mask_size is not None else None

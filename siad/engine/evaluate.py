@@ -4,6 +4,10 @@ Maps are resized (bilinear) to one evaluation size before pixel metrics, so ever
 on the same grid; ground-truth masks are resized with nearest neighbour by the dataset loader.
 Metrics are computed from the float32 maps in memory; ``predictions.npz`` keeps them as float16
 (for figures), which is why metrics are never recomputed from that file.
+
+LLM methods (AnomalyGPT, SIAD-LLM) also return the generated answer and P("Yes") per image
+(:class:`siad.methods.base.MethodOutput`); they are kept beside the scores, scored as the ``llm``
+block of ``metrics.json`` and stored in ``predictions.npz``.
 """
 
 from __future__ import annotations
@@ -21,8 +25,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from siad import metrics
-from siad.errors import NumericalError
+from siad.errors import NumericalError, SiadError
 from siad.methods import Method
+from siad.methods.base import MethodOutput
+
+
+class MethodOutputError(SiadError, ValueError):
+    """A method's batch output is malformed (wrong lengths, answers for some batches only)."""
 
 
 @dataclass
@@ -35,10 +44,16 @@ class Predictions:
     scores: np.ndarray  # [N] float32
     maps: list[np.ndarray]  # N × [H, W] float32 at the evaluation size
     masks: list[np.ndarray]  # N × [H, W] bool at the evaluation size
+    answers: list[str] | None = None  # N generated answers (LLM methods only)
+    p_yes: np.ndarray | None = None  # [N] float32 P("Yes") (LLM methods only)
+
+    def class_indices(self, cls_name: str) -> list[int]:
+        """Positions of the images of one class."""
+        return [i for i, c in enumerate(self.cls_names) if c == cls_name]
 
     def select(self, cls_name: str) -> metrics.ClassInputs:
         """The metric inputs of one class."""
-        idx = [i for i, c in enumerate(self.cls_names) if c == cls_name]
+        idx = self.class_indices(cls_name)
         return metrics.ClassInputs(
             labels=self.labels[idx],
             scores=self.scores[idx],
@@ -73,30 +88,74 @@ def _resize_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 def predict_dataset(
     method: Method, dataset: Dataset, *, batch_size: int = 8, num_workers: int = 0, progress: bool = True
 ) -> Predictions:
-    """Run ``method.predict`` over ``dataset`` (whose masks already have the evaluation size)."""
+    """Run ``method.predict_batch`` over ``dataset`` (whose masks already have the evaluation size)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     out = Predictions([], [], np.zeros(0, int), np.zeros(0, np.float32), [], [])
     labels, scores = [], []
+    llm = _LlmOutputs(type(method).__name__)
     root = getattr(dataset, "root", None)
     for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress):
         if root is not None:  # lets methods key a feature cache by file
             batch["image_file"] = [str(Path(root) / p) for p in batch["img_path"]]
-        batch_scores, batch_maps = method.predict(batch)
-        _check_finite(batch_scores, batch_maps, batch["img_path"])
+        output = method.predict_batch(batch)
+        llm.add(output, len(batch["img_path"]))
+        _check_finite(output, batch["img_path"])
         for i, mask in enumerate(batch["mask"]):
-            out.maps.append(_resize_map(batch_maps[i], tuple(mask.shape)))
+            out.maps.append(_resize_map(output.maps[i], tuple(mask.shape)))
             out.masks.append(np.asarray(mask, dtype=bool))
-        scores.append(batch_scores.float().cpu().numpy())
+        scores.append(output.scores.float().cpu().numpy())
         labels.append(batch["label"].numpy())
         out.cls_names += list(batch["cls_name"])
         out.img_paths += list(batch["img_path"])
     out.labels = np.concatenate(labels).astype(int) if labels else out.labels
     out.scores = np.concatenate(scores).astype(np.float32) if scores else out.scores
+    out.answers, out.p_yes = llm.answers, llm.p_yes()
     return out
 
 
-def _check_finite(scores: torch.Tensor, maps: torch.Tensor, paths: Sequence[str]) -> None:
-    bad = ~torch.isfinite(scores) | ~torch.isfinite(maps.flatten(1)).all(dim=1)
+class _LlmOutputs:
+    """Collects answers and P("Yes") over batches; each must come with every batch or with none."""
+
+    def __init__(self, method_name: str) -> None:
+        self.method_name = method_name
+        self.answers: list[str] | None = None
+        self._p_yes: list[np.ndarray] | None = None
+        self.n_batches = 0
+
+    def add(self, output: MethodOutput, batch_size: int) -> None:
+        self._check_presence("answers", output.answers is not None, self.answers is not None)
+        self._check_presence("p_yes", output.p_yes is not None, self._p_yes is not None)
+        if output.answers is not None:
+            self._check_length("answers", len(output.answers), batch_size)
+            self.answers = (self.answers or []) + [str(a) for a in output.answers]
+        if output.p_yes is not None:
+            self._check_length("p_yes", int(output.p_yes.numel()), batch_size)
+            self._p_yes = (self._p_yes or []) + [output.p_yes.detach().float().cpu().numpy().reshape(-1)]
+        self.n_batches += 1
+
+    def p_yes(self) -> np.ndarray | None:
+        return None if self._p_yes is None else np.concatenate(self._p_yes).astype(np.float32)
+
+    def _check_presence(self, field: str, given: bool, given_before: bool) -> None:
+        if self.n_batches and given != given_before:
+            raise MethodOutputError(
+                f"{self.method_name}.predict_batch gave {field} for batch {self.n_batches} but "
+                f"{'not ' if given_before else ''}for the batches before it; a method must return {field} for "
+                "every batch or for none (fix the method's predict_batch)."
+            )
+
+    def _check_length(self, field: str, n: int, batch_size: int) -> None:
+        if n != batch_size:
+            raise MethodOutputError(
+                f"{self.method_name}.predict_batch returned {n} {field} for a batch of {batch_size} images; "
+                "it must return one per image (fix the method's predict_batch)."
+            )
+
+
+def _check_finite(output: MethodOutput, paths: Sequence[str]) -> None:
+    bad = ~torch.isfinite(output.scores) | ~torch.isfinite(output.maps.flatten(1)).all(dim=1)
+    if output.p_yes is not None:
+        bad |= ~torch.isfinite(output.p_yes.reshape(-1).to(bad.device))
     if bool(bad.any()):
         first = paths[int(bad.nonzero()[0, 0])]
         raise NumericalError(f"the method produced NaN/Inf for {first} (and {int(bad.sum()) - 1} more images)")
@@ -106,19 +165,43 @@ def evaluate_predictions(
     preds: Predictions, *, with_pixel: bool, n_bootstrap: int, seed: int, aupro_limit: float = 0.3,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Per-class and mean metrics with bootstrap CIs (the body of ``metrics.json``)."""
-    per_class = {c: preds.select(c) for c in sorted(set(preds.cls_names))}
-    return metrics.evaluate_dataset(
-        per_class, with_pixel=with_pixel, n_bootstrap=n_bootstrap, seed=seed, aupro_limit=aupro_limit,
-        progress=progress,
+    """Per-class and mean metrics with bootstrap CIs (the body of ``metrics.json``).
+
+    When the method gave answers, ``body["llm"]`` holds the LLM judgement metrics per class and
+    their mean over classes (:func:`siad.metrics.llm_judgement`); its warnings join the others.
+    """
+    classes = sorted(set(preds.cls_names))
+    body = metrics.evaluate_dataset(
+        {c: preds.select(c) for c in classes}, with_pixel=with_pixel, n_bootstrap=n_bootstrap, seed=seed,
+        aupro_limit=aupro_limit, progress=progress,
     )
+    if preds.answers is not None:
+        body["llm"] = _llm_block(preds, classes)
+        body["warnings"] += body["llm"].pop("warnings")
+    return body
+
+
+def _llm_block(preds: Predictions, classes: Sequence[str]) -> dict[str, Any]:
+    """Per-class LLM judgement metrics, their class means, labels and warnings."""
+    inputs = {}
+    for cls in classes:
+        idx = preds.class_indices(cls)
+        p_yes = None if preds.p_yes is None else preds.p_yes[idx]
+        inputs[cls] = metrics.LlmInputs(preds.labels[idx], [preds.answers[i] for i in idx], p_yes)
+    return {**metrics.evaluate_llm_judgement(inputs), "metric_labels": dict(metrics.LLM_METRIC_LABELS)}
 
 
 def save_predictions(preds: Predictions, path: Path) -> None:
-    """Write scores, labels and float16 maps (flattened with their shapes, so sizes may differ)."""
+    """Write scores, labels and float16 maps (flattened with their shapes, so sizes may differ), plus
+    ``answers`` (str array) and ``p_yes`` (float32) when the method gave them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     shapes = np.array([m.shape for m in preds.maps], dtype=np.int32).reshape(-1, 2)
     flat = np.concatenate([m.ravel() for m in preds.maps]).astype(np.float16) if preds.maps else np.zeros(0, np.float16)
+    llm = {}
+    if preds.answers is not None:
+        llm["answers"] = np.array(preds.answers, dtype=str)
+    if preds.p_yes is not None:
+        llm["p_yes"] = np.asarray(preds.p_yes, dtype=np.float32)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(
         tmp,
@@ -128,14 +211,21 @@ def save_predictions(preds: Predictions, path: Path) -> None:
         scores=preds.scores,
         maps_flat=flat,
         map_shapes=shapes,
+        **llm,
     )
     tmp.replace(path)
 
 
+OPTIONAL_ARRAYS = ("answers", "p_yes")
+"""Per-image arrays of ``predictions.npz`` present only for methods that return them (LLM methods)."""
+
+
 def load_maps(path: Path) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
-    """Read ``predictions.npz``: the per-image arrays and the list of (float16) maps."""
+    """Read ``predictions.npz``: the per-image arrays (with ``answers`` and ``p_yes`` when stored; files
+    written before they existed still load) and the list of (float16) maps."""
     with np.load(path) as data:
-        arrays = {k: data[k] for k in ("cls_names", "img_paths", "labels", "scores")}
+        keys = ("cls_names", "img_paths", "labels", "scores", *(k for k in OPTIONAL_ARRAYS if k in data.files))
+        arrays = {k: data[k] for k in keys}
         sizes = [int(math.prod(s)) for s in data["map_shapes"]]
         chunks = np.split(data["maps_flat"], np.cumsum(sizes)[:-1]) if sizes else []
         maps = [c.reshape(s) for c, s in zip(chunks, data["map_shapes"])]

@@ -1,13 +1,17 @@
-"""One workflow job = one call here: evaluate a (setting, method, variant, source, target) run.
+"""One workflow job = one call here (:func:`run_group`): for one (setting, method, source), train each variant
+(:func:`fit_run`, skipped when a model with the same training fingerprint exists) and evaluate its targets with
+one method instance (:func:`evaluate_runs`; :func:`evaluate_run` for a single target).
 
 Kept out of the Snakemake scripts so the same code runs from Python, tests and notebooks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +37,16 @@ def evaluation_mask_size(config: Mapping[str, Any]) -> tuple[int, int] | None:
     return None if size == "original" else (int(size), int(size))
 
 
-def load_trained(method: Method, key: RunKey, model_dir: Path) -> list[str]:
-    """Load the model trained for ``key`` and return the datasets it was trained on."""
+def _trained_info(model_dir: Path) -> dict[str, Any]:
     info_path = model_dir / MODEL_INFO
-    info = json.loads(info_path.read_text())
+    if not info_path.is_file():
+        raise DataError(f"{info_path}: no trained model here; train it first (fit_run / the workflow's run job)")
+    return json.loads(info_path.read_text())
+
+
+def load_trained(method: Method, model_dir: Path) -> list[str]:
+    """Load the model trained in ``model_dir`` into ``method`` and return the datasets it was trained on."""
+    info = _trained_info(model_dir)
     method.load(model_dir / info["weights"])
     return list(info["trained_on"])
 
@@ -52,13 +62,76 @@ def evaluate_run(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Predict ``key.target``'s test split with the run's method and write metrics and predictions."""
+    return evaluate_runs(config, [key], meta_paths=[meta_path], metrics_paths=[metrics_path],
+                         predictions_paths=[predictions_path], model_dir=model_dir, progress=progress)[0]
+
+
+def evaluate_runs(
+    config: Mapping[str, Any],
+    keys: Sequence[RunKey],
+    *,
+    meta_paths: Sequence[Path],
+    metrics_paths: Sequence[Path],
+    predictions_paths: Sequence[Path],
+    model_dir: Path | None = None,
+    progress: bool = True,
+    method: Method | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate several targets of ONE (setting, method, variant, source) with one method instance.
+
+    ``method``: an instance that already holds the model of ``model_dir`` (just trained by :func:`fit_run`);
+    None builds the method and loads the model.
+
+    The method is built (and its trained weights loaded) once, then each target is predicted and
+    scored in turn; ``meta_paths[i]``/``metrics_paths[i]``/``predictions_paths[i]`` belong to
+    ``keys[i]``. This is what a workflow job of a trained method does for all the targets the
+    protocol gives its source: building the method, its text features and loading the model are paid
+    once instead of once per target. Every target is checked against leakage before any is evaluated.
+    The global RNGs are re-seeded before each target, so a target's numbers do not depend on which
+    other targets share the job (methods must not carry prediction state from one dataset to the next).
+    """
+    group = _run_group(keys, meta_paths, metrics_paths, predictions_paths)
     seed = int(config["seed"])
     seed_everything(seed)
-    method = build_method(key.method, method_params(config, key.method, key.variant),
-                          device=resolve_device(config["device"]), seed=seed)
-    trained_on = [] if key.source == NO_SOURCE else load_trained(method, key, model_dir or Path("."))
-    check_no_leakage(trained_on, key.target)
+    if method is not None:
+        trained_on = [] if group.source == NO_SOURCE else _trained_info(model_dir or Path("."))["trained_on"]
+    else:
+        method = build_method(group.method, method_params(config, group.method, group.variant),
+                              device=resolve_device(config["device"]), seed=seed)
+        trained_on = [] if group.source == NO_SOURCE else load_trained(method, model_dir or Path("."))
+    for key in keys:
+        check_no_leakage(trained_on, key.target)
+    bodies = []
+    for key, meta_path, metrics_path, predictions_path in zip(keys, meta_paths, metrics_paths, predictions_paths):
+        seed_everything(seed)
+        bodies.append(_evaluate_target(config, method, key, trained_on, meta_path=meta_path,
+                                       metrics_path=metrics_path, predictions_path=predictions_path,
+                                       progress=progress))
+    return bodies
 
+
+def _run_group(keys: Sequence[RunKey], *paths: Sequence[Path]) -> RunKey:
+    """The (setting, method, variant, source) shared by ``keys`` (target left empty); paths align with keys."""
+    if not keys:
+        raise ConfigError("evaluate_runs: no runs given; pass at least one RunKey")
+    if any(len(p) != len(keys) for p in paths):
+        raise ConfigError(f"evaluate_runs: {len(keys)} runs but {[len(p) for p in paths]} meta/metrics/"
+                          "predictions paths; pass one of each per run")
+    groups = {replace(key, target="") for key in keys}
+    if len(groups) > 1:
+        raise ConfigError(f"evaluate_runs: the runs {[str(k) for k in keys]} differ in setting, method, variant or "
+                          "source; one job evaluates the targets of one trained model only")
+    targets = [key.target for key in keys]
+    if len(set(targets)) != len(targets):
+        raise ConfigError(f"evaluate_runs: target(s) listed twice in {targets}; list each target once")
+    return groups.pop()
+
+
+def _evaluate_target(
+    config: Mapping[str, Any], method: Method, key: RunKey, trained_on: list[str], *,
+    meta_path: Path, metrics_path: Path, predictions_path: Path, progress: bool,
+) -> dict[str, Any]:
+    """Predict one target's test split with a ready method; write predictions.npz and metrics.json."""
     spec = get_dataset(key.target)
     root = dataset_root(config, key.target)
     dataset = AnomalyDataset(
@@ -71,6 +144,7 @@ def evaluate_run(
     )
     log.info("evaluating %s on %s (%d images)", key, key.target, len(dataset))
     evaluation = config["evaluation"]
+    seed = int(config["seed"])
     preds = predict_dataset(method, dataset, batch_size=evaluation["batch_size"],
                             num_workers=evaluation.get("num_workers", 0), progress=progress)
     body = evaluate_predictions(preds, with_pixel=spec.has_masks, n_bootstrap=evaluation["n_bootstrap"],
@@ -129,29 +203,113 @@ def training_meta(meta: Mapping[str, Any], setting: str, normal_images: str = "t
     return {"train": {c: rs for c, rs in by_class.items() if rs}}
 
 
+def training_normal_images(config: Mapping[str, Any], source: str) -> str:
+    """``train`` or ``all`` for ``source``: ``training.normal_images_per_dataset`` overrides ``normal_images``.
+
+    Under the all_test medical protocol the medical train splits are empty, so the paper's medical UZAD
+    training (on Br35H, and on BrainMRI for the Br35H column) can only use their normal test images.
+    """
+    training = config.get("training", {})
+    return training.get("normal_images_per_dataset", {}).get(source, training.get("normal_images", "train"))
+
+
 def fit_run(
     config: Mapping[str, Any], setting: str, method_name: str, variant: str, source: str, *,
     meta_path: Path, model_dir: Path,
-) -> None:
-    """Train ``method_name`` on ``source`` under ``setting``; write weights and ``model.json``."""
+) -> Method:
+    """Train ``method_name`` on ``source`` under ``setting``; write weights and ``model.json`` (with the
+    :func:`training_fingerprint`); returns the trained method."""
     seed = int(config["seed"])
     seed_everything(seed)
     method = build_method(method_name, method_params(config, method_name, variant),
                           device=resolve_device(config["device"]), seed=seed)
     root = dataset_root(config, source)
-    normal_images = config.get("training", {}).get("normal_images", "train")
+    normal_images = training_normal_images(config, source)
     meta = training_meta(load_meta(meta_path, root), setting, normal_images)
     if not meta["train"]:
         raise DataError(
-            f"{meta_path}: no {setting} training images in {source!r} (training.normal_images={normal_images!r}); "
-            "with the all_test medical protocol set training.normal_images: all"
+            f"{meta_path}: no {setting} training images in {source!r} (normal_images={normal_images!r}); "
+            f"with the all_test medical protocol set training.normal_images_per_dataset: {{{source}: all}}"
         )
     dataset = AnomalyDataset(root, meta, split="train", classes=config["datasets"][source].get("classes"),
-                             transform=method.transform, mask_size=(method.input_size, method.input_size))
+                             transform=method.transform, mask_size=(method.input_size, method.input_size), name=source)
     log.info("training %s/%s on %s under %s (%d images)", method_name, variant, source, setting, len(dataset))
     method.fit(dataset, setting)
     model_dir.mkdir(parents=True, exist_ok=True)
     method.save(model_dir / "model.pt")
     info = {"weights": "model.pt", "trained_on": [source], "setting": setting, "method": method_name,
-            "variant": variant, "seed": seed, "random_init": method.random_init}
+            "variant": variant, "seed": seed, "random_init": method.random_init,
+            "fingerprint": training_fingerprint(config, setting, method_name, variant, source, meta_path)}
     _write_json(info, model_dir / MODEL_INFO)
+    return method
+
+
+def training_fingerprint(
+    config: Mapping[str, Any], setting: str, method_name: str, variant: str, source: str, meta_path: Path
+) -> str:
+    """Hash of everything a trained model depends on: resolved method params, seed, training images (the
+    source index file's content, its classes and the normal-image choice), setting and device."""
+    identity = {
+        "setting": setting, "method": method_name, "variant": variant, "source": source,
+        "params": method_params(config, method_name, variant), "seed": int(config["seed"]),
+        "classes": config["datasets"][source].get("classes"), "normal_images": training_normal_images(config, source),
+        "device": resolve_device(config["device"]),
+        "meta_sha256": hashlib.sha256(Path(meta_path).read_bytes()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def trained_model_is_current(config: Mapping[str, Any], key: RunKey, meta_path: Path, model_dir: Path) -> bool:
+    """True when ``model_dir`` holds a model trained with exactly this configuration (its fingerprint matches)."""
+    info_path = model_dir / MODEL_INFO
+    if not info_path.is_file():
+        return False
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    expected = training_fingerprint(config, key.setting, key.method, key.variant, key.source, meta_path)
+    return info.get("fingerprint") == expected and (model_dir / str(info.get("weights", ""))).is_file()
+
+
+def group_runs(keys: Sequence[RunKey]) -> dict[tuple[str, str, str], list[RunKey]]:
+    """Runs grouped by (setting, method, source): one workflow job each (see :func:`run_group`)."""
+    groups: dict[tuple[str, str, str], list[RunKey]] = {}
+    for key in dict.fromkeys(keys):
+        groups.setdefault((key.setting, key.method, key.source), []).append(key)
+    return groups
+
+
+def run_group(
+    config: Mapping[str, Any], keys: Sequence[RunKey], *, meta_paths: Mapping[str, Path], results_root: Path,
+    progress: bool = True,
+) -> None:
+    """One workflow job: every variant of one (setting, method, source) — train it unless a current model is
+    already there (fingerprint), then evaluate all its targets. Variants run in turn, each with its own
+    method instance; the process start, imports and feature caches are shared.
+
+    ``meta_paths``: dataset name → its ``meta.json`` (the source and every target).
+    """
+    groups = group_runs(keys)
+    if len(groups) != 1:
+        raise ConfigError(f"run_group: the runs span {sorted(groups)}; one job covers one (setting, method, source)")
+    for variant in dict.fromkeys(k.variant for k in keys):
+        variant_keys = [k for k in keys if k.variant == variant]
+        missing = sorted({k.target for k in variant_keys} - set(meta_paths))
+        if missing:
+            raise ConfigError(f"run_group: no meta.json given for {missing}")
+        first = variant_keys[0]
+        model_dir, method = None, None
+        if first.source != NO_SOURCE:
+            model_dir = first.model_dir(results_root)
+            if trained_model_is_current(config, first, meta_paths[first.source], model_dir):
+                log.info("reusing the trained model in %s (same configuration)", model_dir)
+            else:
+                method = fit_run(config, first.setting, first.method, first.variant, first.source,
+                                 meta_path=meta_paths[first.source], model_dir=model_dir)
+        evaluate_runs(
+            config, variant_keys, meta_paths=[meta_paths[k.target] for k in variant_keys],
+            metrics_paths=[k.run_dir(results_root) / "metrics.json" for k in variant_keys],
+            predictions_paths=[k.run_dir(results_root) / "predictions.npz" for k in variant_keys],
+            model_dir=model_dir, progress=progress, method=method,
+        )

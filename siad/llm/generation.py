@@ -19,7 +19,15 @@ from torch import nn
 from siad.errors import ConfigError
 from siad.llm.conversation import ConversationBatch
 
-__all__ = ["SEPARATOR", "GenerationConfig", "answer_token_ids", "clean_answer", "generate_answers", "yes_probability"]
+__all__ = [
+    "SEPARATOR",
+    "GenerationConfig",
+    "answer_token_ids",
+    "clean_answer",
+    "generate_answers",
+    "generate_judgements",
+    "yes_probability",
+]
 
 SEPARATOR = "###"
 
@@ -61,21 +69,21 @@ def clean_answer(text: str) -> str:
     return text.split(SEPARATOR, 1)[0].strip()
 
 
-@torch.no_grad()
-def generate_answers(
-    model: nn.Module, tokenizer: Any, batch: ConversationBatch, config: GenerationConfig | None = None
-) -> list[str]:
-    """Decode one answer per row of a left-padded generation batch (see the module docstring)."""
+def _generate(
+    model: nn.Module, tokenizer: Any, batch: ConversationBatch, config: GenerationConfig, *, first_logits: bool
+) -> Any:
+    """``model.generate`` on a left-padded prompt batch, seeded; returns the ``generate`` output."""
     from transformers import StoppingCriteriaList
 
-    config = config or GenerationConfig()
     _check_left_padded(batch)
     kwargs: dict[str, Any] = {"do_sample": config.do_sample}
     if config.do_sample:
         kwargs.update(top_p=config.top_p, temperature=config.temperature, top_k=0)
+    if first_logits:
+        kwargs.update(output_logits=True, return_dict_in_generate=True)
     with torch.random.fork_rng(devices=[batch.inputs_embeds.device] if batch.inputs_embeds.is_cuda else []):
         torch.manual_seed(config.seed)
-        out = model.generate(
+        return model.generate(
             inputs_embeds=batch.inputs_embeds,
             attention_mask=batch.attention_mask,
             max_new_tokens=config.max_new_tokens,
@@ -85,9 +93,29 @@ def generate_answers(
             stopping_criteria=StoppingCriteriaList([_StopAtSeparator(tokenizer, 0)]),
             **kwargs,
         )
+
+
+@torch.no_grad()
+def generate_answers(
+    model: nn.Module, tokenizer: Any, batch: ConversationBatch, config: GenerationConfig | None = None
+) -> list[str]:
+    """Decode one answer per row of a left-padded generation batch (see the module docstring)."""
+    out = _generate(model, tokenizer, batch, config or GenerationConfig(), first_logits=False)
     # With inputs_embeds only, decoder-only generate returns just the new tokens.
-    texts = tokenizer.batch_decode(out, skip_special_tokens=True)
-    return [clean_answer(t) for t in texts]
+    return [clean_answer(t) for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def generate_judgements(
+    model: nn.Module, tokenizer: Any, batch: ConversationBatch, config: GenerationConfig | None = None
+) -> tuple[list[str], torch.Tensor]:
+    """Answers and P("Yes") [B] from ONE batched generation: P("Yes") is read from the raw logits of the first
+    generated position (the same number as :func:`yes_probability`, without its extra forward pass)."""
+    out = _generate(model, tokenizer, batch, config or GenerationConfig(), first_logits=True)
+    answers = [clean_answer(t) for t in tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
+    yes_id, no_id = answer_token_ids(tokenizer)
+    pair = out.logits[0][:, [yes_id, no_id]].float()
+    return answers, pair.softmax(dim=-1)[:, 0]
 
 
 def answer_token_ids(tokenizer: Any) -> tuple[int, int]:

@@ -21,6 +21,7 @@ BACKBONE_DEFAULTS: dict[str, Any] = {
     "backbone": None,  # registry name (siad/backbones/registry.py); each method sets its paper default
     "image_size": None,  # None = the backbone spec's size
     "checkpoint": None,  # optional local checkpoint replacing the tag download
+    "checkpoint_format": None,  # None = the spec's; "imagebind" reads the original imagebind_huge.pth
     "weights_dir": None,  # open_clip download cache (None = open_clip's default)
     "random_init": False,  # build the architecture with random weights (speed benchmark, tests)
 }
@@ -58,7 +59,8 @@ class BackboneMethod(Method):
 
     def backbone_spec(self) -> BackboneSpec:
         """The registry spec with this run's overrides (input size, local checkpoint, random weights)."""
-        overrides = {k: self.params[k] for k in ("image_size", "checkpoint") if self.params[k] is not None}
+        keys = ("image_size", "checkpoint", "checkpoint_format")
+        overrides = {k: self.params[k] for k in keys if self.params[k] is not None}
         if self.params["random_init"]:
             overrides.update(pretrained=None, checkpoint=None)
         return get_backbone_spec(self.params["backbone"], overrides)

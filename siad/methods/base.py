@@ -11,11 +11,13 @@ import importlib
 import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from PIL import Image
+from torch import Tensor
 
 from siad.errors import ConfigError
 from siad.registry import Registry
@@ -25,6 +27,21 @@ Batch = Mapping[str, Any]
 ``img_path`` list[str] (relative to the dataset root), ``image_file`` list[str] (the files, for
 feature caches; absent when the images do not come from files), and for training ``mask`` [B,H,W]
 and ``label`` [B]."""
+
+
+@dataclass
+class MethodOutput:
+    """What a method returns for one batch: what the engine scores and stores.
+
+    ``answers`` and ``p_yes`` are given by LLM methods only (AnomalyGPT, SIAD-LLM): the generated
+    answer per image, and P("Yes") at the answer's first token (the LLM's own continuous score). A
+    method gives both or neither, for every batch.
+    """
+
+    scores: Tensor  # [B] image scores
+    maps: Tensor  # [B, h, w] anomaly maps
+    answers: list[str] | None = None  # the LLM's generated answer per image
+    p_yes: Tensor | None = None  # [B] P("Yes") at the answer's first token
 
 
 class Method(ABC):
@@ -75,6 +92,14 @@ class Method(ABC):
     @abstractmethod
     def predict(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Image scores [B] and anomaly maps [B,h,w] (any resolution; resized for evaluation)."""
+
+    def predict_batch(self, batch: Batch) -> MethodOutput:
+        """What the engine calls: :meth:`predict` wrapped as a :class:`MethodOutput`.
+
+        LLM methods override this to add their ``answers`` and ``p_yes``.
+        """
+        scores, maps = self.predict(batch)
+        return MethodOutput(scores, maps)
 
     def save(self, path: Path) -> None:
         """Write the learned state (training-free methods have none)."""

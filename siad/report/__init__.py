@@ -2,7 +2,9 @@
 
 ``runs`` reads metrics.json files, ``reference`` the claimed numbers, ``tables`` builds the generic
 :class:`ClaimTable` (and paper Tables 1/2), ``render`` writes Markdown / LaTeX / CSV, ``claims``
-lists every claimed number with a verdict.
+lists every claimed number with a verdict. ``paper`` is the registry of rendered tables (``siad_tables``:
+SIAD-LLM Tables 3-5; ``llm_tables``: the LLM-judgement side table), ``orderings`` checks the papers'
+ordering claims, ``figures`` draws the Figure-4-style qualitative figure.
 """
 
 from __future__ import annotations

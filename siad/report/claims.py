@@ -4,6 +4,9 @@ A claim is "inside CI" when the printed claimed value lies in the closed bootstr
 reproduced number (compared exactly as printed, no tolerance for the paper's rounding), "outside CI"
 otherwise, "no CI" when we have a number but no interval, and "not reproduced" when we have no
 number (missing run, or metric not defined). Cells without a claimed number are not listed.
+
+Tables may also carry ordering claims (:class:`~siad.report.tables.OrderCheck`, e.g. "the full
+model has the highest Average"); they follow in a section of their own.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 
 from siad.errors import DataError
 from siad.report.render import DEMO_STAMP, fmt_pct
-from siad.report.tables import Cell, ClaimTable
+from siad.report.tables import ORDER_VERDICTS, Cell, ClaimTable
 
 INSIDE, OUTSIDE, NO_CI, NOT_REPRODUCED = "inside CI", "outside CI", "no CI", "not reproduced"
 VERDICTS = (INSIDE, OUTSIDE, NO_CI, NOT_REPRODUCED)
@@ -111,6 +114,22 @@ def _summary(rows: Sequence[ClaimRow], unclaimed: int) -> str:
             f"({unclaimed} reproduced numbers have no claim and are not listed.)")
 
 
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _ordering_section(tables: Sequence[ClaimTable]) -> list[str]:
+    """The ordering claims of every table, with their verdicts (empty when no table has any)."""
+    checks = [(t.name, c) for t in tables for c in t.checks]
+    if not checks:
+        return []
+    counts = Counter(c.verdict for _, c in checks)
+    summary = ", ".join(f"{counts[v]} {v}" for v in ORDER_VERDICTS)
+    lines = ["", "## Ordering claims", "", f"**{len(checks)} ordering claims checked** (on the reproduced point "
+             f"estimates): {summary}.", "", "| Table | Claim | Verdict | Numbers |", "|---|---|---|---|"]
+    return lines + [f"| {name} | {_escape(c.claim)} | {c.verdict} | {_escape(c.detail)} |" for name, c in checks]
+
+
 def claims_check(tables: Sequence[ClaimTable]) -> str:
     """Markdown report: summary counts first, then one line per claimed number with its verdict.
 
@@ -131,5 +150,6 @@ def claims_check(tables: Sequence[ClaimTable]) -> str:
         keys = list(r.row) if key_header != ["row"] else [" / ".join(r.row)]
         values = [r.table, *keys, r.column, fmt_pct(r.cell.claimed), fmt_pct(r.cell.reproduced),
                   _fmt_diff(r.difference), _fmt_ci(r.cell), r.verdict]
-        lines.append("| " + " | ".join(v.replace("|", "\\|") for v in values) + " |")
+        lines.append("| " + " | ".join(map(_escape, values)) + " |")
+    lines += _ordering_section(tables)
     return "\n".join(lines) + "\n"

@@ -198,18 +198,19 @@ def _anovl_prompts(config: Config, runs: Sequence[Mapping[str, Any]], reference:
                              column_header="column", notes=[PRO_NOTE])
 
 
-def _industrial_targets(config: Config) -> dict[str, str]:
+def industrial_targets(config: Config) -> dict[str, str]:
+    """Config name → column name of the industrial protocol targets (SIAD Tables 3, 4 and 7)."""
     return {n: d for n, d in protocol_targets(config).items() if get_dataset(n).domain == "industrial"}
 
 
 def _table7_runs(config: Config) -> list[RunKey]:
     methods = config["report"].get("table7", {}).get("methods", [ANOVL])
-    return [run_key(config, "uzad", m, "default", t) for m in methods for t in _industrial_targets(config)]
+    return [run_key(config, "uzad", m, "default", t) for m in methods for t in industrial_targets(config)]
 
 
 def _table7(config: Config, runs: Sequence[Mapping[str, Any]], reference: pd.DataFrame) -> ClaimTable:
     methods = config["report"].get("table7", {}).get("methods", [ANOVL])
-    datasets = _industrial_targets(config)
+    datasets = industrial_targets(config)
     rows = [RowSpec((display(config, m),), {"setting": "uzad", "method": m, "variant": "default"},
                     "pixel_auroc", None) for m in methods]
     columns = [ColumnSpec(d, {"target": n}) for n, d in datasets.items()]
@@ -278,6 +279,10 @@ def variant_row(config: Config, key: str, method: str, variant: str, claimed: Ma
 
 
 __all__ = [
-    "PAPER_TABLES", "PaperTable", "build_claim_table", "protocol_targets", "render_report", "required_runs",
-    "run_key", "table_columns", "variant_row",
+    "PAPER_TABLES", "PaperTable", "build_claim_table", "industrial_targets", "protocol_targets", "render_report",
+    "required_runs", "run_key", "table_columns", "variant_row",
 ]
+
+
+# Tables defined in their own modules register themselves in PAPER_TABLES when imported.
+from siad.report import llm_tables, siad_tables  # noqa: E402, F401

@@ -58,10 +58,23 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _md_cell(cell: Cell) -> str:
+def claimed_text(table: ClaimTable, cell: Cell) -> str:
+    """The claimed part of a cell: a number, or the table's placeholder for "no claim"."""
+    return table.no_claim if cell.claimed is None else fmt_pct(cell.claimed)
+
+
+def _md_cell(table: ClaimTable, cell: Cell) -> str:
     if cell.status == NOT_APPLICABLE:
         return DASH
-    return f"{reproduced_text(cell)} ({fmt_pct(cell.claimed)})"
+    return f"{reproduced_text(cell)} ({claimed_text(table, cell)})"
+
+
+def _md_checks(table: ClaimTable) -> list[str]:
+    """The table's ordering claims with their verdicts (checked on the reproduced point estimates)."""
+    if not table.checks:
+        return []
+    lines = ["", "Ordering claims of the paper, checked on the reproduced point estimates:"]
+    return lines + [f"- {c.claim}: **{c.verdict}** ({c.detail})" for c in table.checks]
 
 
 def render_markdown(table: ClaimTable) -> str:
@@ -73,8 +86,9 @@ def render_markdown(table: ClaimTable) -> str:
     lines.append("| " + " | ".join(map(_md_escape, header)) + " |")
     lines.append("|" + "|".join(align) + "|")
     for row in table.row_keys:
-        values = list(row) + [_md_cell(table.cell(row, c)) for c in table.columns]
+        values = list(row) + [_md_cell(table, table.cell(row, c)) for c in table.columns]
         lines.append("| " + " | ".join(map(_md_escape, values)) + " |")
+    lines += _md_checks(table)
     if table.notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in table.notes]
     return "\n".join(lines) + "\n"
@@ -102,10 +116,10 @@ def latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIALS.get(ch, ch) for ch in text)
 
 
-def _tex_cell(cell: Cell) -> str:
+def _tex_cell(table: ClaimTable, cell: Cell) -> str:
     if cell.status == NOT_APPLICABLE:
         return "--"
-    return f"{reproduced_text(cell)} {{\\scriptsize({fmt_pct(cell.claimed)})}}"
+    return f"{reproduced_text(cell)} {{\\scriptsize({latex_escape(claimed_text(table, cell))})}}"
 
 
 def _tex_rows(table: ClaimTable) -> list[str]:
@@ -117,7 +131,7 @@ def _tex_rows(table: ClaimTable) -> list[str]:
             keys = [latex_escape(k) for k in row]
             if j:  # the block's shared first key is printed on its first row only
                 keys[0] = ""
-            cells = [_tex_cell(table.cell(row, c)) for c in table.columns]
+            cells = [_tex_cell(table, table.cell(row, c)) for c in table.columns]
             lines.append(" & ".join(keys + cells) + r" \\")
     return lines
 
@@ -131,6 +145,7 @@ def render_latex(table: ClaimTable) -> str:
     header = [latex_escape(_header_label(f)) for f in table.row_header] + [latex_escape(c) for c in table.columns]
     lines = _stamp_lines(table, "% ")
     lines += [f"% note: {n}" for n in table.notes]
+    lines += [f"% claim: {c.claim}: {c.verdict} ({c.detail})" for c in table.checks]
     lines += [
         r"% requires \usepackage{booktabs}",
         r"\begin{table}[t]",

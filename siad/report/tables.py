@@ -47,12 +47,29 @@ class Cell:
     status: str = OK
 
 
+@dataclass(frozen=True)
+class OrderCheck:
+    """A claim about the *order* of numbers (e.g. "the full model has the highest Average"), checked on
+    the reproduced point estimates. ``verdict`` is one of :data:`ORDER_VERDICTS`; ``detail`` shows the
+    numbers and, when the claim fails, which rows or steps break it."""
+
+    claim: str
+    verdict: str
+    detail: str
+
+
+HOLDS, FAILS, NOT_CHECKED = "holds", "does not hold", "not checked"
+ORDER_VERDICTS = (HOLDS, FAILS, NOT_CHECKED)
+
+
 @dataclass
 class ClaimTable:
     """Rows (keyed by tuples named by ``row_header``) x columns of :class:`Cell`.
 
     Consecutive rows sharing their first key element form a block (e.g. the image and the pixel
-    level of Table 1); renderers separate blocks with a rule.
+    level of Table 1); renderers separate blocks with a rule. ``checks`` are the paper's ordering
+    claims about this table (listed by the claims check); ``no_claim`` is what a cell without a
+    claimed number shows in place of the claim ("n/a", or "–" where the paper has no such number at all).
     """
 
     name: str
@@ -65,6 +82,8 @@ class ClaimTable:
     demo: bool = False
     confidence: float | None = None
     column_header: str = "dataset"
+    checks: list[OrderCheck] = field(default_factory=list)
+    no_claim: str = "n/a"
 
     def cell(self, row: RowKey, column: str) -> Cell:
         """The cell at (row, column)."""
@@ -188,9 +207,12 @@ def _replicate_ci(
 
 
 def _average_cell(
-    row: RowSpec, cols: Sequence[ColumnSpec], cells: Mapping[str, Cell], used: Mapping[str, Mapping[str, Any]]
+    row: RowSpec, cols: Sequence[ColumnSpec], cells: Mapping[str, Cell], used: Mapping[str, Mapping[str, Any]],
+    with_ci: bool = True,
 ) -> tuple[Cell, str | None]:
-    """Average over the row's applicable columns; all must have a value (else None with a reason)."""
+    """Average over the row's applicable columns; all must have a value (else None with a reason).
+
+    ``with_ci=False`` skips the interval (for numbers whose runs carry no bootstrap replicates)."""
     applicable = [c for c in cols if c.name not in row.not_applicable]
     metrics = {_cell_metric(row, c) for c in applicable}
     if len(metrics) != 1:
@@ -203,6 +225,8 @@ def _average_cell(
         return Cell(claimed=claimed), f"{AVERAGE} of row {label} not computed: no value for {', '.join(absent)}"
     runs = [used[c.name] for c in applicable]
     value = float(np.mean([mean_value(r, metric) for r in runs]))
+    if not with_ci:
+        return Cell(claimed, 100.0 * value), None
     ci, reason = _replicate_ci(runs, metric, confidence(runs[0]))
     note = None if reason is None else f"{AVERAGE} CI of row {label} not computed: {reason}"
     return Cell(claimed, 100.0 * value, _pct_ci(ci)), note
@@ -231,10 +255,12 @@ def build_claim_table(
     title: str,
     row_header: Sequence[str],
     average: bool = False,
+    average_ci: bool = True,
     column_header: str = "dataset",
     notes: Sequence[str] = (),
 ) -> ClaimTable:
-    """Fill every (row, column) cell from exactly one matching run; optionally add an Average column.
+    """Fill every (row, column) cell from exactly one matching run; optionally add an Average column
+    (with a bootstrap CI unless ``average_ci`` is False).
 
     Raises:
         DataError: several runs match one cell, demo and real runs are mixed, or confidence levels differ.
@@ -254,7 +280,7 @@ def build_claim_table(
                 used[col.name] = run
         used_all.extend(used.values())
         if average:
-            cells[(row.key, AVERAGE)], note = _average_cell(row, columns, row_cells, used)
+            cells[(row.key, AVERAGE)], note = _average_cell(row, columns, row_cells, used, average_ci)
             if note:
                 all_notes.append(note)
     unique_used = list({id(r): r for r in used_all}.values())

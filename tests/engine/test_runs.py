@@ -12,10 +12,13 @@ from torchvision import transforms
 
 from siad.data.prepare import prepare_dataset
 from siad.data.synthetic import write_standin
+from siad.engine import runs
+from siad.engine.evaluate import load_maps
 from siad.engine.protocol import RunKey
-from siad.engine.runs import evaluate_run, fit_run, training_meta
-from siad.errors import DataError, LeakageError
+from siad.engine.runs import evaluate_run, evaluate_runs, fit_run, training_meta
+from siad.errors import ConfigError, DataError, LeakageError
 from siad.methods import METHODS, Method
+from siad.methods.base import MethodOutput
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,8 +59,19 @@ class MeanImage(Method):
         self.mean = torch.load(path, weights_only=True)["mean"]
 
 
+class TalkingMeanImage(MeanImage):
+    """MeanImage that also 'answers' like an LLM method: Yes when its score exceeds 0.3, P(Yes) = score."""
+
+    def predict_batch(self, batch):
+        scores, maps = self.predict(batch)
+        answers = ["Yes, there is an anomaly in the image." if s > 0.3 else "No." for s in scores.tolist()]
+        return MethodOutput(scores, maps, answers=answers, p_yes=scores.clamp(0, 1))
+
+
 if "test_mean_image" not in METHODS:
     METHODS.add("test_mean_image", MeanImage)
+if "test_talking_mean_image" not in METHODS:
+    METHODS.add("test_talking_mean_image", TalkingMeanImage)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +81,7 @@ def workspace(tmp_path_factory):
     config["data"]["root"] = str(tmp / "data")
     config["evaluation"].update(size=32, n_bootstrap=20)
     config["methods"]["test_mean_image"] = {"display_name": "Mean", "params": {"size": 32}}
+    config["methods"]["test_talking_mean_image"] = {"display_name": "Talking", "params": {"size": 32}}
     metas = {}
     for name, classes in (("mvtec", ["bottle", "carpet"]), ("visa", ["candle"]), ("headct", None)):
         config["datasets"][name] = {"classes": classes} if classes else {}
@@ -137,3 +152,126 @@ def test_evaluation_is_deterministic(workspace):
         for i in range(2)
     ]
     assert outs[0]["mean"] == outs[1]["mean"] and outs[0]["ci"] == outs[1]["ci"]
+
+
+@pytest.fixture(scope="module")
+def mvtec_model(workspace):
+    tmp, config, metas = workspace
+    model_dir = tmp / "results" / "uzad" / "test_mean_image" / "default" / "mvtec"
+    fit_run(config, "uzad", "test_mean_image", "default", "mvtec", meta_path=metas["mvtec"], model_dir=model_dir)
+    return model_dir
+
+
+def _paths(tmp, prefix, targets):
+    return {"metrics_paths": [tmp / prefix / t / "metrics.json" for t in targets],
+            "predictions_paths": [tmp / prefix / t / "predictions.npz" for t in targets]}
+
+
+def test_grouped_evaluation_builds_once_and_matches_per_target_runs(workspace, mvtec_model, monkeypatch):
+    tmp, config, metas = workspace
+    targets = ["visa", "headct"]  # headct has no masks: a pixel-less target in the same job
+    keys = [RunKey("uzad", "test_mean_image", "default", "mvtec", t) for t in targets]
+    built = []
+    real_build = runs.build_method
+    monkeypatch.setattr(runs, "build_method", lambda *a, **k: built.append(a) or real_build(*a, **k))
+    bodies = evaluate_runs(config, keys, meta_paths=[metas[t] for t in targets], model_dir=mvtec_model,
+                           progress=False, **_paths(tmp, "grouped", targets))
+    assert len(built) == 1
+    assert [b["run"]["target"] for b in bodies] == targets
+    assert bodies[0]["mean"]["pixel_auroc"] is not None and "pixel_auroc" not in bodies[1]["mean"]
+    for key in keys:
+        single = evaluate_run(config, key, meta_path=metas[key.target], model_dir=mvtec_model, progress=False,
+                              metrics_path=tmp / "single" / key.target / "m.json",
+                              predictions_path=tmp / "single" / key.target / "p.npz")
+        grouped = json.loads((tmp / "grouped" / key.target / "metrics.json").read_text())
+        assert grouped == json.loads(json.dumps(single))
+        (g_arrays, g_maps), (s_arrays, s_maps) = (load_maps(tmp / "grouped" / key.target / "predictions.npz"),
+                                                  load_maps(tmp / "single" / key.target / "p.npz"))
+        assert np.array_equal(g_arrays["scores"], s_arrays["scores"])
+        assert all(np.array_equal(a, b) for a, b in zip(g_maps, s_maps, strict=True))
+
+
+def test_grouped_evaluation_refuses_leakage_before_writing_anything(workspace, mvtec_model):
+    tmp, config, metas = workspace
+    targets = ["visa", "mvtec"]
+    keys = [RunKey("uzad", "test_mean_image", "default", "mvtec", t) for t in targets]
+    with pytest.raises(LeakageError, match="'mvtec'"):
+        evaluate_runs(config, keys, meta_paths=[metas[t] for t in targets], model_dir=mvtec_model,
+                      progress=False, **_paths(tmp, "leaky", targets))
+    assert not (tmp / "leaky").exists()
+
+
+@pytest.mark.parametrize(("keys", "n_paths", "match"), [
+    ([], 0, "no runs"),
+    ([RunKey("uzad", "test_mean_image", "default", "mvtec", "visa")], 2, "one of each per run"),
+    ([RunKey("uzad", "test_mean_image", "default", "mvtec", "visa"),
+      RunKey("uzad", "test_mean_image", "other", "mvtec", "headct")], 2, "differ in setting, method, variant"),
+    ([RunKey("uzad", "test_mean_image", "default", "mvtec", "visa")] * 2, 2, "listed twice"),
+])
+def test_grouped_evaluation_needs_one_model_and_distinct_targets(workspace, keys, n_paths, match):
+    tmp, config, _ = workspace
+    paths = [tmp / f"g{i}" for i in range(n_paths)]
+    with pytest.raises(ConfigError, match=match):
+        evaluate_runs(config, keys, meta_paths=paths, metrics_paths=paths, predictions_paths=paths,
+                      model_dir=tmp, progress=False)
+
+
+def test_missing_model_is_a_data_error_naming_the_file(workspace):
+    tmp, config, metas = workspace
+    key = RunKey("uzad", "test_mean_image", "default", "mvtec", "visa")
+    with pytest.raises(DataError, match="model.json"):
+        evaluate_run(config, key, meta_path=metas["visa"], metrics_path=tmp / "n.json",
+                     predictions_path=tmp / "n.npz", model_dir=tmp / "nowhere", progress=False)
+
+
+def test_llm_answers_reach_metrics_and_predictions(workspace, mvtec_model):
+    tmp, config, metas = workspace
+    key = RunKey("uzad", "test_talking_mean_image", "default", "mvtec", "visa")
+    body = evaluate_run(config, key, meta_path=metas["visa"], metrics_path=tmp / "t.json",
+                        predictions_path=tmp / "t.npz", model_dir=mvtec_model, progress=False)
+    arrays, _ = load_maps(tmp / "t.npz")
+    verdict_yes = np.char.startswith(arrays["answers"].astype(str), "Yes")
+    assert verdict_yes.tolist() == (arrays["scores"] > 0.3).tolist()
+    expected = float(np.mean(verdict_yes == arrays["labels"].astype(bool)))  # one class (candle)
+    written = json.loads((tmp / "t.json").read_text())
+    assert written["llm"]["mean"]["accuracy"] == pytest.approx(expected) == body["llm"]["classes"]["candle"][
+        "accuracy"]
+    assert written["llm"]["mean"]["p_yes_auroc"] is not None and written["llm"]["mean"]["unparsed_rate"] == 0.0
+
+
+def test_per_dataset_normal_images_override_the_default():
+    from siad.engine.runs import training_normal_images
+
+    config = {"training": {"normal_images": "train", "normal_images_per_dataset": {"br35h": "all"}}}
+    assert training_normal_images(config, "br35h") == "all"
+    assert training_normal_images(config, "mvtec") == "train"
+    assert training_normal_images({}, "mvtec") == "train"
+
+
+def test_run_group_trains_each_variant_once_then_reuses_the_current_model(workspace, monkeypatch):
+    tmp, config, metas = workspace
+    config = copy.deepcopy(config)
+    config["methods"]["test_mean_image"]["variants"] = {"small": {"size": 16}}
+    results = tmp / "group_results"
+    keys = [RunKey("uzad", "test_mean_image", v, "mvtec", t) for v in ("default", "small") for t in ("visa", "headct")]
+    fits = []
+    real_fit = runs.fit_run
+    monkeypatch.setattr(runs, "fit_run", lambda *a, **k: fits.append(a[3]) or real_fit(*a, **k))
+    runs.run_group(config, keys, meta_paths=metas, results_root=results, progress=False)
+    assert fits == ["default", "small"]
+    first = {k: (k.run_dir(results) / "metrics.json").read_text() for k in keys}
+    assert json.loads(first[keys[0]])["run"]["trained_on"] == ["mvtec"]
+    runs.run_group(config, keys, meta_paths=metas, results_root=results, progress=False)
+    assert fits == ["default", "small"]  # reused: the fingerprints match
+    assert {k: (k.run_dir(results) / "metrics.json").read_text() for k in keys} == first  # same numbers
+    config["methods"]["test_mean_image"]["variants"]["small"] = {"size": 24}
+    runs.run_group(config, keys, meta_paths=metas, results_root=results, progress=False)
+    assert fits == ["default", "small", "small"]  # only the changed variant is retrained
+
+
+def test_run_group_refuses_runs_of_several_groups(workspace):
+    tmp, config, metas = workspace
+    keys = [RunKey("uzad", "test_mean_image", "default", "mvtec", "visa"),
+            RunKey("uzad", "test_mean_image", "default", "br35h", "headct")]
+    with pytest.raises(ConfigError, match="one job covers one"):
+        runs.run_group(config, keys, meta_paths=metas, results_root=tmp / "x", progress=False)

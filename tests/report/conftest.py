@@ -9,12 +9,15 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
+from siad.methods import METHODS as METHOD_REGISTRY
+from siad.methods import Method
 from siad.report.reference import load_reference
 
 METHODS = {"clip": "CLIP", "siad_llm": "SIAD-LLM"}
@@ -128,3 +131,55 @@ def _write_runs(runs: list[dict[str, Any]], folder: Path) -> list[Path]:
 @pytest.fixture
 def write_runs() -> Callable[[list[dict[str, Any]], Path], list[Path]]:
     return _write_runs
+
+
+# --- LLM methods (SIAD-LLM ablation tables, LLM-judgement table, figure) ---------------------------
+
+
+class _ToyLLMDetector(Method):
+    """Stands in for SIAD-LLM / AnomalyGPT in report tests: only its parameter defaults are used."""
+
+    training_free: ClassVar[bool] = False
+    defaults: ClassVar[dict[str, Any]] = {"adapter_lambda": 0.1, "stage_case": 3, "self_improvement": True,
+                                          "stage_prompts": True, "sem": True, "pem": True}
+    transform = input_size = None  # never built here
+
+    def predict(self, batch):  # pragma: no cover - not called
+        raise AssertionError
+
+
+for _name in ("toy_siad_llm", "toy_anomalygpt"):
+    if _name not in METHOD_REGISTRY:
+        METHOD_REGISTRY.add(_name, _ToyLLMDetector)
+
+REPO = Path(__file__).resolve().parents[2]
+
+TOY_SIAD_VARIANTS = {
+    "wo_si": {"self_improvement": False}, "wo_sp": {"stage_prompts": False}, "wo_em": {"sem": False, "pem": False},
+    "wo_sem": {"sem": False}, "wo_pem": {"pem": False}, "wo_adapter": {"adapter_lambda": 0.0},
+    "lambda05": {"adapter_lambda": 0.5}, "lambda03": {"adapter_lambda": 0.3}, "lambda09": {"adapter_lambda": 0.9},
+    "case1": {"stage_case": 1}, "case2": {"stage_case": 2},
+}
+
+
+def _llm_config() -> dict[str, Any]:
+    """The demo config plus the toy LLM methods and every report section of issue 4."""
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    config["methods"]["toy_siad_llm"] = {"display_name": "SIAD-LLM",
+                                         "variants": {k: dict(v) for k, v in TOY_SIAD_VARIANTS.items()}}
+    config["methods"]["toy_anomalygpt"] = {"display_name": "AnomalyGPT"}
+    config["report"]["siad_ablations"] = {
+        "method": "toy_siad_llm",
+        "table3a": {"w/o SI": "wo_si", "w/o SP": "wo_sp", "Full": "default"},
+        "table3b": {"w/o EM": "wo_em", "w/o SEM": "wo_sem", "w/o PEM": "wo_pem", "w/o Adapter": "wo_adapter",
+                    "Full": "default"},
+    }
+    config["report"]["llm_judgement"] = {"methods": ["toy_anomalygpt", "toy_siad_llm"]}
+    config["report"]["figure4"] = {"methods": ["toy_anomalygpt", "toy_siad_llm"], "datasets": ["mvtec"], "count": 2}
+    return config
+
+
+@pytest.fixture
+def llm_config() -> dict[str, Any]:
+    """A fresh copy per test (tests mutate it)."""
+    return _llm_config()

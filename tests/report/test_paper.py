@@ -35,8 +35,13 @@ def demo_config():
 def test_table1_asks_for_one_run_per_target():
     config = demo_config()
     keys = PAPER_TABLES.get("table1_uzad").runs(config)
-    assert {k.target for k in keys} == set(config["datasets"])
-    assert {(k.method, k.source, k.setting) for k in keys} == {("clip", NO_SOURCE, "uzad")}
+    for method in config["report"]["table1"]["methods"]:
+        own = [k for k in keys if k.method == method]
+        assert sorted(k.target for k in own) == sorted(config["datasets"]), method
+        assert {k.setting for k in own} == {"uzad"} and len(own) == len(config["datasets"])
+    assert {k.source for k in keys if k.method == "clip"} == {NO_SOURCE}
+    assert {(k.source, k.target) for k in keys if k.method == "siad_llm"} >= {("visa", "mvtec"), ("mvtec", "sdd"),
+                                                                             ("br35h", "headct"), ("brainmri", "br35h")}
 
 
 def test_run_key_uses_the_protocol_source_for_trained_methods():
@@ -50,11 +55,15 @@ def test_run_key_uses_the_protocol_source_for_trained_methods():
         run_key(config, "uzad", "test_trained_toy", "default", "sdd")
 
 
-def test_required_runs_are_unique_and_cover_every_table():
-    config = demo_config()
+def test_required_runs_are_unique_and_cover_every_table(llm_config):
+    config = llm_config  # the demo config plus the sections of the SIAD-LLM and LLM tables
     config["report"]["tables"] = list(PAPER_TABLES.names())
     keys = required_runs(config)
     assert len(keys) == len(set(keys))
+    siad = {(k.variant, k.target) for k in keys if k.method == "toy_siad_llm"}
+    assert {("wo_si", "btad"), ("wo_adapter", "visa"), ("lambda09", "sdd"), ("case1", "mvtec")} <= siad
+    assert ("case1", "visa") not in siad  # Table 5 is MVTecAD-only
+    assert {k.target for k in keys if k.method == "toy_anomalygpt"} == set(config["datasets"])  # LLM side table
     anovl = {(k.variant, k.target) for k in keys if k.method == "anovl"}
     assert {("tfa", "visa"), ("default", "visa"), ("attn_qkv", "mvtec"), ("prompt_base", "mvtec"),
             ("linear_probe", "mvtec"), ("default", "btad")} <= anovl

@@ -1,5 +1,6 @@
 """The Snakemake workflow: dry-run job lists, start-up validation, and a tiny end-to-end demo."""
 
+import json
 import re
 import subprocess
 import sys
@@ -15,19 +16,42 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.workflow
 
 
-def snakemake(workdir: Path, *args: str, configfile: Path | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--cores", "1", *args]
+def snakemake(workdir: Path, *args: str, configfile: Path | None = None,
+              preload: Path | None = None) -> subprocess.CompletedProcess:
+    """Run Snakemake in a subprocess; ``preload`` is a Python file imported first (e.g. to register a toy method
+    before the Snakefile validates the config; fine for dry runs, whose jobs never start)."""
+    args = ["--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), "--cores", "1", *args]
     if configfile:
-        cmd += ["--configfile", str(configfile)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        args += ["--configfile", str(configfile)]
+    if preload is None:
+        cmd = [sys.executable, "-m", "snakemake", *args]
+    else:
+        code = ("import runpy, sys; from snakemake.cli import main; runpy.run_path(sys.argv[1]); "
+                "main(sys.argv[2:])")
+        cmd = [sys.executable, "-c", code, str(preload), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
 
 
-def evaluate_jobs(output: str) -> list[tuple[str, str, str, str]]:
-    """(method, variant, source, target) of every evaluate job of a dry run."""
-    jobs = re.findall(r"rule evaluate:.*?wildcards: ([^\n]*)", output, flags=re.S)
-    parsed = [dict(kv.split("=") for kv in w.split(", ")) for w in jobs]
-    return [(w["method"], w["variant"], w["source"], w["target"]) for w in parsed]
+def dry_run_jobs(output: str) -> list[tuple[str, dict[str, str], list[str]]]:
+    """(rule, wildcards, outputs) of every job of a dry run."""
+    jobs = re.findall(r"^rule (\w+):\n(.*?)(?=^\S|\Z)", output, flags=re.S | re.M)
+    parsed = []
+    for rule, body in jobs:
+        wildcards = re.search(r"wildcards: ([^\n]*)", body)
+        outputs = re.search(r"output: ([^\n]*)", body)
+        parsed.append((rule, dict(kv.split("=") for kv in wildcards.group(1).split(", ")) if wildcards else {},
+                       outputs.group(1).split(", ") if outputs else []))
+    return parsed
+
+
+def run_jobs(output: str) -> dict[str, list[tuple[str, str, str, str]]]:
+    """rule name -> (method, variant, source, target) of the runs each ``run_*`` job writes (from its outputs)."""
+    jobs = {}
+    for rule, _, outputs in dry_run_jobs(output):
+        if rule.startswith("run_"):
+            parts = [Path(o).parts for o in outputs if o.endswith("metrics.json")]
+            jobs[rule] = [(p[-5], p[-4], p[-3], p[-2]) for p in parts]
+    return jobs
 
 
 def write_config(tmp_path: Path, config: dict) -> Path:
@@ -41,18 +65,44 @@ def demo_config() -> dict:
 
 
 @pytest.mark.parametrize("profile", ["config.yaml", "demo.yaml"])
-def test_dry_run_lists_one_evaluate_job_per_protocol_run(tmp_path, profile):
+def test_dry_run_has_one_job_per_setting_method_source_covering_every_required_run(tmp_path, profile):
     config = yaml.safe_load((ROOT / "config" / profile).read_text())
     result = snakemake(tmp_path, "-n", "all", configfile=ROOT / "config" / profile)
     assert result.returncode == 0, result.stderr + result.stdout
-    jobs = evaluate_jobs(result.stdout + result.stderr)
+    jobs = run_jobs(result.stdout + result.stderr)
+    runs = [run for group in jobs.values() for run in group]
+    required = [(k.method, k.variant, k.source, k.target) for k in required_runs(config)]
+    assert len(runs) == len(set(runs)) and set(required) <= set(runs)
+    for rule, group in jobs.items():
+        assert len({(m, s) for m, _, s, _ in group}) == 1, rule  # one (method, source) per job
     table1 = [
         (key.method, key.variant, key.source, key.target)
         for key in protocol_runs(config["protocol"], setting="uzad", method="clip", variant="default",
                                  training_free=True)
     ]
-    assert len(table1) == 9 and set(table1) <= set(jobs)
-    assert sorted(jobs) == sorted((k.method, k.variant, k.source, k.target) for k in required_runs(config))
+    assert len(table1) == 9 and sorted(jobs["run_uzad_clip_none"]) == sorted(table1)
+    siad = [run for rule, group in jobs.items() if "siad_llm" in rule for run in group]
+    assert {v for _, v, _, _ in siad} == {"default", *config["methods"]["siad_llm"]["variants"]}
+
+
+def test_trained_method_gets_one_job_per_source(tmp_path):
+    config = tiny_demo()
+    config["methods"]["test_mean_image"] = {"display_name": "Mean", "params": {"size": 32},
+                                            "variants": {"small": {"size": 16}}}
+    config["report"]["table1"]["methods"] = ["clip", "test_mean_image"]
+    result = snakemake(tmp_path, "-n", "all", configfile=write_config(tmp_path, config),
+                       preload=ROOT / "tests" / "engine" / "test_runs.py")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    jobs = run_jobs(output)
+    assert sorted(jobs) == ["run_uzad_anovl_none", "run_uzad_clip_none", "run_uzad_test_mean_image_br35h",
+                            "run_uzad_test_mean_image_mvtec"]
+    for source in ("mvtec", "br35h"):
+        targets = next(e["targets"] for e in config["protocol"] if e["source"] == source)
+        assert sorted(jobs[f"run_uzad_test_mean_image_{source}"]) == sorted(
+            ("test_mean_image", "default", source, t) for t in targets)
+    assert sorted(t for _, _, _, t in jobs["run_uzad_clip_none"]) == ["headct", "sdd", "visa"]
+    assert not [rule for rule, _, _ in dry_run_jobs(output) if rule in ("fit", "evaluate")]
 
 
 def test_default_profile_is_the_paper_profile(tmp_path):
@@ -78,7 +128,8 @@ def test_unknown_method_stops_with_the_known_names(tmp_path):
     result = snakemake(tmp_path, "-n", "all", configfile=write_config(tmp_path, config))
     assert result.returncode != 0
     output = result.stdout + result.stderr
-    assert "unknown method 'clipp'; known: anovl, clip" in output
+    known = re.search(r"unknown method 'clipp'; known: ([\w, ]+)", output)
+    assert known and {"anovl", "clip"} <= set(known.group(1).split(", "))
 
 
 def tiny_demo() -> dict:
@@ -89,6 +140,10 @@ def tiny_demo() -> dict:
     config["data"]["standin"] = {"size": 32, "n_train": 2, "n_test_normal": 3, "n_test_anomalous": 3}
     config["evaluation"].update(size=32, n_bootstrap=20)
     config["report"]["tables"] = ["table1_uzad", "siad_table7_training_free"]
+    config["report"].pop("figure4", None)  # its datasets are not all in this tiny protocol
+    config["report"]["table1"]["methods"] = ["clip", "anomalygpt"]  # one trained method: grouped evaluation
+    config["training"] = {"normal_images": "train", "normal_images_per_dataset": {"br35h": "all"}}
+    config["speed"]["llm"].update(batch_sizes=[1, 2], n_batches=1, warmup=0)
     config["speed"].update(backbone="tiny-vit-b16plus-demo", image_size=112, n_images=2, warmup=1)
     return config
 
@@ -109,7 +164,17 @@ def test_tiny_demo_end_to_end_and_resumable(tmp_path):
     for target in ("visa", "sdd", "headct"):
         run_dir = tmp_path / "results" / "demo" / "uzad" / "clip" / "default" / "none" / target
         assert (run_dir / "metrics.json").is_file()
-    assert (tmp_path / "results" / "demo" / "benchmarks" / "evaluate").is_dir()
+    assert (tmp_path / "results" / "demo" / "benchmarks" / "runs" / "uzad" / "clip" / "none.tsv").is_file()
+    assert re.search(r"\| image \| AnomalyGPT \| \d+\.\d \(\d+\.\d\) \|", table)
+    trained = tmp_path / "results" / "demo" / "uzad" / "anomalygpt" / "default"
+    for source, targets in (("mvtec", ("visa", "sdd")), ("br35h", ("headct",))):
+        assert (tmp_path / "results" / "demo" / "logs" / "runs" / "uzad" / "anomalygpt" /
+                f"{source}.log").is_file()  # one job per source
+        assert (trained / source / "model.json").is_file()
+        for target in targets:
+            llm = json.loads((trained / source / target / "metrics.json").read_text())["llm"]
+            assert set(llm["mean"]) == {"accuracy", "unparsed_rate", "p_yes_auroc"}
+            assert 0.0 <= llm["mean"]["accuracy"] <= 1.0
     table7 = (tables / "siad_table7_training_free.md").read_text()
     assert re.search(r"\| AnoVL \| \d+\.\d \(n/a\) \| \d+\.\d \(n/a\) \|", table7)
     speed = (tables / "speed.md").read_text()

@@ -1,4 +1,6 @@
-# Speed: milliseconds per image at the paper architecture, as a ratio to a bare backbone forward.
+# Speed: milliseconds per image with random weights, as a ratio to a bare forward of each group's backbone
+# (CLIP/AnoVL rows at the paper architecture; AnomalyGPT and SIAD-LLM with the image-pass / generation /
+# second-pass breakdown, batch sizes and peak memory). One table; its group column names each reference.
 
 
 rule speed:

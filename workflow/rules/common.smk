@@ -4,8 +4,10 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from siad.config import dataset_root, method_params, method_variants, results_root, tables_root, validate_config
-from siad.engine.protocol import SETTINGS
+from siad.engine.protocol import NO_SOURCE, SETTINGS
+from siad.engine.runs import group_runs
 from siad.errors import SiadError
+from siad.report.figures import figure4_outputs, figure4_runs
 from siad.report.paper import PAPER_TABLES, required_runs
 
 try:
@@ -18,6 +20,19 @@ TABLES = str(tables_root(config))
 DATASETS = list(config["datasets"])
 METHODS = list(config["methods"])
 VARIANTS = sorted({v for m in METHODS for v in method_variants(config, m)})
+
+
+class RunGroup:
+    """The runs of one workflow job: one (setting, method, source), all variants and targets the outputs need."""
+
+    def __init__(self, setting, method, source, keys):
+        self.setting, self.method, self.source, self.keys = setting, method, source, keys
+        self.rule_name = f"run_{setting}_{method}_{source}"
+        targets = list(dict.fromkeys(k.target for k in keys))
+        self.datasets = targets if source == NO_SOURCE else list(dict.fromkeys([source, *targets]))
+
+
+RUN_GROUPS = [RunGroup(*group, keys) for group, keys in group_runs(required_runs(config) + figure4_runs(config)).items()]
 
 
 wildcard_constraints:
@@ -38,11 +53,9 @@ def repo_file(relative):
     return str(Path(workflow.basedir) / relative)
 
 
-def trained_model(wc):
-    """model.json of a run's source, or nothing for training-free methods."""
-    if wc.source == "none":
-        return []
-    return f"{RESULTS}/{wc.setting}/{wc.method}/{wc.variant}/{wc.source}/model.json"
+def run_file(key, name):
+    """A per-run output (metrics.json, predictions.npz) of a RunKey."""
+    return str(key.run_dir(RESULTS) / name)
 
 
 def report_metrics():
@@ -59,6 +72,6 @@ def report_outputs():
 
 
 def all_outputs():
-    """Everything `snakemake all` builds: every table, the claims check and the speed table."""
+    """Everything `snakemake all` builds: every table, the claims check, the speed table and the figure."""
     speed = [f"{TABLES}/speed.md", f"{TABLES}/speed.csv"] if "speed" in config else []
-    return report_outputs() + speed
+    return report_outputs() + speed + figure4_outputs(TABLES, config)

@@ -1,18 +1,30 @@
-# Evaluation: one job per (setting, method, variant, source, target) run of the protocol.
+# Runs: one job per (setting, method, source) of the runs the tables and the figure need. A job trains each
+# variant of the method on the source (trained methods; a model whose training fingerprint matches is reused),
+# then evaluates every target of that variant, writing per-run metrics.json and predictions.npz. One process
+# per group pays the imports, the model build and the feature caches once, not once per target and variant.
 
 
-rule evaluate:
-    input:
-        meta=lambda wc: meta_path(wc.target),
-        model=trained_model,
-    output:
-        metrics=f"{RESULTS}/{{setting}}/{{method}}/{{variant}}/{{source}}/{{target}}/metrics.json",
-        predictions=f"{RESULTS}/{{setting}}/{{method}}/{{variant}}/{{source}}/{{target}}/predictions.npz",
-    log:
-        f"{RESULTS}/logs/evaluate/{{setting}}/{{method}}/{{variant}}/{{source}}/{{target}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/evaluate/{{setting}}/{{method}}/{{variant}}/{{source}}/{{target}}.tsv"
-    conda:
-        "../envs/siad.yaml"
-    script:
-        "../scripts/evaluate.py"
+for _group in RUN_GROUPS:
+
+    rule:
+        name:
+            _group.rule_name
+        input:
+            meta=[meta_path(d) for d in _group.datasets],
+        output:
+            metrics=[run_file(k, "metrics.json") for k in _group.keys],
+            predictions=[run_file(k, "predictions.npz") for k in _group.keys],
+        params:
+            runs=[(k.variant, k.target) for k in _group.keys],
+            setting=_group.setting,
+            method=_group.method,
+            source=_group.source,
+            datasets=_group.datasets,
+        log:
+            f"{RESULTS}/logs/runs/{_group.setting}/{_group.method}/{_group.source}.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/runs/{_group.setting}/{_group.method}/{_group.source}.tsv"
+        conda:
+            "../envs/siad.yaml"
+        script:
+            "../scripts/run_group.py"

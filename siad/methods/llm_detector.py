@@ -1,0 +1,565 @@
+"""The machinery AnomalyGPT and SIAD-LLM share: frozen ImageBind features, stage maps, the LLM judgement
+and the pseudo-anomaly training loop.
+
+:class:`LlmDetector` is AnomalyGPT as released (spec ``baselines_llm_filo_anovl.md`` §1): the frozen
+ImageBind-Huge image tower gives four stage token sets (blocks 8/16/24/32) and the image embedding; the
+trainable :class:`~siad.methods.llm_components.StageDecoder` projects each stage into the text space, where
+the cosine to the (normal, abnormal) ensemble features gives per-stage probability maps; their mean is the
+anomaly map M, the image score is max(M). The trainable
+:class:`~siad.methods.llm_components.ConvPromptLearner` turns M into 18 LLM prompt embeddings, which follow
+the projected image embedding in the conversation; the frozen LLM answers "Is there any anomaly in the
+image?". Training sees only normal images of the auxiliary dataset and NSA-style pseudo-anomalies made from
+them; loss = CE on the answer + Σ_stages (focal + dice).
+
+SIAD-LLM (:mod:`siad.methods.siad_llm`) subclasses it and overrides the hooks :meth:`LlmDetector.text_features`,
+:meth:`LlmDetector.visual_tokens`, :meth:`LlmDetector.prompt_embeddings` and the two-pass forward.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from siad.backbones import stage_features
+from siad.backbones.cache import FeatureCache, backbone_namespace, file_fingerprint
+from siad.data.imageio import read_image
+from siad.data.pseudo import CutPastePoisson, PatchParams, anomalygpt_params
+from siad.errors import ConfigError, DataError, NumericalError
+from siad.llm import (
+    ConversationBatch,
+    GenerationConfig,
+    LlmSpec,
+    LoadedLlm,
+    build_conversation,
+    load_llm,
+    target_answer,
+    tiny_llm_spec,
+    user_text,
+    vicuna_pandagpt_spec,
+)
+from siad.llm.generation import generate_judgements
+from siad.methods.backbone_method import BACKBONE_DEFAULTS, BackboneMethod
+from siad.methods.base import Batch, MethodOutput
+from siad.methods.llm_components import (
+    ConvPromptLearner,
+    StageDecoder,
+    combine_stage_maps,
+    dice_loss,
+    focal_loss,
+    stage_anomaly_maps,
+)
+from siad.prompts import ENSEMBLES, encode_class_text
+
+__all__ = ["LLM_DEFAULTS", "LlmDetector", "PassOutput", "count_parameters", "warmup_decay_factor"]
+
+log = logging.getLogger("siad")
+
+LLM_KINDS = ("vicuna-pandagpt", "tiny-random")
+
+LLM_DEFAULTS: dict[str, Any] = {
+    **BACKBONE_DEFAULTS,
+    "backbone": "imagebind-huge",  # open_clip ViT-H-14 laion2b = ImageBind-Huge's towers (spec [choice])
+    # -- the LLM (siad/llm/loader.py lists the files of the paper profile)
+    "llm": "vicuna-pandagpt",  # "vicuna-pandagpt" (paper) | "tiny-random" (demo, tests)
+    "vicuna_dir": None,
+    "pandagpt_delta": None,
+    "llm_dtype": "float16",  # paper profile only; the tiny LM is float32
+    # -- maps
+    "ensemble": "anomalygpt",  # Appendix D compositional ensemble (7 normal × 5 abnormal states × 2 templates)
+    "map_reduce": "mean",  # "mean" as released | "sum" as the AnomalyGPT paper writes
+    "map_size": 224,  # stage maps are upsampled to 224 (the prompt learner's input), as released
+    "logit_scale": 100.0,
+    # -- the conversation
+    "descriptions": None,  # JSON {class: description}; None = the SIAD Appendix F fallback sentence
+    "answer_style": "anomalygpt",  # target answers: "anomalygpt" (released wording) | "siad" (Appendix F)
+    "max_new_tokens": 64,
+    "do_sample": False,  # greedy by default (reproducible); True = AnomalyGPT's nucleus sampling
+    "top_p": 0.1,
+    "temperature": 1.0,
+    # -- training (released schedule: 50 epochs, batch 16 = 8 normal + 8 pseudo, Adam(W) 1e-3, warm-up)
+    "epochs": 50,
+    "batch_size": 8,  # normal images per step; each brings its pseudo-anomalous twin (16 images a step)
+    "lr": 1e-3,
+    "betas": [0.9, 0.95],
+    "weight_decay": 1e-3,
+    "warmup": "log",  # DeepSpeed WarmupDecayLR's default warm-up shape | "linear" | "constant" (no schedule)
+    "warmup_min_steps": 10,  # warm-up = max(10, 0.1 · total steps), as released
+    "warmup_fraction": 0.1,
+    "grad_clip": 1.0,
+    "pseudo_label": "logistic",  # AnomalyGPT's soft label binarised at label_threshold | "binary"
+    "label_threshold": 0.3,
+    "sft_data": None,  # PandaGPT instruction data (JSON) interleaved with the AD batches; unavailable offline
+    "sft_image_dir": None,
+    "few_shot_k": 0,  # >0: the release's k-normal-shot memory map (k normal train images of each target class)
+    "feature_cache": None,  # folder of the frozen-feature cache for evaluation (None: always run the backbone)
+    "feature_cache_dtype": "float16",
+    "progress": True,
+}
+
+
+@dataclass
+class PassOutput:
+    """One pass of the detector: per-stage probabilities [B,K,2,S,S], the anomaly map [B,S,S], the LLM prompt
+    embeddings [B,P,D_llm] and the text features used [B,K,2,D]."""
+
+    probs: Tensor
+    anomaly_map: Tensor
+    prompts: Tensor
+    text: Tensor
+
+
+def warmup_decay_factor(step: int, warmup: int, total: int, shape: str = "log") -> float:
+    """Learning-rate factor of DeepSpeed's ``WarmupDecayLR`` (warmup_min_lr 0) at optimiser step ``step`` (0-based).
+
+    Warm-up: ``log(step + 1) / log(warmup)`` ("log", DeepSpeed's default) or ``step / warmup`` ("linear");
+    then a linear decay to 0 at ``total``. ``shape="constant"`` keeps the factor at 1 (no schedule).
+    """
+    if shape == "constant":
+        return 1.0
+    if step < warmup:
+        if shape == "log":
+            return math.log(step + 1) / math.log(warmup) if warmup > 1 else 1.0
+        return step / warmup
+    return max(0.0, (total - step) / max(1.0, total - warmup))
+
+
+def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"method parameter {name}={value!r} is not one of {list(allowed)}")
+
+
+class LlmDetector(BackboneMethod):
+    """AnomalyGPT as released; the shared base of SIAD-LLM (see the module docstring)."""
+
+    training_free: ClassVar[bool] = False
+    defaults: ClassVar[Mapping[str, Any]] = LLM_DEFAULTS
+
+    def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0) -> None:
+        super().__init__(params, device=device, seed=seed)
+        visual = self.backbone.model.visual
+        self.width = int(visual.transformer.width)
+        self.embed_dim = int(visual.output_dim)
+        self.taps = tuple(self.backbone.spec.taps)
+        if len(self.taps) != 4:
+            raise ConfigError(f"backbone {self.backbone.spec.name!r} needs 4 stage taps (blocks 8/16/24/32), "
+                              f"has {list(self.taps)}")
+        self.llm: LoadedLlm = self.load_llm()
+        self.llm.model.to(self.device).eval()
+        self.llm.image_proj.to(self.device)
+        for module in (self.llm.model, self.llm.image_proj):
+            module.requires_grad_(False)
+        self.llm_dim = int(self.llm.model.config.hidden_size)
+        self.ensemble = ENSEMBLES.get(self.params["ensemble"])
+        self.descriptions = self._read_descriptions()
+        self._static_text: dict[str, Tensor] = {}
+        self._cache: FeatureCache | None = None
+        self._generators: dict[tuple[str, str], CutPastePoisson] = {}
+        self._memory: dict[str, list[Tensor]] = {}
+        self.loss_history: list[float] = []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.trainable = nn.ModuleDict(self.build_trainable()).to(self.device)
+
+    # -- configuration -----------------------------------------------------------------------------
+
+    def check_params(self) -> None:
+        """Refuse bad choices before any weights are loaded."""
+        p = self.params
+        _check_choice("llm", p["llm"], LLM_KINDS)
+        _check_choice("map_reduce", p["map_reduce"], ("mean", "sum"))
+        _check_choice("answer_style", p["answer_style"], ("anomalygpt", "siad"))
+        _check_choice("warmup", p["warmup"], ("log", "linear", "constant"))
+        _check_choice("pseudo_label", p["pseudo_label"], ("logistic", "binary"))
+        for key in ("epochs", "batch_size", "max_new_tokens", "map_size"):
+            if not (isinstance(p[key], int) and p[key] >= 1):
+                raise ConfigError(f"method parameter {key}={p[key]!r}: use a positive integer")
+        if p["llm"] == "vicuna-pandagpt" and not (p["vicuna_dir"] and p["pandagpt_delta"]):
+            raise ConfigError(
+                "llm 'vicuna-pandagpt' needs `vicuna_dir` (Vicuna-7B v0, Hugging Face format) and `pandagpt_delta` "
+                "(pytorch_model.pt of openllmplayground/pandagpt_7b_max_len_1024); see siad/llm/loader.py for how to "
+                "obtain them, or use `llm: tiny-random` for the offline demo"
+            )
+        if not (isinstance(p["few_shot_k"], int) and p["few_shot_k"] >= 0):
+            raise ConfigError(f"few_shot_k={p['few_shot_k']!r}: use 0 (zero-shot) or a positive number of shots")
+        if p["sft_data"] is not None and p["sft_image_dir"] is None:
+            raise ConfigError("sft_data is set but sft_image_dir is not: give the folder of the instruction images")
+
+    def load_llm(self) -> LoadedLlm:
+        """The frozen LLM of :meth:`llm_spec` (a hook: the speed benchmark injects a random-weight 7B)."""
+        return load_llm(self.llm_spec())
+
+    def llm_spec(self) -> LlmSpec:
+        """The LLM to load: the paper's Vicuna-7B v0 + PandaGPT, or the tiny random demo LM."""
+        if self.params["llm"] == "tiny-random":
+            return tiny_llm_spec(seed=self.seed, image_dim=self.backbone.model.visual.output_dim)
+        return vicuna_pandagpt_spec(self.params["vicuna_dir"], self.params["pandagpt_delta"], self.params["llm_dtype"])
+
+    def _read_descriptions(self) -> dict[str, str]:
+        path = self.params["descriptions"]
+        if path is None:
+            return {}
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(
+                f"descriptions file {path}: {err}; give a JSON object {{class name: description}}"
+            ) from err
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            raise ConfigError(f"descriptions file {path}: expected a JSON object {{class name: description}}")
+        return data
+
+    def build_trainable(self) -> dict[str, nn.Module]:
+        """The trainable modules (AnomalyGPT: decoder 5.25M + conv prompt learner 107.4M at paper size)."""
+        return {
+            "decoder": StageDecoder(self.width, self.embed_dim, len(self.taps)),
+            "prompt_learner": ConvPromptLearner(self.llm_dim, seed=self.seed),
+        }
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every parameter the optimiser updates (the backbone and the LLM stay frozen)."""
+        return [p for p in self.trainable.parameters() if p.requires_grad]
+
+    # -- frozen features ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Raw stage tokens (4 × [B, N, width], CLS dropped) and the unit image embedding [B, D]."""
+        out = stage_features(self.backbone.model.visual, images.to(self.device), self.taps)
+        return list(out.taps.patch), F.normalize(out.image_embedding.float(), dim=-1)
+
+    def frozen_features(self, images: Tensor, files: Sequence[str] | None = None) -> tuple[list[Tensor], Tensor]:
+        """:meth:`encode_images`, read from the feature cache when configured and the files are known (every
+        ablation variant shares one backbone pass per image)."""
+        if self.params["feature_cache"] is None or not files:
+            return self.encode_images(images)
+        if self._cache is None:
+            namespace = backbone_namespace(self.backbone.spec, taps=self.taps, seed=self.seed, feature="llm_stages")
+            dtype = getattr(torch, str(self.params["feature_cache_dtype"]))
+            self._cache = FeatureCache(Path(self.params["feature_cache"]), namespace, store_dtype=dtype)
+
+        def compute(positions: Sequence[int]) -> dict[str, Tensor]:
+            stages, embedding = self.encode_images(images[list(positions)])
+            return {"stages": torch.stack(stages, dim=1), "embedding": embedding}
+
+        cached = self._cache.get_or_compute(list(files), compute, fingerprints=[file_fingerprint(f) for f in files])
+        stages = cached["stages"].to(self.device, torch.float32)
+        return list(stages.unbind(dim=1)), cached["embedding"].to(self.device, torch.float32)
+
+    # -- hooks SIAD-LLM overrides -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def static_text(self, cls_name: str) -> Tensor:
+        """(normal, abnormal) ensemble features [2, D] of a class (frozen text tower), cached."""
+        if cls_name not in self._static_text:
+            feats = encode_class_text(self.backbone.model, self.backbone.tokenizer, self.ensemble, cls_name).features
+            self._static_text[cls_name] = feats.float().to(self.device)
+        return self._static_text[cls_name]
+
+    def text_features(self, cls_names: Sequence[str]) -> Tensor:
+        """Per-image, per-stage text features [B, K, 2, D] (AnomalyGPT: the class ensemble for every stage)."""
+        text = torch.stack([self.static_text(c) for c in cls_names])
+        return text.unsqueeze(1).expand(-1, len(self.taps), -1, -1)
+
+    def visual_tokens(self, stages: Sequence[Tensor]) -> list[Tensor]:
+        """Unit patch tokens in the text space per stage (AnomalyGPT: the decoder's linear projections)."""
+        return self.trainable["decoder"](stages, has_cls=False)
+
+    def prompt_embeddings(self, probs: Tensor, anomaly_map: Tensor) -> Tensor:
+        """LLM prompt embeddings [B, 18, D_llm] from the map (AnomalyGPT: conv prompt learner on M)."""
+        return self.trainable["prompt_learner"](anomaly_map.unsqueeze(1))
+
+    # -- one pass -----------------------------------------------------------------------------------
+
+    def stage_probs(self, tokens: Sequence[Tensor], text: Tensor) -> Tensor:
+        """Per-stage (normal, abnormal) probabilities [B, K, 2, S, S], each stage against its own text pair."""
+        p = self.params
+        maps = [
+            stage_anomaly_maps([tok], text[:, k], logit_scale=p["logit_scale"], size=p["map_size"])[:, 0]
+            for k, tok in enumerate(tokens)
+        ]
+        return torch.stack(maps, dim=1)
+
+    def forward_pass(self, tokens: Sequence[Tensor], text: Tensor) -> PassOutput:
+        """Maps and prompt embeddings from projected tokens and text features."""
+        probs = self.stage_probs(tokens, text)
+        anomaly_map = combine_stage_maps(probs, self.params["map_reduce"])
+        return PassOutput(probs, anomaly_map, self.prompt_embeddings(probs, anomaly_map), text)
+
+    # -- the LLM ------------------------------------------------------------------------------------
+
+    def question(self, cls_name: str) -> str:
+        """The human turn: the class description (or the Appendix F fallback) and the question."""
+        return user_text(cls_name, self.descriptions.get(cls_name))
+
+    def conversation(
+        self, embedding: Tensor, prompts: Tensor, cls_names: Sequence[str], answers: Sequence[str] | None = None,
+        questions: Sequence[str] | None = None,
+    ) -> ConversationBatch:
+        """The AnomalyGPT conversation of a batch (labels when ``answers`` are given); ``questions`` replace the
+        anomaly question (instruction data)."""
+        image_embeds = self.llm.image_proj(embedding.to(self.llm.image_proj.weight.dtype)).unsqueeze(1)
+        texts = list(questions) if questions is not None else [self.question(c) for c in cls_names]
+        return build_conversation(self.llm.embed_tokens, self.llm.tokenizer, image_embeds, prompts, texts, answers)
+
+    def answer_loss(
+        self, embedding: Tensor, prompts: Tensor, cls_names: Sequence[str], answers: Sequence[str],
+        questions: Sequence[str] | None = None,
+    ) -> Tensor:
+        """Cross-entropy of the LLM on the target answers (prompt positions masked with -100)."""
+        batch = self.conversation(embedding, prompts, cls_names, answers, questions)
+        out = self.llm.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                             labels=batch.labels, use_cache=False)
+        return out.loss.float()
+
+    def generation_config(self) -> GenerationConfig:
+        p = self.params
+        return GenerationConfig(max_new_tokens=p["max_new_tokens"], do_sample=p["do_sample"], top_p=p["top_p"],
+                                temperature=p["temperature"], seed=self.seed)
+
+    @torch.no_grad()
+    def judge(self, embedding: Tensor, prompts: Tensor, cls_names: Sequence[str]) -> tuple[list[str], Tensor]:
+        """Generated answers and P("Yes") for a batch, from one batched generation."""
+        batch = self.conversation(embedding, prompts, cls_names)
+        return generate_judgements(self.llm.model, self.llm.tokenizer, batch, self.generation_config())
+
+    # -- inference ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def first_pass(self, batch: Batch) -> tuple[PassOutput, Tensor, list[Tensor]]:
+        """The first pass on a test batch: (pass output, image embedding, projected tokens).
+
+        With ``few_shot_k`` > 0 the map is the memory map of :meth:`memory_map` (the text map is discarded and
+        the memory map feeds the prompt learner, as the release's few-shot test)."""
+        stages, embedding = self.frozen_features(batch["image"], batch.get("image_file"))
+        tokens = self.visual_tokens(stages)
+        out = self.forward_pass(tokens, self.text_features(batch["cls_name"]))
+        if self.params["few_shot_k"]:
+            memory = self.memory_map(stages, batch["cls_name"])
+            out = PassOutput(out.probs, memory, self.prompt_embeddings(out.probs, memory), out.text)
+        return out, embedding, tokens
+
+    # -- few-shot memory (option) -------------------------------------------------------------------
+
+    @property
+    def references_needed(self) -> int:
+        """Normal train images per target class the engine must hand to :meth:`set_references` (0: none)."""
+        return int(self.params["few_shot_k"])
+
+    @torch.no_grad()
+    def set_references(self, references: Mapping[str, Tensor]) -> None:
+        """Store the raw stage tokens of k normal images per class ([k, 3, H, W] transformed images each)."""
+        self._memory = {}
+        for cls_name, images in references.items():
+            stages, _ = self.encode_images(images)
+            self._memory[cls_name] = [F.normalize(s.reshape(-1, s.shape[-1]).float(), dim=-1) for s in stages]
+
+    def memory_map(self, stages: Sequence[Tensor], cls_names: Sequence[str]) -> Tensor:
+        """1 − (mean over stages of each patch's max cosine to the class's reference patches), upsampled
+        bilinearly (align_corners=True) to the map size: AnomalyGPT's few-shot map on raw stage tokens."""
+        missing = sorted({c for c in cls_names if c not in self._memory})
+        if missing:
+            raise ConfigError(f"few_shot_k={self.params['few_shot_k']}: no reference images for classes {missing}; "
+                              "the evaluation must pass the target's normal train images (set_references)")
+        rows = []
+        for i, cls_name in enumerate(cls_names):
+            sims = [(F.normalize(s[i].float(), dim=-1) @ m.T).max(dim=1).values
+                    for s, m in zip(stages, self._memory[cls_name], strict=True)]
+            rows.append(1.0 - torch.stack(sims).mean(dim=0))
+        side = round(rows[0].numel() ** 0.5)
+        grid = torch.stack(rows).reshape(-1, 1, side, side)
+        size = self.params["map_size"]
+        return F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=True)[:, 0]
+
+    @torch.no_grad()
+    def predict_batch(self, batch: Batch) -> MethodOutput:
+        self.trainable.eval()
+        first, embedding, _ = self.first_pass(batch)
+        answers, p_yes = self.judge(embedding, first.prompts, batch["cls_name"])
+        return self._output(first.anomaly_map, answers, p_yes)
+
+    def _output(self, anomaly_map: Tensor, answers: list[str], p_yes: Tensor) -> MethodOutput:
+        scores = anomaly_map.flatten(1).max(dim=1).values
+        return MethodOutput(scores=scores.float().cpu(), maps=anomaly_map.float().cpu(), answers=answers,
+                            p_yes=p_yes.float().cpu())
+
+    def predict(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        out = self.predict_batch(batch)
+        return out.scores, out.maps
+
+    # -- training -----------------------------------------------------------------------------------
+
+    def pseudo_generator(self, dataset_name: str, cls_name: str) -> CutPastePoisson:
+        """NSA generator with AnomalyGPT's per-class settings (generic ones outside MVTec AD / VisA)."""
+        key = (dataset_name, cls_name)
+        if key not in self._generators:
+            params = anomalygpt_params(dataset_name, cls_name) if dataset_name else PatchParams()
+            self._generators[key] = CutPastePoisson(params, label=self.params["pseudo_label"])
+        return self._generators[key]
+
+    def _raw_image(self, root: Path, record: Mapping[str, Any]) -> np.ndarray:
+        size = self.input_size
+        image = read_image(root / record["img_path"]).resize((size, size), Image.BICUBIC)
+        return np.asarray(image, dtype=np.uint8)
+
+    def _normalise(self, images: np.ndarray) -> Tensor:
+        spec = self.backbone.spec
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)
+        mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std).view(1, 3, 1, 1)
+        return ((x - mean) / std).to(self.device)
+
+    def training_batch(
+        self, root: Path, records: Sequence[Mapping[str, Any]], dataset_name: str, rng: np.random.Generator
+    ) -> dict[str, Any]:
+        """``[normal || pseudo-anomalous]``: images [2B,3,H,W], masks [2B,S,S] at map size, classes, answers.
+
+        Each pseudo-anomaly takes its patch from the previous image of the batch (AnomalyGPT pastes from the
+        previously fetched image, which may be of another class).
+        """
+        normal = np.stack([self._raw_image(root, r) for r in records])
+        donors = np.roll(normal, 1, axis=0)
+        pseudo, masks = [], []
+        for image, donor, record in zip(normal, donors, records, strict=True):
+            out, mask = self.pseudo_generator(dataset_name, record["cls_name"])(image, donor, rng)
+            pseudo.append(out)
+            masks.append(mask)
+        images = np.concatenate([normal, np.stack(pseudo)])
+        soft = np.concatenate([np.zeros((len(records), *masks[0].shape), np.float32), np.stack(masks)])
+        target = torch.from_numpy(soft > self.params["label_threshold"]).float()
+        size = self.params["map_size"]
+        target = F.interpolate(target[:, None], size=(size, size), mode="nearest")[:, 0].to(self.device)
+        cls_names = [r["cls_name"] for r in records] * 2
+        answers = [target_answer(m, style=self.params["answer_style"]) for m in target.cpu()]
+        return {"image": self._normalise(images), "mask": target, "cls_name": cls_names, "answers": answers}
+
+    def pixel_losses(self, probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """(focal, dice) summed over the stages against the binarised pseudo mask, as released."""
+        focal = sum(focal_loss(probs[:, k], target) for k in range(probs.shape[1]))
+        dice = sum(dice_loss(probs[:, k, 1], target) for k in range(probs.shape[1]))
+        return focal, dice
+
+    def training_loss(self, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        """AnomalyGPT's loss on one ``[normal || pseudo]`` batch: CE(answer) + Σ_stages (focal + dice)."""
+        stages, embedding = self.encode_images(batch["image"])
+        out = self.forward_pass(self.visual_tokens(stages), self.text_features(batch["cls_name"]))
+        focal, dice = self.pixel_losses(out.probs, batch["mask"])
+        ce = self.answer_loss(embedding, out.prompts, batch["cls_name"], batch["answers"])
+        parts = {"ce": float(ce.detach()), "focal": float(focal.detach()), "dice": float(dice.detach())}
+        return ce + focal + dice, parts
+
+    # -- PandaGPT instruction data (optional) -------------------------------------------------------
+
+    def instruction_data(self) -> list[tuple[Path, str, str]]:
+        """(image, instruction, answer) triples of ``sft_data``: PandaGPT's ``pandagpt4_visual_instruction_data.json``
+        format (a list of ``{"image_name", "conversation": [{"from": "human"|"gpt", "value"}, ...]}``), first
+        human/gpt exchange of each conversation. Empty when ``sft_data`` is unset."""
+        path = self.params["sft_data"]
+        if path is None:
+            return []
+        try:
+            entries = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise DataError(f"sft_data {path}: {err}; give PandaGPT's instruction JSON or unset sft_data") from err
+        image_dir = Path(self.params["sft_image_dir"])
+        triples = []
+        for i, entry in enumerate(entries):
+            turns = entry.get("conversation", []) if isinstance(entry, dict) else []
+            human = next((t["value"] for t in turns if t.get("from") == "human"), None)
+            answer = next((t["value"] for t in turns if t.get("from") == "gpt"), None)
+            if "image_name" not in entry or human is None or answer is None:
+                raise DataError(f"sft_data {path}, entry {i}: needs image_name and a human and a gpt turn")
+            triples.append((image_dir / entry["image_name"], human.replace("<image>", "").strip(), answer))
+        if not triples:
+            raise DataError(f"sft_data {path} holds no conversations")
+        return triples
+
+    def instruction_loss(self, triples: Sequence[tuple[Path, str, str]]) -> Tensor:
+        """AnomalyGPT's instruction batch: class 'object', the map still feeds the prompts, CE only (no pixel loss)."""
+        images = np.stack([self._raw_image(f.parent, {"img_path": f.name}) for f, _, _ in triples])
+        stages, embedding = self.encode_images(self._normalise(images))
+        cls_names = ["object"] * len(triples)
+        out = self.forward_pass(self.visual_tokens(stages), self.text_features(cls_names))
+        return self.answer_loss(embedding, out.prompts, cls_names, [a for _, _, a in triples],
+                                questions=[q for _, q, _ in triples])
+
+    def fit(self, train_data: torch.utils.data.Dataset, setting: str) -> None:
+        """Train the trainable modules on pseudo-anomalies of the auxiliary normal images (released schedule)."""
+        records = list(getattr(train_data, "records", []))
+        root = getattr(train_data, "root", None)
+        if not records or root is None:
+            raise DataError("LLM detectors train from an AnomalyDataset index (records + root); got an empty dataset")
+        p = self.params
+        steps_per_epoch = math.ceil(len(records) / p["batch_size"])
+        total = p["epochs"] * steps_per_epoch
+        warmup = max(p["warmup_min_steps"], int(p["warmup_fraction"] * total))
+        params = self.trainable_parameters()
+        optimizer = torch.optim.AdamW(params, lr=p["lr"], betas=tuple(p["betas"]), weight_decay=p["weight_decay"])
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_decay_factor(step, warmup, total, p["warmup"])
+        )
+        rng = np.random.default_rng(self.seed)
+        order_gen = torch.Generator().manual_seed(self.seed)
+        instructions = self.instruction_data()
+        dataset_name = str(getattr(train_data, "name", "") or "")
+        self.trainable.train()
+        self.loss_history = []
+        bar = tqdm(total=total, desc=f"train {type(self).__name__}", unit="step", disable=not p["progress"])
+        for _ in range(p["epochs"]):
+            order = torch.randperm(len(records), generator=order_gen).tolist()
+            for start in range(0, len(order), p["batch_size"]):
+                chosen = [records[i] for i in order[start : start + p["batch_size"]]]
+                loss, parts = self.training_loss(self.training_batch(Path(root), chosen, dataset_name, rng))
+                if instructions:  # each step: one anomaly batch + one instruction batch, as released
+                    picks = torch.randint(len(instructions), (len(chosen),), generator=order_gen).tolist()
+                    sft = self.instruction_loss([instructions[i] for i in picks])
+                    loss, parts = loss + sft, {**parts, "sft": float(sft.detach())}
+                self.optimizer_step(loss, optimizer, params)
+                schedule.step()
+                self.loss_history.append(float(loss.detach()))
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.loss_history[-1]:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()})
+        bar.close()
+        self.trainable.eval()
+
+    def optimizer_step(self, loss: Tensor, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+        """One update with gradient clipping; a non-finite loss stops training with a clear error."""
+        if not torch.isfinite(loss):
+            raise NumericalError(f"{type(self).__name__}: the training loss became {float(loss)}; lower `lr`")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.params["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(params, self.params["grad_clip"])
+        optimizer.step()
+
+    # -- persistence --------------------------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        """Only the trainable modules (the frozen backbone and LLM come from their own files)."""
+        torch.save(self.trainable.state_dict(), path)
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        missing, unexpected = self.trainable.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ConfigError(
+                f"{path}: trained weights do not match this {type(self).__name__} variant (missing {missing[:4]}, "
+                f"unexpected {unexpected[:4]}); was it trained with other module switches? Re-run the fit step"
+            )
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters())
+

@@ -1,0 +1,185 @@
+"""Tests of the AnomalyGPT baseline and the shared LLM-detector machinery (siad/methods/llm_detector.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from siad.data.loading import AnomalyDataset
+from siad.errors import ConfigError, DataError, MissingWeightsError
+from siad.llm import parse_answer
+from siad.methods import build_method
+from siad.methods.llm_detector import warmup_decay_factor
+
+
+@pytest.fixture(scope="module")
+def agpt(tiny_llm_params):
+    return build_method("anomalygpt", tiny_llm_params, seed=0)
+
+
+def _test_batch(method, standin, n=4):
+    root, meta = standin
+    data = AnomalyDataset(root, meta, split="test", transform=method.transform)
+    items = [data[i] for i in range(0, len(data), max(1, len(data) // n))][:n]
+    return {"image": torch.stack([it["image"] for it in items]), "cls_name": [it["cls_name"] for it in items],
+            "img_path": [it["img_path"] for it in items]}
+
+
+def _train_batch(method, train, n=2, seed=0):
+    root, meta = train
+    records = [r for rs in meta["train"].values() for r in rs][:n]
+    return method.training_batch(root, records, "mvtec", np.random.default_rng(seed))
+
+
+def test_prediction_has_map_max_score_answers_and_p_yes(agpt, mvtec_standin):
+    out = agpt.predict_batch(_test_batch(agpt, mvtec_standin))
+    assert out.maps.shape == (4, 224, 224)
+    assert torch.allclose(out.scores, out.maps.flatten(1).max(dim=1).values)
+    assert out.maps.min() >= 0 and out.maps.max() <= 1  # mean of softmax probabilities
+    assert len(out.answers) == 4 and all(isinstance(a, str) for a in out.answers)
+    assert out.p_yes.shape == (4,) and bool(((out.p_yes > 0) & (out.p_yes < 1)).all())
+
+
+def test_prediction_is_deterministic(agpt, mvtec_standin):
+    batch = _test_batch(agpt, mvtec_standin)
+    a, b = agpt.predict_batch(batch), agpt.predict_batch(batch)
+    assert torch.equal(a.maps, b.maps) and a.answers == b.answers and torch.equal(a.p_yes, b.p_yes)
+
+
+def test_training_batch_is_normal_then_pseudo_with_matching_answers(agpt, mvtec_uzad_train):
+    batch = _train_batch(agpt, mvtec_uzad_train, n=3)
+    assert batch["image"].shape == (6, 3, 112, 112) and batch["mask"].shape == (6, 224, 224)
+    # normal half empty; AnomalyGPT's soft label binarised at 0.3 can empty a faint paste (answer "No" then)
+    assert batch["mask"][:3].sum() == 0 and batch["mask"][3:].sum() > 0
+    for mask, answer in zip(batch["mask"], batch["answers"], strict=True):
+        parsed = parse_answer(answer)
+        assert parsed.verdict == ("yes" if mask.sum() > 0 else "no")
+        if mask.sum() > 0:  # the named cells hold mask pixels (AnomalyGPT: one word per region, box centre)
+            rows, cols = torch.nonzero(mask, as_tuple=True)
+            cells = {int(3 * r // 224) * 3 + int(3 * c // 224) for r, c in zip(rows, cols, strict=True)}
+            words = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom",
+                     "bottom right"]
+            assert {words.index(p) for p in parsed.positions} <= cells
+    assert batch["answers"][0] == "No, there is no anomaly in the image."  # released wording
+
+
+def test_training_steps_on_a_fixed_batch_lower_the_loss(tiny_llm_params, mvtec_uzad_train):
+    method = build_method("anomalygpt", tiny_llm_params, seed=0)
+    batch = _train_batch(method, mvtec_uzad_train)
+    params = method.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    losses = []
+    for _ in range(4):
+        loss, _ = method.training_loss(batch)
+        method.optimizer_step(loss, optimizer, params)
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+
+
+def test_gradients_reach_only_the_trainable_modules(tiny_llm_params, mvtec_uzad_train):
+    method = build_method("anomalygpt", tiny_llm_params, seed=0)
+    loss, parts = method.training_loss(_train_batch(method, mvtec_uzad_train))
+    assert set(parts) == {"ce", "focal", "dice"}
+    loss.backward()
+    frozen = [*method.backbone.model.parameters(), *method.llm.model.parameters(), *method.llm.image_proj.parameters()]
+    assert all(p.grad is None for p in frozen)
+    assert all(not p.requires_grad for p in frozen)
+    for name, module in method.trainable.items():
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters()), name
+
+
+def test_fit_save_load_round_trip(tiny_llm_params, mvtec_uzad_train, mvtec_standin, tmp_path):
+    root, meta = mvtec_uzad_train
+    method = build_method("anomalygpt", tiny_llm_params, seed=0)
+    data = AnomalyDataset(root, meta, split="train", transform=method.transform, name="mvtec")
+    before = {k: v.clone() for k, v in method.trainable.state_dict().items()}
+    method.fit(data, "uzad")
+    assert len(method.loss_history) == math.ceil(len(data) / tiny_llm_params["batch_size"])
+    after = method.trainable.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    method.save(tmp_path / "model.pt")
+    reloaded = build_method("anomalygpt", tiny_llm_params, seed=0)
+    reloaded.load(tmp_path / "model.pt")
+    batch = _test_batch(method, mvtec_standin, n=2)
+    assert torch.equal(method.predict_batch(batch).maps, reloaded.predict_batch(batch).maps)
+
+
+def test_paper_size_trainable_parameters_match_the_release():
+    from siad.methods.llm_components import ConvPromptLearner, StageDecoder
+
+    decoder = sum(p.numel() for p in StageDecoder(1280, 1024, 4).parameters())
+    learner = sum(p.numel() for p in ConvPromptLearner(4096).parameters())
+    assert decoder == 5_246_976 and learner == 107_416_504
+
+
+def test_warmup_decay_schedule():
+    assert warmup_decay_factor(0, 10, 100, "log") == 0.0
+    assert warmup_decay_factor(9, 10, 100, "log") == pytest.approx(1.0)
+    assert warmup_decay_factor(5, 10, 100, "linear") == pytest.approx(0.5)
+    assert warmup_decay_factor(55, 10, 100) == pytest.approx(0.5)
+    assert warmup_decay_factor(100, 10, 100) == 0.0
+    assert warmup_decay_factor(3, 10, 100, "constant") == 1.0
+
+
+def test_paper_llm_without_files_is_a_clear_error(tiny_llm_params, tmp_path):
+    with pytest.raises(ConfigError, match="vicuna_dir"):
+        build_method("anomalygpt", {**tiny_llm_params, "llm": "vicuna-pandagpt"})
+    params = {**tiny_llm_params, "llm": "vicuna-pandagpt", "vicuna_dir": str(tmp_path / "vicuna"),
+              "pandagpt_delta": str(tmp_path / "pytorch_model.pt")}
+    with pytest.raises(MissingWeightsError, match="vicuna"):
+        build_method("anomalygpt", params)
+
+
+def test_paper_backbone_without_weights_offline_is_a_clear_error(tiny_llm_params, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    params = {**tiny_llm_params, "backbone": "imagebind-huge", "weights_dir": str(tmp_path)}
+    with pytest.raises(MissingWeightsError, match="ViT-H-14"):
+        build_method("anomalygpt", params)
+
+
+def test_bad_parameters_are_refused(tiny_llm_params):
+    with pytest.raises(ConfigError, match="map_reduce"):
+        build_method("anomalygpt", {**tiny_llm_params, "map_reduce": "max"})
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        build_method("anomalygpt", {**tiny_llm_params, "adapter_lambda": 0.1})
+
+
+def test_instruction_data_is_read_and_adds_a_ce_only_batch(tiny_llm_params, mvtec_uzad_train, tmp_path):
+    root, meta = mvtec_uzad_train
+    record = next(iter(meta["train"].values()))[0]
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes((root / record["img_path"]).read_bytes())
+    data = [{"image_name": "a.png", "conversation": [{"from": "human", "value": "<image>\nWhat is this?"},
+                                                      {"from": "gpt", "value": "A bottle."}]}]
+    (tmp_path / "sft.json").write_text(json.dumps(data))
+    params = {**tiny_llm_params, "sft_data": str(tmp_path / "sft.json"), "sft_image_dir": str(tmp_path / "images")}
+    method = build_method("anomalygpt", params, seed=0)
+    triples = method.instruction_data()
+    assert triples == [(tmp_path / "images" / "a.png", "What is this?", "A bottle.")]
+    loss = method.instruction_loss(triples)
+    assert loss.ndim == 0 and float(loss) > 0
+    loss.backward()
+    assert method.trainable["prompt_learner"].base_prompts.grad is not None
+    (tmp_path / "bad.json").write_text(json.dumps([{"image_name": "a.png", "conversation": []}]))
+    with pytest.raises(DataError, match="entry 0"):
+        build_method("anomalygpt", {**params, "sft_data": str(tmp_path / "bad.json")}).instruction_data()
+
+
+def test_few_shot_memory_map_is_zero_on_the_reference_image(tiny_llm_params, mvtec_standin):
+    method = build_method("anomalygpt", {**tiny_llm_params, "few_shot_k": 1}, seed=0)
+    assert method.references_needed == 1
+    batch = _test_batch(method, mvtec_standin, n=2)
+    with pytest.raises(ConfigError, match="reference images"):
+        method.predict_batch(batch)
+    method.set_references({c: batch["image"][i : i + 1] for i, c in enumerate(batch["cls_name"])})
+    out = method.predict_batch(batch)
+    assert out.maps.shape == (2, 224, 224)
+    assert float(out.maps.abs().max()) < 1e-4  # every patch finds itself among the reference patches
+    other = {"image": batch["image"].flip(-1), "cls_name": batch["cls_name"]}
+    assert float(method.predict_batch(other).scores.min()) > 1e-3

@@ -1,0 +1,38 @@
+"""Fixtures shared across test packages: a tiny MVTec AD stand-in and the tiny LLM-detector settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from siad.data.prepare import prepare_dataset
+from siad.data.records import load_meta
+from siad.data.synthetic import write_standin
+from siad.engine.runs import training_meta
+
+
+@pytest.fixture(scope="session")
+def mvtec_standin(tmp_path_factory) -> tuple[Path, dict[str, Any]]:
+    """(root, index) of a two-class MVTec AD stand-in at 64 px (6 train, 4 + 4 test images per class)."""
+    tmp = tmp_path_factory.mktemp("mvtec_standin")
+    root = tmp / "mvtec"
+    write_standin("mvtec", root, seed=0, classes=["bottle", "carpet"], size=64)
+    prepare_dataset("mvtec", root, tmp / "meta.json", verify_counts=False)
+    return root, load_meta(tmp / "meta.json", root)
+
+
+@pytest.fixture(scope="session")
+def mvtec_uzad_train(mvtec_standin) -> tuple[Path, dict[str, Any]]:
+    """(root, one-split training index) of the stand-in's normal train images (the UZAD auxiliary data)."""
+    root, meta = mvtec_standin
+    return root, training_meta(meta, "uzad")
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_params() -> dict[str, Any]:
+    """AnomalyGPT / SIAD-LLM parameters for the tiny random ViT-H/14-shaped backbone and the tiny LM (copy before
+    changing: the dict is shared by the session)."""
+    return {"backbone": "tiny-vit-h14-demo", "llm": "tiny-random", "max_new_tokens": 4, "progress": False,
+            "epochs": 1, "batch_size": 2}

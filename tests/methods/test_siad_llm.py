@@ -1,0 +1,167 @@
+"""Tests of SIAD-LLM (siad/methods/siad_llm.py): equivalence with AnomalyGPT, self-improvement, every ablation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from siad.data.loading import AnomalyDataset
+from siad.errors import ConfigError
+from siad.methods import build_method
+
+ALL_OFF = {"self_improvement": False, "stage_prompts": False, "learnable_context": False, "adapter_lambda": 0.0,
+           "sem": False, "pem": False}
+
+# The ablation variants of config/config.yaml (Tables 3a, 3b, 4, 5) and the modules each one must have.
+VARIANTS = {
+    "default": ({}, {"decoder", "stage_prompts", "adapter", "sem", "pem"}),
+    "wo_si": ({"self_improvement": False}, {"decoder", "stage_prompts", "adapter", "sem", "pem"}),
+    "wo_sp": ({"stage_prompts": False}, {"decoder", "stage_prompts", "adapter", "sem", "pem"}),
+    "wo_em": ({"sem": False, "pem": False}, {"decoder", "stage_prompts", "adapter", "prompt_learner"}),
+    "wo_sem": ({"sem": False}, {"decoder", "stage_prompts", "adapter", "pem"}),
+    "wo_pem": ({"pem": False}, {"decoder", "stage_prompts", "adapter", "sem", "prompt_learner"}),
+    "wo_adapter": ({"adapter_lambda": 0.0}, {"decoder", "stage_prompts", "sem", "pem"}),
+    "lambda05": ({"adapter_lambda": 0.5}, {"decoder", "stage_prompts", "adapter", "sem", "pem"}),
+    "case1": ({"stage_case": 1}, {"decoder", "stage_prompts", "adapter", "sem", "pem"}),
+}
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _test_batch(method, standin, n=4):
+    root, meta = standin
+    data = AnomalyDataset(root, meta, split="test", transform=method.transform)
+    items = [data[i] for i in range(0, len(data), max(1, len(data) // n))][:n]
+    return {"image": torch.stack([it["image"] for it in items]), "cls_name": [it["cls_name"] for it in items]}
+
+
+def _train_batch(method, train, n=2):
+    root, meta = train
+    records = [r for rs in meta["train"].values() for r in rs][:n]
+    return method.training_batch(root, records, "mvtec", np.random.default_rng(0))
+
+
+@pytest.fixture(scope="module")
+def full(tiny_llm_params):
+    return build_method("siad_llm", tiny_llm_params, seed=0)
+
+
+def test_all_modules_off_first_pass_equals_anomalygpt(tiny_llm_params, mvtec_standin):
+    agpt = build_method("anomalygpt", tiny_llm_params, seed=0)
+    siad = build_method("siad_llm", {**tiny_llm_params, **ALL_OFF}, seed=0)
+    # same weights: the trainable modules of AnomalyGPT copied into SIAD-LLM (same names, same shapes)
+    siad.trainable.load_state_dict(agpt.trainable.state_dict())
+    with torch.no_grad():
+        torch.nn.init.normal_(agpt.trainable["decoder"].fc[0].weight)  # make sure the copy is what is compared
+        siad.trainable.load_state_dict(agpt.trainable.state_dict())
+    batch = _test_batch(agpt, mvtec_standin)
+    a, _, _ = agpt.first_pass(batch)
+    s, _, _ = siad.first_pass(batch)
+    assert torch.equal(a.anomaly_map, s.anomaly_map) and torch.equal(a.prompts, s.prompts)
+    out_a, out_s = agpt.predict_batch(batch), siad.predict_batch(batch)
+    assert torch.equal(out_a.scores, out_s.scores) and out_a.answers == out_s.answers
+
+
+def test_full_model_differs_from_anomalygpt_map(tiny_llm_params, full, mvtec_standin):
+    agpt = build_method("anomalygpt", tiny_llm_params, seed=0)
+    batch = _test_batch(full, mvtec_standin)
+    assert not torch.allclose(agpt.first_pass(batch)[0].anomaly_map, full.first_pass(batch)[0].anomaly_map)
+
+
+def test_self_improvement_refines_text_with_the_answer(full, mvtec_standin):
+    batch = _test_batch(full, mvtec_standin, n=2)
+    with torch.no_grad():
+        first, _, tokens = full.first_pass(batch)
+        yes = full.refined_pass(tokens, first, ["Yes, there is an anomaly in the image, at the top of the image."] * 2)
+        no = full.refined_pass(tokens, first, ["No, there are no anomalies in the image."] * 2)
+    assert not torch.allclose(yes.text, first.text)
+    assert not torch.allclose(yes.text, no.text)
+    assert not torch.allclose(yes.anomaly_map, no.anomaly_map)
+
+
+def test_prediction_without_si_is_the_first_pass(tiny_llm_params, mvtec_standin):
+    method = build_method("siad_llm", {**tiny_llm_params, "self_improvement": False}, seed=0)
+    batch = _test_batch(method, mvtec_standin, n=2)
+    out = method.predict_batch(batch)
+    assert torch.equal(out.maps, method.first_pass(batch)[0].anomaly_map)
+
+
+def test_prediction_with_si_is_the_refined_pass(full, mvtec_standin):
+    batch = _test_batch(full, mvtec_standin, n=2)
+    out = full.predict_batch(batch)
+    first, embedding, tokens = full.first_pass(batch)
+    answers, _ = full.judge(embedding, first.prompts, batch["cls_name"])
+    assert torch.equal(out.maps, full.refined_pass(tokens, first, answers).anomaly_map)
+    assert not torch.equal(out.maps, first.anomaly_map)
+
+
+def test_training_steps_on_a_fixed_batch_lower_the_loss(tiny_llm_params, mvtec_uzad_train):
+    method = build_method("siad_llm", tiny_llm_params, seed=0)
+    method.trainable.train()
+    batch = _train_batch(method, mvtec_uzad_train)
+    params = method.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    losses = []
+    for _ in range(4):
+        loss, _ = method.training_loss(batch)
+        method.optimizer_step(loss, optimizer, params)
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+
+
+def test_gradients_reach_only_the_trainable_modules(tiny_llm_params, mvtec_uzad_train):
+    method = build_method("siad_llm", tiny_llm_params, seed=0)
+    method.trainable.train()
+    loss, _ = method.training_loss(_train_batch(method, mvtec_uzad_train))
+    loss.backward()
+    frozen = [*method.backbone.model.parameters(), *method.llm.model.parameters(), *method.llm.image_proj.parameters()]
+    assert all(p.grad is None for p in frozen)
+    for name, module in method.trainable.items():
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters()), name
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_each_variant_builds_trains_a_step_and_predicts(variant, tiny_llm_params, full, mvtec_uzad_train,
+                                                         mvtec_standin):
+    overrides, modules = VARIANTS[variant]
+    method = full if variant == "default" else build_method("siad_llm", {**tiny_llm_params, **overrides}, seed=0)
+    assert set(method.trainable) == modules
+    method.trainable.train()
+    params = method.trainable_parameters()
+    loss, _ = method.training_loss(_train_batch(method, mvtec_uzad_train))
+    method.optimizer_step(loss, torch.optim.AdamW(params, lr=1e-4), params)
+    out = method.predict_batch(_test_batch(method, mvtec_standin, n=2))
+    assert out.maps.shape == (2, 224, 224) and torch.isfinite(out.maps).all() and len(out.answers) == 2
+
+
+def test_parameter_counts_drop_by_exactly_the_removed_module(tiny_llm_params, full):
+    total = _count(full.trainable)
+    sizes = {name: _count(module) for name, module in full.trainable.items()}
+    wo_adapter = build_method("siad_llm", {**tiny_llm_params, "adapter_lambda": 0.0}, seed=0)
+    assert _count(wo_adapter.trainable) == total - sizes["adapter"]
+    wo_sem = build_method("siad_llm", {**tiny_llm_params, "sem": False}, seed=0)
+    assert _count(wo_sem.trainable) == total - sizes["sem"]
+    wo_pem = build_method("siad_llm", {**tiny_llm_params, "pem": False}, seed=0)
+    assert _count(wo_pem.trainable) == total - sizes["pem"] + _count(wo_pem.trainable["prompt_learner"])
+    # λ and the stage words change no parameter count; w/o SP keeps the (shared) context vectors
+    for overrides in ({"adapter_lambda": 0.5}, {"stage_case": 1}, {"stage_prompts": False}):
+        assert _count(build_method("siad_llm", {**tiny_llm_params, **overrides}, seed=0).trainable) == total
+
+
+def test_weights_of_another_variant_are_refused(tiny_llm_params, full, tmp_path):
+    full.save(tmp_path / "full.pt")
+    wo_sem = build_method("siad_llm", {**tiny_llm_params, "sem": False}, seed=0)
+    with pytest.raises(ConfigError, match="other module switches"):
+        wo_sem.load(tmp_path / "full.pt")
+
+
+def test_bad_ablation_parameters_are_refused(tiny_llm_params):
+    with pytest.raises(ConfigError, match="stage_case"):
+        build_method("siad_llm", {**tiny_llm_params, "stage_case": 4})
+    with pytest.raises(ConfigError, match="adapter_lambda"):
+        build_method("siad_llm", {**tiny_llm_params, "adapter_lambda": 1.5})
+    with pytest.raises(ConfigError, match="learnable_context"):
+        build_method("siad_llm", {**tiny_llm_params, "learnable_context": False})

@@ -1,0 +1,23 @@
+"""One (setting, method, source) group of runs: train each variant if needed, then evaluate its targets."""
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from siad.runtime import run_step
+
+if TYPE_CHECKING:
+    from snakemake.iocontainers import snakemake
+
+
+def main(smk) -> None:
+    from siad.config import results_root
+    from siad.engine.protocol import RunKey
+    from siad.engine.runs import run_group
+
+    p = smk.params
+    keys = [RunKey(p.setting, p.method, variant, p.source, target) for variant, target in p.runs]
+    run_group(smk.config, keys, meta_paths=dict(zip(p.datasets, map(Path, smk.input.meta), strict=True)),
+              results_root=results_root(smk.config))
+
+
+run_step(main, snakemake)  # noqa: F821 (injected by Snakemake)
