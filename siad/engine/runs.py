@@ -15,8 +15,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from siad import metrics
 from siad.config import dataset_root, method_params
+from siad.data.imageio import read_image
 from siad.data.loading import AnomalyDataset
 from siad.data.records import load_meta
 from siad.data.registry import get_dataset
@@ -127,6 +130,22 @@ def _run_group(keys: Sequence[RunKey], *paths: Sequence[Path]) -> RunKey:
     return groups.pop()
 
 
+def give_references(method: Method, root: Path, meta: Mapping[str, Any], classes: Sequence[str]) -> list[str]:
+    """Hand a few-shot method its ``references_needed`` normal train images per target class: the first k in
+    path order (deterministic); returns their paths (recorded in metrics.json)."""
+    k = method.references_needed
+    train = {c: sorted((r for r in meta.get("train", {}).get(c, []) if not r["anomaly"]), key=lambda r: r["img_path"])
+             for c in classes}
+    short = [c for c, records in train.items() if len(records) < k]
+    if short:
+        raise DataError(f"{root}: classes {short} have fewer than {k} normal train images for the few-shot "
+                        "references (few_shot_k); use a dataset layout with a train split or set few_shot_k: 0")
+    chosen = {c: records[:k] for c, records in train.items()}
+    method.set_references({c: torch.stack([method.transform(read_image(root / r["img_path"])) for r in records])
+                           for c, records in chosen.items()})
+    return [r["img_path"] for records in chosen.values() for r in records]
+
+
 def _evaluate_target(
     config: Mapping[str, Any], method: Method, key: RunKey, trained_on: list[str], *,
     meta_path: Path, metrics_path: Path, predictions_path: Path, progress: bool,
@@ -143,6 +162,9 @@ def _evaluate_target(
         mask_size=evaluation_mask_size(config),
     )
     log.info("evaluating %s on %s (%d images)", key, key.target, len(dataset))
+    references = []
+    if method.references_needed:
+        references = give_references(method, root, load_meta(meta_path, root), dataset.classes)
     evaluation = config["evaluation"]
     seed = int(config["seed"])
     preds = predict_dataset(method, dataset, batch_size=evaluation["batch_size"],
@@ -158,6 +180,7 @@ def _evaluate_target(
         "method": key.method,
         "variant": key.variant,
         "source": key.source,
+        "references": references,
         "target": key.target,
         "trained_on": trained_on,
         "eval_size": evaluation["size"],

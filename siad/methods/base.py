@@ -101,6 +101,16 @@ class Method(ABC):
         scores, maps = self.predict(batch)
         return MethodOutput(scores, maps)
 
+    @property
+    def references_needed(self) -> int:
+        """Normal train images per class of the *target* the method needs before predicting (few-shot modes
+        such as AnomalyGPT's memory map); 0 = none, the zero-shot default."""
+        return 0
+
+    def set_references(self, references: Mapping[str, torch.Tensor]) -> None:
+        """Receive ``references_needed`` transformed normal images per target class ({class: [k, 3, H, W]})."""
+        raise NotImplementedError(f"{type(self).__name__} takes no reference images (references_needed is 0)")
+
     def save(self, path: Path) -> None:
         """Write the learned state (training-free methods have none)."""
         torch.save({}, path)

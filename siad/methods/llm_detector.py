@@ -67,6 +67,7 @@ __all__ = ["LLM_DEFAULTS", "LlmDetector", "PassOutput", "count_parameters", "war
 log = logging.getLogger("siad")
 
 LLM_KINDS = ("vicuna-pandagpt", "tiny-random")
+_SHARED_LLM: dict[str, Any] = {}  # {"spec": LlmSpec, "llm": LoadedLlm}: see LlmDetector.load_llm
 
 LLM_DEFAULTS: dict[str, Any] = {
     **BACKBONE_DEFAULTS,
@@ -197,8 +198,15 @@ class LlmDetector(BackboneMethod):
             raise ConfigError("sft_data is set but sft_image_dir is not: give the folder of the instruction images")
 
     def load_llm(self) -> LoadedLlm:
-        """The frozen LLM of :meth:`llm_spec` (a hook: the speed benchmark injects a random-weight 7B)."""
-        return load_llm(self.llm_spec())
+        """The frozen LLM of :meth:`llm_spec` (a hook: the speed benchmark injects a random-weight 7B).
+
+        The last loaded LLM is kept per process and shared by later instances with the same spec: it is frozen,
+        so the ablation variants of one workflow job load the 7B weights once, not once per variant."""
+        spec = self.llm_spec()
+        if _SHARED_LLM.get("spec") != spec:
+            _SHARED_LLM.clear()  # one LLM at a time: never two 7B models in memory
+            _SHARED_LLM.update(spec=spec, llm=load_llm(spec))
+        return _SHARED_LLM["llm"]
 
     def llm_spec(self) -> LlmSpec:
         """The LLM to load: the paper's Vicuna-7B v0 + PandaGPT, or the tiny random demo LM."""

@@ -93,6 +93,8 @@ class SiadLlm(LlmDetector):
             raise ConfigError("learnable_context: false is only defined without stage prompts (stage_prompts: false)")
         if p["learnable_context"] and not (isinstance(p["n_ctx"], int) and p["n_ctx"] >= 1):
             raise ConfigError(f"n_ctx={p['n_ctx']!r}: use a positive integer (or learnable_context: false)")
+        if p["few_shot_k"]:
+            raise ConfigError("few_shot_k is AnomalyGPT's memory-map option; SIAD-LLM is zero-shot (few_shot_k: 0)")
         for key, allowed in (("train_response", ("target", "generated")), ("pixel_loss_on", ("map", "stages"))):
             if p[key] not in allowed:
                 raise ConfigError(f"method parameter {key}={p[key]!r} is not one of {list(allowed)}")

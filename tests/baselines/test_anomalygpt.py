@@ -163,7 +163,7 @@ def test_instruction_data_is_read_and_adds_a_ce_only_batch(tiny_llm_params, mvte
     triples = method.instruction_data()
     assert triples == [(tmp_path / "images" / "a.png", "What is this?", "A bottle.")]
     loss = method.instruction_loss(triples)
-    assert loss.ndim == 0 and float(loss) > 0
+    assert loss.ndim == 0 and float(loss.detach()) > 0
     loss.backward()
     assert method.trainable["prompt_learner"].base_prompts.grad is not None
     (tmp_path / "bad.json").write_text(json.dumps([{"image_name": "a.png", "conversation": []}]))
@@ -183,3 +183,12 @@ def test_few_shot_memory_map_is_zero_on_the_reference_image(tiny_llm_params, mvt
     assert float(out.maps.abs().max()) < 1e-4  # every patch finds itself among the reference patches
     other = {"image": batch["image"].flip(-1), "cls_name": batch["cls_name"]}
     assert float(method.predict_batch(other).scores.min()) > 1e-3
+
+
+def test_instances_with_the_same_llm_spec_share_the_frozen_llm(tiny_llm_params):
+    a = build_method("anomalygpt", tiny_llm_params, seed=0)
+    b = build_method("siad_llm", tiny_llm_params, seed=0)
+    assert a.llm is b.llm  # variants of one job load the LLM once
+    other = build_method("anomalygpt", tiny_llm_params, seed=3)
+    assert other.llm is not a.llm
+    assert not torch.equal(other.llm.image_proj.weight, a.llm.image_proj.weight)

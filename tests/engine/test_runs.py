@@ -275,3 +275,32 @@ def test_run_group_refuses_runs_of_several_groups(workspace):
             RunKey("uzad", "test_mean_image", "default", "br35h", "headct")]
     with pytest.raises(ConfigError, match="one job covers one"):
         runs.run_group(config, keys, meta_paths=metas, results_root=tmp / "x", progress=False)
+
+
+class ReferenceMeanImage(MeanImage):
+    """Toy few-shot method: needs 2 normal train images per target class."""
+
+    references_needed = 2
+
+    def set_references(self, references):
+        self.references = {c: tuple(images.shape) for c, images in references.items()}
+
+
+def test_few_shot_methods_receive_the_first_normal_train_images_of_each_target_class(workspace, mvtec_model):
+    tmp, config, metas = workspace
+    METHODS.add("test_reference_mean", ReferenceMeanImage)
+    config = copy.deepcopy(config)
+    config["methods"]["test_reference_mean"] = {"display_name": "Ref", "params": {"size": 32}}
+    key = RunKey("uzad", "test_reference_mean", "default", "mvtec", "visa")
+    body = evaluate_run(config, key, meta_path=metas["visa"], model_dir=mvtec_model, progress=False,
+                        metrics_path=tmp / "ref" / "m.json", predictions_path=tmp / "ref" / "p.npz")
+    refs = body["run"]["references"]
+    train = sorted(r["img_path"] for r in json.loads(metas["visa"].read_text())["train"]["candle"] if not r["anomaly"])
+    assert refs == train[:2]
+    ReferenceMeanImage.references_needed = 50
+    try:
+        with pytest.raises(DataError, match="fewer than 50 normal train images"):
+            evaluate_run(config, key, meta_path=metas["visa"], model_dir=mvtec_model, progress=False,
+                         metrics_path=tmp / "ref2" / "m.json", predictions_path=tmp / "ref2" / "p.npz")
+    finally:
+        ReferenceMeanImage.references_needed = 2

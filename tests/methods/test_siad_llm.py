@@ -165,3 +165,5 @@ def test_bad_ablation_parameters_are_refused(tiny_llm_params):
         build_method("siad_llm", {**tiny_llm_params, "adapter_lambda": 1.5})
     with pytest.raises(ConfigError, match="learnable_context"):
         build_method("siad_llm", {**tiny_llm_params, "learnable_context": False})
+    with pytest.raises(ConfigError, match="few_shot_k"):
+        build_method("siad_llm", {**tiny_llm_params, "few_shot_k": 1})
