@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 
+from siad.data.loading import AnomalyDataset
 from siad.data.prepare import prepare_dataset
 from siad.data.records import load_meta
 from siad.data.synthetic import write_standin
@@ -36,3 +40,23 @@ def tiny_llm_params() -> dict[str, Any]:
     changing: the dict is shared by the session)."""
     return {"backbone": "tiny-vit-h14-demo", "llm": "tiny-random", "max_new_tokens": 4, "progress": False,
             "epochs": 1, "batch_size": 2}
+
+
+@pytest.fixture(scope="session")
+def llm_batches(mvtec_standin, mvtec_uzad_train) -> SimpleNamespace:
+    """Batch factories for the LLM detectors: ``test(method, n)`` (images of the stand-in's test split, spread
+    over both classes) and ``train(method, n)`` (``[normal || pseudo]`` from n normal train images)."""
+
+    def test(method, n: int = 4) -> dict[str, Any]:
+        root, meta = mvtec_standin
+        data = AnomalyDataset(root, meta, split="test", transform=method.transform)
+        items = [data[i] for i in range(0, len(data), max(1, len(data) // n))][:n]
+        return {"image": torch.stack([it["image"] for it in items]), "cls_name": [it["cls_name"] for it in items],
+                "img_path": [it["img_path"] for it in items]}
+
+    def train(method, n: int = 2) -> dict[str, Any]:
+        root, meta = mvtec_uzad_train
+        records = [r for rs in meta["train"].values() for r in rs][:n]
+        return method.training_batch(root, records, "mvtec", np.random.default_rng(0))
+
+    return SimpleNamespace(test=test, train=train)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,22 +20,12 @@ def agpt(tiny_llm_params):
     return build_method("anomalygpt", tiny_llm_params, seed=0)
 
 
-def _test_batch(method, standin, n=4):
-    root, meta = standin
-    data = AnomalyDataset(root, meta, split="test", transform=method.transform)
-    items = [data[i] for i in range(0, len(data), max(1, len(data) // n))][:n]
-    return {"image": torch.stack([it["image"] for it in items]), "cls_name": [it["cls_name"] for it in items],
-            "img_path": [it["img_path"] for it in items]}
 
 
-def _train_batch(method, train, n=2, seed=0):
-    root, meta = train
-    records = [r for rs in meta["train"].values() for r in rs][:n]
-    return method.training_batch(root, records, "mvtec", np.random.default_rng(seed))
 
 
-def test_prediction_has_map_max_score_answers_and_p_yes(agpt, mvtec_standin):
-    out = agpt.predict_batch(_test_batch(agpt, mvtec_standin))
+def test_prediction_has_map_max_score_answers_and_p_yes(agpt, llm_batches):
+    out = agpt.predict_batch(llm_batches.test(agpt))
     assert out.maps.shape == (4, 224, 224)
     assert torch.allclose(out.scores, out.maps.flatten(1).max(dim=1).values)
     assert out.maps.min() >= 0 and out.maps.max() <= 1  # mean of softmax probabilities
@@ -44,14 +33,14 @@ def test_prediction_has_map_max_score_answers_and_p_yes(agpt, mvtec_standin):
     assert out.p_yes.shape == (4,) and bool(((out.p_yes > 0) & (out.p_yes < 1)).all())
 
 
-def test_prediction_is_deterministic(agpt, mvtec_standin):
-    batch = _test_batch(agpt, mvtec_standin)
+def test_prediction_is_deterministic(agpt, llm_batches):
+    batch = llm_batches.test(agpt)
     a, b = agpt.predict_batch(batch), agpt.predict_batch(batch)
     assert torch.equal(a.maps, b.maps) and a.answers == b.answers and torch.equal(a.p_yes, b.p_yes)
 
 
-def test_training_batch_is_normal_then_pseudo_with_matching_answers(agpt, mvtec_uzad_train):
-    batch = _train_batch(agpt, mvtec_uzad_train, n=3)
+def test_training_batch_is_normal_then_pseudo_with_matching_answers(agpt, llm_batches):
+    batch = llm_batches.train(agpt, n=3)
     assert batch["image"].shape == (6, 3, 112, 112) and batch["mask"].shape == (6, 224, 224)
     # normal half empty; AnomalyGPT's soft label binarised at 0.3 can empty a faint paste (answer "No" then)
     assert batch["mask"][:3].sum() == 0 and batch["mask"][3:].sum() > 0
@@ -67,32 +56,11 @@ def test_training_batch_is_normal_then_pseudo_with_matching_answers(agpt, mvtec_
     assert batch["answers"][0] == "No, there is no anomaly in the image."  # released wording
 
 
-def test_training_steps_on_a_fixed_batch_lower_the_loss(tiny_llm_params, mvtec_uzad_train):
-    method = build_method("anomalygpt", tiny_llm_params, seed=0)
-    batch = _train_batch(method, mvtec_uzad_train)
-    params = method.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    losses = []
-    for _ in range(4):
-        loss, _ = method.training_loss(batch)
-        method.optimizer_step(loss, optimizer, params)
-        losses.append(float(loss.detach()))
-    assert losses[-1] < losses[0]
 
 
-def test_gradients_reach_only_the_trainable_modules(tiny_llm_params, mvtec_uzad_train):
-    method = build_method("anomalygpt", tiny_llm_params, seed=0)
-    loss, parts = method.training_loss(_train_batch(method, mvtec_uzad_train))
-    assert set(parts) == {"ce", "focal", "dice"}
-    loss.backward()
-    frozen = [*method.backbone.model.parameters(), *method.llm.model.parameters(), *method.llm.image_proj.parameters()]
-    assert all(p.grad is None for p in frozen)
-    assert all(not p.requires_grad for p in frozen)
-    for name, module in method.trainable.items():
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters()), name
 
 
-def test_fit_save_load_round_trip(tiny_llm_params, mvtec_uzad_train, mvtec_standin, tmp_path):
+def test_fit_save_load_round_trip(tiny_llm_params, mvtec_uzad_train, tmp_path, llm_batches):
     root, meta = mvtec_uzad_train
     method = build_method("anomalygpt", tiny_llm_params, seed=0)
     data = AnomalyDataset(root, meta, split="train", transform=method.transform, name="mvtec")
@@ -104,7 +72,7 @@ def test_fit_save_load_round_trip(tiny_llm_params, mvtec_uzad_train, mvtec_stand
     method.save(tmp_path / "model.pt")
     reloaded = build_method("anomalygpt", tiny_llm_params, seed=0)
     reloaded.load(tmp_path / "model.pt")
-    batch = _test_batch(method, mvtec_standin, n=2)
+    batch = llm_batches.test(method, n=2)
     assert torch.equal(method.predict_batch(batch).maps, reloaded.predict_batch(batch).maps)
 
 
@@ -171,10 +139,10 @@ def test_instruction_data_is_read_and_adds_a_ce_only_batch(tiny_llm_params, mvte
         build_method("anomalygpt", {**params, "sft_data": str(tmp_path / "bad.json")}).instruction_data()
 
 
-def test_few_shot_memory_map_is_zero_on_the_reference_image(tiny_llm_params, mvtec_standin):
+def test_few_shot_memory_map_is_zero_on_the_reference_image(tiny_llm_params, llm_batches):
     method = build_method("anomalygpt", {**tiny_llm_params, "few_shot_k": 1}, seed=0)
     assert method.references_needed == 1
-    batch = _test_batch(method, mvtec_standin, n=2)
+    batch = llm_batches.test(method, n=2)
     with pytest.raises(ConfigError, match="reference images"):
         method.predict_batch(batch)
     method.set_references({c: batch["image"][i : i + 1] for i, c in enumerate(batch["cls_name"])})
@@ -192,3 +160,15 @@ def test_instances_with_the_same_llm_spec_share_the_frozen_llm(tiny_llm_params):
     other = build_method("anomalygpt", tiny_llm_params, seed=3)
     assert other.llm is not a.llm
     assert not torch.equal(other.llm.image_proj.weight, a.llm.image_proj.weight)
+
+
+def test_training_is_deterministic(tiny_llm_params, mvtec_uzad_train):
+    root, meta = mvtec_uzad_train
+    states = []
+    for _ in range(2):
+        torch.manual_seed(123)  # global state must not matter: the method seeds its own generators
+        method = build_method("siad_llm", {**tiny_llm_params, "batch_size": 4}, seed=0)
+        method.fit(AnomalyDataset(root, meta, split="train", transform=method.transform, name="mvtec"), "uzad")
+        states.append((method.trainable.state_dict(), method.loss_history))
+    assert states[0][1] == states[1][1]
+    assert all(torch.equal(states[0][0][k], states[1][0][k]) for k in states[0][0])
