@@ -67,6 +67,9 @@ __all__ = ["LLM_DEFAULTS", "LlmDetector", "PassOutput", "count_parameters", "war
 log = logging.getLogger("siad")
 
 LLM_KINDS = ("vicuna-pandagpt", "tiny-random")
+SIAD_DESCRIPTIONS = Path(__file__).resolve().parents[1] / "llm" / "descriptions" / "siad_tables_8_16.json"
+"""SIAD-LLM Tables 8–16, verbatim (typos included; MVTec/VisA rows are AnomalyGPT's released descriptions):
+keyed by the suite's class names (SDD's row under electrical_commutators, HeadCT's "brain" row under head)."""
 _SHARED_LLM: dict[str, Any] = {}  # {"spec": LlmSpec, "llm": LoadedLlm}: see LlmDetector.load_llm
 
 LLM_DEFAULTS: dict[str, Any] = {
@@ -83,7 +86,7 @@ LLM_DEFAULTS: dict[str, Any] = {
     "map_size": 224,  # stage maps are upsampled to 224 (the prompt learner's input), as released
     "logit_scale": 100.0,
     # -- the conversation
-    "descriptions": None,  # JSON {class: description}; None = the SIAD Appendix F fallback sentence
+    "descriptions": "siad_tables",  # SIAD Tables 8–16 (bundled) | a JSON {class: description} file | None (fallback)
     "answer_style": "anomalygpt",  # target answers: "anomalygpt" (released wording) | "siad" (Appendix F)
     "max_new_tokens": 64,
     "do_sample": False,  # greedy by default (reproducible); True = AnomalyGPT's nucleus sampling
@@ -215,9 +218,12 @@ class LlmDetector(BackboneMethod):
         return vicuna_pandagpt_spec(self.params["vicuna_dir"], self.params["pandagpt_delta"], self.params["llm_dtype"])
 
     def _read_descriptions(self) -> dict[str, str]:
+        """Class → description for the human turn; classes missing from it get the Appendix F fallback sentence."""
         path = self.params["descriptions"]
         if path is None:
             return {}
+        if path == "siad_tables":
+            path = SIAD_DESCRIPTIONS
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as err:

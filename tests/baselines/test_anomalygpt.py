@@ -172,3 +172,16 @@ def test_training_is_deterministic(tiny_llm_params, mvtec_uzad_train):
         states.append((method.trainable.state_dict(), method.loss_history))
     assert states[0][1] == states[1][1]
     assert all(torch.equal(states[0][0][k], states[1][0][k]) for k in states[0][0])
+
+
+def test_every_dataset_class_has_its_siad_table_description(agpt, tiny_llm_params):
+    from siad.data.registry import DATASETS, get_dataset
+
+    for dataset in DATASETS.names():
+        for cls_name in get_dataset(dataset).classes:
+            assert agpt.descriptions[cls_name].startswith("This is a photo of"), (dataset, cls_name)
+    assert agpt.question("bottle") == ("This is a photo of a bottle for anomaly detection, which should be round, "
+                                       "without any damage, flaw, defect, scratch, hole or broken part. "
+                                       "Is there any anomaly in the image?")
+    fallback = build_method("anomalygpt", {**tiny_llm_params, "descriptions": None})
+    assert "which should be without any damage" in fallback.question("bottle")
