@@ -67,6 +67,13 @@ __all__ = ["LLM_DEFAULTS", "LlmDetector", "PassOutput", "count_parameters", "war
 log = logging.getLogger("siad")
 
 LLM_KINDS = ("vicuna-pandagpt", "tiny-random")
+RELEASED_TEST_WORDS: dict[str, str] = {
+    "capsules": "capsule", "pipe_fryum": "fryum", "chewinggum": "object", "macaroni1": "macaroni",
+    "macaroni2": "macaroni", "pcb1": "pcb", "pcb2": "pcb", "pcb3": "pcb", "pcb4": "pcb",
+}
+"""The object word AnomalyGPT's test scripts use: the first of its class names found as a substring of the class
+description, so VisA's capsules → capsule, pipe_fryum → fryum, macaroni1/2 → macaroni, pcb1–4 → pcb, and
+chewinggum → object (its description misspells "chewinggom"). Training uses the class names themselves."""
 SIAD_DESCRIPTIONS = Path(__file__).resolve().parents[1] / "llm" / "descriptions" / "siad_tables_8_16.json"
 """SIAD-LLM Tables 8–16, verbatim (typos included; MVTec/VisA rows are AnomalyGPT's released descriptions):
 keyed by the suite's class names (SDD's row under electrical_commutators, HeadCT's "brain" row under head)."""
@@ -81,6 +88,7 @@ LLM_DEFAULTS: dict[str, Any] = {
     "pandagpt_delta": None,
     "llm_dtype": "float16",  # paper profile only; the tiny LM is float32
     # -- maps
+    "test_class_names": "released",  # object words at test: "released" (see RELEASED_TEST_WORDS) | "class"
     "ensemble": "anomalygpt",  # Appendix D compositional ensemble (7 normal × 5 abnormal states × 2 templates)
     "map_reduce": "mean",  # "mean" as released | "sum" as the AnomalyGPT paper writes
     "map_size": 224,  # stage maps are upsampled to 224 (the prompt learner's input), as released
@@ -183,6 +191,7 @@ class LlmDetector(BackboneMethod):
         p = self.params
         _check_choice("llm", p["llm"], LLM_KINDS)
         _check_choice("map_reduce", p["map_reduce"], ("mean", "sum"))
+        _check_choice("test_class_names", p["test_class_names"], ("released", "class"))
         _check_choice("answer_style", p["answer_style"], ("anomalygpt", "siad"))
         _check_choice("warmup", p["warmup"], ("log", "linear", "constant"))
         _check_choice("pseudo_label", p["pseudo_label"], ("logistic", "binary"))
@@ -281,8 +290,12 @@ class LlmDetector(BackboneMethod):
             self._static_text[cls_name] = feats.float().to(self.device)
         return self._static_text[cls_name]
 
-    def text_features(self, cls_names: Sequence[str]) -> Tensor:
-        """Per-image, per-stage text features [B, K, 2, D] (AnomalyGPT: the class ensemble for every stage)."""
+    def text_features(self, cls_names: Sequence[str], *, test: bool = False) -> Tensor:
+        """Per-image, per-stage text features [B, K, 2, D] (AnomalyGPT: the class ensemble for every stage).
+
+        ``test``: a test batch, whose object words follow ``test_class_names`` (released: RELEASED_TEST_WORDS)."""
+        if test and self.params["test_class_names"] == "released":
+            cls_names = [RELEASED_TEST_WORDS.get(c, c) for c in cls_names]
         text = torch.stack([self.static_text(c) for c in cls_names])
         return text.unsqueeze(1).expand(-1, len(self.taps), -1, -1)
 
@@ -358,7 +371,7 @@ class LlmDetector(BackboneMethod):
         the memory map feeds the prompt learner, as the release's few-shot test)."""
         stages, embedding = self.frozen_features(batch["image"], batch.get("image_file"))
         tokens = self.visual_tokens(stages)
-        out = self.forward_pass(tokens, self.text_features(batch["cls_name"]))
+        out = self.forward_pass(tokens, self.text_features(batch["cls_name"], test=True))
         if self.params["few_shot_k"]:
             memory = self.memory_map(stages, batch["cls_name"])
             out = PassOutput(out.probs, memory, self.prompt_embeddings(out.probs, memory), out.text)

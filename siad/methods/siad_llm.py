@@ -69,6 +69,7 @@ SIAD_DEFAULTS: dict[str, Any] = {
     "answer_style": "siad",  # Appendix F answers ("No, there are no anomalies in the image." / positions)
     "pseudo_label": "binary",  # Eq. 1–2: the pasted region is the mask
     "label_threshold": 0.5,
+    "test_class_names": "class",  # SIAD-LLM has no released code: the class names at training and test alike
 }
 
 
@@ -124,10 +125,10 @@ class SiadLlm(LlmDetector):
 
     # -- hooks --------------------------------------------------------------------------------------
 
-    def text_features(self, cls_names: Sequence[str]) -> Tensor:
+    def text_features(self, cls_names: Sequence[str], *, test: bool = False) -> Tensor:
         """Stage text features [B, K, 2, D]: learnable stage prompts (cached per class outside training)."""
         if "stage_prompts" not in self.trainable:
-            return super().text_features(cls_names)
+            return super().text_features(cls_names, test=test)
         learner = self.trainable["stage_prompts"]
         if learner.training:
             self._eval_text.clear()

@@ -185,3 +185,12 @@ def test_every_dataset_class_has_its_siad_table_description(agpt, tiny_llm_param
                                        "Is there any anomaly in the image?")
     fallback = build_method("anomalygpt", {**tiny_llm_params, "descriptions": None})
     assert "which should be without any damage" in fallback.question("bottle")
+
+
+def test_test_time_object_words_follow_the_release(agpt, tiny_llm_params):
+    assert torch.equal(agpt.text_features(["pcb1"], test=True), agpt.text_features(["pcb"]))
+    assert torch.equal(agpt.text_features(["chewinggum"], test=True), agpt.text_features(["object"]))
+    assert not torch.equal(agpt.text_features(["pcb1"], test=True), agpt.text_features(["pcb1"]))  # training
+    assert torch.equal(agpt.text_features(["bottle"], test=True), agpt.text_features(["bottle"]))
+    plain = build_method("anomalygpt", {**tiny_llm_params, "test_class_names": "class"})
+    assert torch.equal(plain.text_features(["pcb1"], test=True), plain.text_features(["pcb1"]))

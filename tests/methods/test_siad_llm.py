@@ -9,7 +9,7 @@ from siad.errors import ConfigError
 from siad.methods import build_method
 
 ALL_OFF = {"self_improvement": False, "stage_prompts": False, "learnable_context": False, "adapter_lambda": 0.0,
-           "sem": False, "pem": False}
+           "sem": False, "pem": False, "test_class_names": "released"}
 
 # The ablation variants of config/config.yaml (Tables 3a, 3b, 4, 5) and the modules each one must have.
 VARIANTS = {
