@@ -114,6 +114,7 @@ LLM_DEFAULTS: dict[str, Any] = {
     "label_threshold": 0.3,
     "sft_data": None,  # PandaGPT instruction data (JSON) interleaved with the AD batches; unavailable offline
     "sft_image_dir": None,
+    "train_memory_prompt_p": 0.5,  # released: in half the steps the prompt learner gets the memory map instead
     "few_shot_k": 0,  # >0: the release's k-normal-shot memory map (k normal train images of each target class)
     "feature_cache": None,  # folder of the frozen-feature cache for evaluation (None: always run the backbone)
     "feature_cache_dtype": "float16",
@@ -179,6 +180,7 @@ class LlmDetector(BackboneMethod):
         self._cache: FeatureCache | None = None
         self._generators: dict[tuple[str, str], CutPastePoisson] = {}
         self._memory: dict[str, list[Tensor]] = {}
+        self._train_memory: dict[str, list[Tensor]] = {}
         self.loss_history: list[float] = []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -204,6 +206,8 @@ class LlmDetector(BackboneMethod):
                 "(pytorch_model.pt of openllmplayground/pandagpt_7b_max_len_1024); see siad/llm/loader.py for how to "
                 "obtain them, or use `llm: tiny-random` for the offline demo"
             )
+        if not 0.0 <= p["train_memory_prompt_p"] <= 1.0:
+            raise ConfigError(f"train_memory_prompt_p={p['train_memory_prompt_p']!r}: a probability in [0, 1]")
         if not (isinstance(p["few_shot_k"], int) and p["few_shot_k"] >= 0):
             raise ConfigError(f"few_shot_k={p['few_shot_k']!r}: use 0 (zero-shot) or a positive number of shots")
         if p["sft_data"] is not None and p["sft_image_dir"] is None:
@@ -385,24 +389,33 @@ class LlmDetector(BackboneMethod):
         return int(self.params["few_shot_k"])
 
     @torch.no_grad()
-    def set_references(self, references: Mapping[str, Tensor]) -> None:
-        """Store the raw stage tokens of k normal images per class ([k, 3, H, W] transformed images each)."""
-        self._memory = {}
+    def memory_tokens(self, references: Mapping[str, Tensor]) -> dict[str, list[Tensor]]:
+        """Per class, the unit raw stage tokens of its reference images ([k, 3, H, W] each), flattened per stage."""
+        memory = {}
         for cls_name, images in references.items():
             stages, _ = self.encode_images(images)
-            self._memory[cls_name] = [F.normalize(s.reshape(-1, s.shape[-1]).float(), dim=-1) for s in stages]
+            memory[cls_name] = [F.normalize(s.reshape(-1, s.shape[-1]).float(), dim=-1) for s in stages]
+        return memory
 
-    def memory_map(self, stages: Sequence[Tensor], cls_names: Sequence[str]) -> Tensor:
+    def set_references(self, references: Mapping[str, Tensor]) -> None:
+        """Store the raw stage tokens of k normal images per class ([k, 3, H, W] transformed images each)."""
+        self._memory = self.memory_tokens(references)
+
+    def memory_map(
+        self, stages: Sequence[Tensor], cls_names: Sequence[str], memory: Mapping[str, list[Tensor]] | None = None
+    ) -> Tensor:
         """1 − (mean over stages of each patch's max cosine to the class's reference patches), upsampled
-        bilinearly (align_corners=True) to the map size: AnomalyGPT's few-shot map on raw stage tokens."""
-        missing = sorted({c for c in cls_names if c not in self._memory})
+        bilinearly (align_corners=True) to the map size: AnomalyGPT's few-shot map on raw stage tokens.
+        ``memory`` defaults to the references given by :meth:`set_references`."""
+        memory = self._memory if memory is None else memory
+        missing = sorted({c for c in cls_names if c not in memory})
         if missing:
             raise ConfigError(f"few_shot_k={self.params['few_shot_k']}: no reference images for classes {missing}; "
                               "the evaluation must pass the target's normal train images (set_references)")
         rows = []
         for i, cls_name in enumerate(cls_names):
             sims = [(F.normalize(s[i].float(), dim=-1) @ m.T).max(dim=1).values
-                    for s, m in zip(stages, self._memory[cls_name], strict=True)]
+                    for s, m in zip(stages, memory[cls_name], strict=True)]
             rows.append(1.0 - torch.stack(sims).mean(dim=0))
         side = round(rows[0].numel() ** 0.5)
         grid = torch.stack(rows).reshape(-1, 1, side, side)
@@ -442,7 +455,7 @@ class LlmDetector(BackboneMethod):
 
     def _normalise(self, images: np.ndarray) -> Tensor:
         spec = self.backbone.spec
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)
+        x = torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float().div(255.0)
         mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
         std = torch.tensor(spec.std).view(1, 3, 1, 1)
         return ((x - mean) / std).to(self.device)
@@ -469,7 +482,21 @@ class LlmDetector(BackboneMethod):
         target = F.interpolate(target[:, None], size=(size, size), mode="nearest")[:, 0].to(self.device)
         cls_names = [r["cls_name"] for r in records] * 2
         answers = [target_answer(m, style=self.params["answer_style"]) for m in target.cpu()]
-        return {"image": self._normalise(images), "mask": target, "cls_name": cls_names, "answers": answers}
+        memory_prompt = bool(self._train_memory) and rng.random() < self.params["train_memory_prompt_p"]
+        return {"image": self._normalise(images), "mask": target, "cls_name": cls_names, "answers": answers,
+                "memory_prompt": memory_prompt}
+
+    def train_memory(self, root: Path, records: Sequence[Mapping[str, Any]]) -> dict[str, list[Tensor]]:
+        """The released training memory: per class, its first normal training image (path order) and its
+        rot90 copies (0°, 90°, 180°, 270°) as reference patches for the memory-map prompts."""
+        first: dict[str, Mapping[str, Any]] = {}
+        for record in sorted(records, key=lambda r: r["img_path"]):
+            first.setdefault(record["cls_name"], record)
+        references = {}
+        for cls_name, record in first.items():
+            image = self._normalise(self._raw_image(root, record)[None])
+            references[cls_name] = torch.cat([torch.rot90(image, k, dims=(-2, -1)) for k in range(4)])
+        return self.memory_tokens(references)
 
     def pixel_losses(self, probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """(focal, dice) summed over the stages against the binarised pseudo mask, as released."""
@@ -481,8 +508,12 @@ class LlmDetector(BackboneMethod):
         """AnomalyGPT's loss on one ``[normal || pseudo]`` batch: CE(answer) + Σ_stages (focal + dice)."""
         stages, embedding = self.encode_images(batch["image"])
         out = self.forward_pass(self.visual_tokens(stages), self.text_features(batch["cls_name"]))
-        focal, dice = self.pixel_losses(out.probs, batch["mask"])
-        ce = self.answer_loss(embedding, out.prompts, batch["cls_name"], batch["answers"])
+        focal, dice = self.pixel_losses(out.probs, batch["mask"])  # always on the text map, as released
+        prompts = out.prompts
+        if batch.get("memory_prompt"):
+            memory = self.memory_map(stages, batch["cls_name"], self._train_memory)
+            prompts = self.prompt_embeddings(out.probs, memory)
+        ce = self.answer_loss(embedding, prompts, batch["cls_name"], batch["answers"])
         parts = {"ce": float(ce.detach()), "focal": float(focal.detach()), "dice": float(dice.detach())}
         return ce + focal + dice, parts
 
@@ -539,6 +570,7 @@ class LlmDetector(BackboneMethod):
         rng = np.random.default_rng(self.seed)
         order_gen = torch.Generator().manual_seed(self.seed)
         instructions = self.instruction_data()
+        self._train_memory = self.train_memory(Path(root), records) if p["train_memory_prompt_p"] > 0 else {}
         dataset_name = str(getattr(train_data, "name", "") or "")
         self.trainable.train()
         self.loss_history = []

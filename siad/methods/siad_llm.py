@@ -70,6 +70,7 @@ SIAD_DEFAULTS: dict[str, Any] = {
     "pseudo_label": "binary",  # Eq. 1–2: the pasted region is the mask
     "label_threshold": 0.5,
     "test_class_names": "class",  # SIAD-LLM has no released code: the class names at training and test alike
+    "train_memory_prompt_p": 0.0,  # AnomalyGPT's memory-map prompts while training are not part of SIAD-LLM
 }
 
 

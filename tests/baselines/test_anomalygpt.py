@@ -194,3 +194,22 @@ def test_test_time_object_words_follow_the_release(agpt, tiny_llm_params):
     assert torch.equal(agpt.text_features(["bottle"], test=True), agpt.text_features(["bottle"]))
     plain = build_method("anomalygpt", {**tiny_llm_params, "test_class_names": "class"})
     assert torch.equal(plain.text_features(["pcb1"], test=True), plain.text_features(["pcb1"]))
+
+
+def test_released_memory_map_prompts_while_training(tiny_llm_params, mvtec_uzad_train, llm_batches):
+    root, meta = mvtec_uzad_train
+    records = [r for rs in meta["train"].values() for r in rs]
+    method = build_method("anomalygpt", {**tiny_llm_params, "train_memory_prompt_p": 1.0}, seed=0)
+    method._train_memory = method.train_memory(root, records)
+    assert sorted(method._train_memory) == sorted(meta["train"])
+    assert method._train_memory["bottle"][0].shape[0] == 4 * 64  # first image + 3 rotations, 8x8 patches each
+    batch = llm_batches.train(method)
+    assert batch["memory_prompt"] is True
+    loss_memory, parts_memory = method.training_loss(batch)
+    loss_text, parts_text = method.training_loss({**batch, "memory_prompt": False})
+    assert parts_memory["focal"] == parts_text["focal"] and parts_memory["dice"] == parts_text["dice"]
+    assert parts_memory["ce"] != parts_text["ce"]  # the prompts came from the memory map
+    first = sorted(meta["train"]["bottle"], key=lambda r: r["img_path"])[0]
+    image = method._normalise(method._raw_image(root, first)[None])
+    stages, _ = method.encode_images(image)
+    assert float(method.memory_map(stages, ["bottle"], method._train_memory).abs().max()) < 1e-4
