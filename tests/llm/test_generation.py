@@ -9,6 +9,7 @@ from siad.llm.generation import (
     answer_token_ids,
     clean_answer,
     generate_answers,
+    generate_judgements,
     yes_probability,
 )
 from siad.llm.loader import load_llm, tiny_llm_spec
@@ -97,3 +98,10 @@ def test_yes_probability_same_for_right_padding(llm, inputs):
     left = yes_probability(llm.model, llm.tokenizer, _prompt(llm, inputs))
     right_batch = build_conversation(llm.embed_tokens, llm.tokenizer, image, prompts, TEXTS, padding_side="right")
     torch.testing.assert_close(yes_probability(llm.model, llm.tokenizer, right_batch), left, atol=1e-5, rtol=1e-5)
+
+
+def test_one_generation_gives_the_answers_and_p_yes(llm, inputs):
+    batch = _prompt(llm, inputs)
+    answers, p_yes = generate_judgements(llm.model, llm.tokenizer, batch)
+    assert answers == generate_answers(llm.model, llm.tokenizer, batch)
+    assert torch.allclose(p_yes, yes_probability(llm.model, llm.tokenizer, batch), atol=1e-5)
