@@ -157,7 +157,7 @@ def test_every_url_failing_lists_them_all(server: Server, tmp_path: Path) -> Non
     assert all(url in str(caught.value) for url in urls) and str(tmp_path / "x.zip") in str(caught.value)
 
 
-@pytest.mark.parametrize("url", ["ftp://example.org/x.zip", "file:///etc/passwd"])
+@pytest.mark.parametrize("url", ["ftp://example.org/x.zip", "file:///outside/x.zip"])
 def test_only_http_urls_are_allowed(url: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="only http"):
         download_url([url], tmp_path / "x.zip", sha256=None, progress=False)
@@ -211,9 +211,9 @@ def test_extracts_a_tar_xz_with_internal_links(tmp_path: Path) -> None:
     [
         file_info("../evil.txt", b"x"),
         file_info("ds/../../evil.txt", b"x"),
-        file_info("/tmp/evil.txt", b"x"),
+        file_info("/evil.txt", b"x"),  # an absolute member name
         link_info("ds/escape", "../../outside"),
-        link_info("ds/abs", "/etc/passwd"),
+        link_info("ds/abs", "/outside"),  # an absolute link target
     ],
     ids=["dotdot", "nested-dotdot", "absolute", "symlink-out", "symlink-absolute"],
 )
