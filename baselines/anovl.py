@@ -194,10 +194,6 @@ def stable_seed(seed: int, *parts: object) -> int:
 # --- the method --------------------------------------------------------------------------------------
 
 
-def _check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"method anovl: {name}={value!r}; choose one of {list(allowed)} (config methods/anovl)")
-
 
 @METHODS.register("anovl")
 class AnoVL(BackboneMethod):
@@ -235,10 +231,10 @@ class AnoVL(BackboneMethod):
     def check_params(self) -> None:
         """Refuse bad choices before any weights are loaded."""
         p = self.params
-        _check_choice("attention", p["attention"], ATTENTIONS)
-        _check_choice("prompts", p["prompts"], tuple(PROMPT_ENSEMBLES))
-        _check_choice("tta", p["tta"], TTA_MODES)
-        _check_choice("image_views", p["image_views"], IMAGE_VIEWS)
+        self.check_choice("attention", ATTENTIONS)
+        self.check_choice("prompts", tuple(PROMPT_ENSEMBLES))
+        self.check_choice("tta", TTA_MODES)
+        self.check_choice("image_views", IMAGE_VIEWS)
         if not (isinstance(p["tta_steps"], int) and p["tta_steps"] >= 0):
             raise ConfigError(f"method anovl: tta_steps={p['tta_steps']!r}; use a non-negative integer")
         if p["attention"] == "qkv" and p["start_block"] != 0:

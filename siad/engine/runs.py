@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -153,9 +153,10 @@ def _evaluate_target(
     """Predict one target's test split with a ready method; write predictions.npz and metrics.json."""
     spec = get_dataset(key.target)
     root = dataset_root(config, key.target)
+    meta = load_meta(meta_path, root)
     dataset = AnomalyDataset(
         root,
-        load_meta(meta_path, root),
+        meta,
         split="test",
         classes=config["datasets"][key.target].get("classes"),
         transform=method.transform,
@@ -164,7 +165,7 @@ def _evaluate_target(
     log.info("evaluating %s on %s (%d images)", key, key.target, len(dataset))
     references = []
     if method.references_needed:
-        references = give_references(method, root, load_meta(meta_path, root), dataset.classes)
+        references = give_references(method, root, meta, dataset.classes)
     evaluation = config["evaluation"]
     seed = int(config["seed"])
     preds = predict_dataset(method, dataset, batch_size=evaluation["batch_size"],
@@ -295,12 +296,33 @@ def trained_model_is_current(config: Mapping[str, Any], key: RunKey, meta_path: 
     return info.get("fingerprint") == expected and (model_dir / str(info.get("weights", ""))).is_file()
 
 
-def group_runs(keys: Sequence[RunKey]) -> dict[tuple[str, str, str], list[RunKey]]:
-    """Runs grouped by (setting, method, source): one workflow job each (see :func:`run_group`)."""
+@dataclass(frozen=True)
+class RunGroup:
+    """The runs of one workflow job: one (setting, method, source), every variant and target asked for."""
+
+    setting: str
+    method: str
+    source: str
+    keys: tuple[RunKey, ...]
+
+    @property
+    def rule_name(self) -> str:
+        """The Snakemake rule of this job."""
+        return f"run_{self.setting}_{self.method}_{self.source}"
+
+    @property
+    def datasets(self) -> list[str]:
+        """Datasets whose index the job reads: the source (trained methods), then the targets."""
+        targets = [k.target for k in self.keys]
+        return list(dict.fromkeys(targets if self.source == NO_SOURCE else [self.source, *targets]))
+
+
+def group_runs(keys: Sequence[RunKey]) -> list[RunGroup]:
+    """Runs grouped by (setting, method, source), first-seen order: one workflow job each (see :func:`run_group`)."""
     groups: dict[tuple[str, str, str], list[RunKey]] = {}
     for key in dict.fromkeys(keys):
         groups.setdefault((key.setting, key.method, key.source), []).append(key)
-    return groups
+    return [RunGroup(*group, tuple(members)) for group, members in groups.items()]
 
 
 def run_group(
@@ -315,7 +337,8 @@ def run_group(
     """
     groups = group_runs(keys)
     if len(groups) != 1:
-        raise ConfigError(f"run_group: the runs span {sorted(groups)}; one job covers one (setting, method, source)")
+        spans = sorted((g.setting, g.method, g.source) for g in groups)
+        raise ConfigError(f"run_group: the runs span {spans}; one job covers one (setting, method, source)")
     for variant in dict.fromkeys(k.variant for k in keys):
         variant_keys = [k for k in keys if k.variant == variant]
         missing = sorted({k.target for k in variant_keys} - set(meta_paths))

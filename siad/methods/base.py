@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -68,6 +68,13 @@ class Method(ABC):
                 f"method {cls.__name__}: unknown parameter(s) {sorted(unknown)}; accepted: {sorted(cls.defaults)}"
             )
         return {**cls.defaults, **params}
+
+    def check_choice(self, name: str, allowed: Sequence[Any]) -> None:
+        """Refuse a value of parameter ``name`` outside ``allowed``: a config error naming the method and the key."""
+        value = self.params[name]
+        if value not in allowed:
+            raise ConfigError(f"method {type(self).__name__}: {name}={value!r}; choose one of {list(allowed)} "
+                              "(config methods/<name>/params or variants)")
 
     @property
     @abstractmethod

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
+from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
 from siad.backbones import stage_features
@@ -148,10 +149,6 @@ def warmup_decay_factor(step: int, warmup: int, total: int, shape: str = "log") 
     return max(0.0, (total - step) / max(1.0, total - warmup))
 
 
-def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"method parameter {name}={value!r} is not one of {list(allowed)}")
-
 
 class LlmDetector(BackboneMethod):
     """AnomalyGPT as released; the shared base of SIAD-LLM (see the module docstring)."""
@@ -191,12 +188,12 @@ class LlmDetector(BackboneMethod):
     def check_params(self) -> None:
         """Refuse bad choices before any weights are loaded."""
         p = self.params
-        _check_choice("llm", p["llm"], LLM_KINDS)
-        _check_choice("map_reduce", p["map_reduce"], ("mean", "sum"))
-        _check_choice("test_class_names", p["test_class_names"], ("released", "class"))
-        _check_choice("answer_style", p["answer_style"], ("anomalygpt", "siad"))
-        _check_choice("warmup", p["warmup"], ("log", "linear", "constant"))
-        _check_choice("pseudo_label", p["pseudo_label"], ("logistic", "binary"))
+        self.check_choice("llm", LLM_KINDS)
+        self.check_choice("map_reduce", ("mean", "sum"))
+        self.check_choice("test_class_names", ("released", "class"))
+        self.check_choice("answer_style", ("anomalygpt", "siad"))
+        self.check_choice("warmup", ("log", "linear", "constant"))
+        self.check_choice("pseudo_label", ("logistic", "binary"))
         for key in ("epochs", "batch_size", "max_new_tokens", "map_size"):
             if not (isinstance(p[key], int) and p[key] >= 1):
                 raise ConfigError(f"method parameter {key}={p[key]!r}: use a positive integer")
@@ -454,11 +451,9 @@ class LlmDetector(BackboneMethod):
         return np.asarray(image, dtype=np.uint8)
 
     def _normalise(self, images: np.ndarray) -> Tensor:
-        spec = self.backbone.spec
+        """uint8 images [B, H, W, 3] at the input size → the backbone's normalised input (as the transform)."""
         x = torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float().div(255.0)
-        mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-        std = torch.tensor(spec.std).view(1, 3, 1, 1)
-        return ((x - mean) / std).to(self.device)
+        return TF.normalize(x, self.backbone.spec.mean, self.backbone.spec.std).to(self.device)
 
     def training_batch(
         self, root: Path, records: Sequence[Mapping[str, Any]], dataset_name: str, rng: np.random.Generator

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from siad.errors import ConfigError
 from siad.prompts.ensemble import ENSEMBLES, PromptEnsemble
-from siad.prompts.learnable import ContextVectors, _trim_length, encode_text_with_context
+from siad.prompts.learnable import ContextVectors, encode_text_with_context, trimmed_length
 
 __all__ = [
     "STAGE_CASES",
@@ -225,7 +225,7 @@ class StagePromptLearner(nn.Module):
         device = self.normal_ctx.ctx.device
         tokens = torch.cat([t for t, _ in built]).to(device)
         starts = torch.cat([s for _, s in built]).to(device)
-        tokens = tokens[:, : _trim_length(model, tokens)]
+        tokens = tokens[:, : trimmed_length(model, tokens)]
         n_normal = len(self.ensemble.class_sentences(names[0])[0])
         per_stage = tokens.shape[0] // (len(names) * len(self.unique_words))
         abnormal = (torch.arange(tokens.shape[0], device=device) % per_stage) >= n_normal
@@ -284,7 +284,7 @@ def response_text_features(
     context_length = int(model.positional_embedding.shape[0])
     tokens = torch.cat([response_prompt_tokens(tokenizer, responses, s, context_length) for s in suffixes])
     tokens = tokens.to(model.positional_embedding.device)
-    tokens = tokens[:, : _trim_length(model, tokens)]
+    tokens = tokens[:, : trimmed_length(model, tokens)]
     features = F.normalize(encode_text_with_context(model, tokens).float(), dim=-1)
     return features.reshape(len(suffixes), len(responses), -1).transpose(0, 1)
 

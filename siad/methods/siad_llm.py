@@ -97,9 +97,8 @@ class SiadLlm(LlmDetector):
             raise ConfigError(f"n_ctx={p['n_ctx']!r}: use a positive integer (or learnable_context: false)")
         if p["few_shot_k"]:
             raise ConfigError("few_shot_k is AnomalyGPT's memory-map option; SIAD-LLM is zero-shot (few_shot_k: 0)")
-        for key, allowed in (("train_response", ("target", "generated")), ("pixel_loss_on", ("map", "stages"))):
-            if p[key] not in allowed:
-                raise ConfigError(f"method parameter {key}={p[key]!r} is not one of {list(allowed)}")
+        self.check_choice("train_response", ("target", "generated"))
+        self.check_choice("pixel_loss_on", ("map", "stages"))
 
     def build_trainable(self) -> dict[str, nn.Module]:
         """Decoder, then only the switched-on modules (a removed module has no parameters at all)."""

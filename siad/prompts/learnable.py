@@ -159,7 +159,7 @@ def text_hidden_states(
     return _run_text_blocks(model, tokens, token_embeddings, deep_prompts, deep_start, keep_hidden=True)[1]
 
 
-def _trim_length(model: nn.Module, tokens: torch.Tensor) -> int:
+def trimmed_length(model: nn.Module, tokens: torch.Tensor) -> int:
     """Shortest prefix length that leaves EOT-pooled features unchanged (causal mask), else the full length."""
     pool_type = getattr(model, "text_pool_type", "argmax")
     eos_id = getattr(model, "text_eos_id", None)
@@ -194,7 +194,7 @@ def encode_sentences(
     for begin in range(0, len(tokens), batch_size):
         chunk = tokens[begin : begin + batch_size]
         if trim_padding:
-            chunk = chunk[:, : _trim_length(model, chunk)]
+            chunk = chunk[:, : trimmed_length(model, chunk)]
         chunks.append(encode_text_with_context(model, chunk))
     return torch.cat(chunks)
 

@@ -3,8 +3,7 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from siad.config import dataset_root, method_params, method_variants, results_root, tables_root, validate_config
-from siad.engine.protocol import NO_SOURCE, SETTINGS
+from siad.config import dataset_root, results_root, tables_root, validate_config
 from siad.engine.runs import group_runs
 from siad.errors import SiadError
 from siad.report.figures import figure4_outputs, figure4_runs
@@ -18,30 +17,13 @@ except SiadError as err:
 RESULTS = str(results_root(config))
 TABLES = str(tables_root(config))
 DATASETS = list(config["datasets"])
-METHODS = list(config["methods"])
-VARIANTS = sorted({v for m in METHODS for v in method_variants(config, m)})
 
-
-class RunGroup:
-    """The runs of one workflow job: one (setting, method, source), all variants and targets the outputs need."""
-
-    def __init__(self, setting, method, source, keys):
-        self.setting, self.method, self.source, self.keys = setting, method, source, keys
-        self.rule_name = f"run_{setting}_{method}_{source}"
-        targets = list(dict.fromkeys(k.target for k in keys))
-        self.datasets = targets if source == NO_SOURCE else list(dict.fromkeys([source, *targets]))
-
-
-RUN_GROUPS = [RunGroup(*group, keys) for group, keys in group_runs(required_runs(config) + figure4_runs(config)).items()]
+# one job per (setting, method, source) of the runs the tables and the figure need
+RUN_GROUPS = group_runs(required_runs(config) + figure4_runs(config))
 
 
 wildcard_constraints:
     dataset="|".join(DATASETS),
-    target="|".join(DATASETS),
-    source="|".join(["none", *DATASETS]),
-    setting="|".join(SETTINGS),
-    method="|".join(METHODS),
-    variant="|".join(VARIANTS),
 
 
 def meta_path(dataset):
