@@ -2,9 +2,22 @@
 # offline demo: `snakemake --cores 1 all --configfile config/demo.yaml`. See README.md.
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
+from siad.errors import ConfigError
+from siad.yaml_check import load_yaml
+
 min_version("9.0")
+
+
+# Config files are read strictly first: Snakemake names no file, line or column for a YAML error and
+# accepts duplicate keys and .nan silently (siad/yaml_check.py).
+try:
+    for _file in workflow.overwrite_configfiles or [Path(workflow.basedir) / "config" / "config.yaml"]:
+        load_yaml(_file)
+except ConfigError as err:
+    raise WorkflowError(f"ConfigError: {err}") from None
 
 
 # The paper profile is the default; a --configfile replaces it instead of being merged into it,

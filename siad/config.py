@@ -14,6 +14,7 @@ import jsonschema
 import yaml
 
 from siad.errors import ConfigError, SiadError
+from siad.yaml_check import check_finite_numbers
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -24,12 +25,14 @@ def load_schema(path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
 
 
 def validate_config(config: Mapping[str, Any], schema_path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
-    """Validate ``config`` against the schema, then the names and the protocol; return it as a dict.
+    """Validate ``config`` against the schema, then the names and the protocol; return it as a dict (booleans
+    given as text on the command line converted, see :func:`coerce_booleans`).
 
     Raises:
         ConfigError: with the path of the offending key and what is expected.
     """
-    config = dict(config)
+    config = coerce_booleans(config)
+    check_finite_numbers(config)  # NaN passes every schema bound (comparisons with NaN are false)
     validator = jsonschema.Draft202012Validator(load_schema(schema_path))
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
@@ -39,10 +42,34 @@ def validate_config(config: Mapping[str, Any], schema_path: str | Path = SCHEMA_
     return config
 
 
+#: Boolean keys a user may set on the command line, where nested values arrive as text ("false").
+BOOLEAN_KEYS = ("demo", "data.synthetic", "data.download", "data.verify_counts")
+
+
+def coerce_booleans(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``config`` whose :data:`BOOLEAN_KEYS` are real booleans (``"false"`` from ``--config`` is not
+    truthy then); a value that is no boolean spelling is a ConfigError naming the key."""
+    from siad.data.flags import parse_bool
+
+    config = dict(config)
+    for key in BOOLEAN_KEYS:
+        *parents, leaf = key.split(".")
+        section: Any = config
+        for part in parents:
+            if not isinstance(section.get(part), Mapping):
+                section = None
+                break
+            section[part] = section = dict(section[part])
+        if section is not None and leaf in section:
+            section[leaf] = parse_bool(section[leaf], key)
+    return config
+
+
 def _check_names(config: Mapping[str, Any]) -> None:
     from siad.data.registry import get_dataset
     from siad.engine.protocol import protocol_pairs
     from siad.methods import get_method_class
+    from siad.runtime import resolve_device
 
     try:
         for name, entry in config["datasets"].items():
@@ -60,45 +87,12 @@ def _check_names(config: Mapping[str, Any]) -> None:
             cls = get_method_class(name)
             for overrides in [{}, *entry.get("variants", {}).values()]:
                 cls.resolve_params({**entry.get("params", {}), **overrides})
-        _check_report_methods(config)
-        _check_report_runs(config)
         _check_speed(config)
+        resolve_device(config["device"])  # `device: cuda` without a GPU stops here, not in the first job
     except ConfigError:
         raise
     except SiadError as err:
         raise ConfigError(f"invalid configuration: {err}") from None
-
-
-def _check_report_methods(config: Mapping[str, Any]) -> None:
-    """The methods named by the report sections (tables, LLM side table, ablations, figure) must be configured."""
-    report = config["report"]
-    named = {"table1/methods": report["table1"]["methods"],
-             "table7/methods": report.get("table7", {}).get("methods", []),
-             "llm_judgement/methods": report.get("llm_judgement", {}).get("methods", []),
-             "siad_ablations/method": [report["siad_ablations"]["method"]] if "siad_ablations" in report else [],
-             "figure4/methods": report.get("figure4", {}).get("methods", [])}
-    for key, methods in named.items():
-        for name in methods:
-            if name not in config["methods"]:
-                raise ConfigError(f"report/{key}: {name!r} is not listed under `methods`")
-    for name in report.get("figure4", {}).get("datasets", []):
-        if name not in config["datasets"]:
-            raise ConfigError(f"report/figure4/datasets: {name!r} is not listed under `datasets`")
-
-
-def _check_report_runs(config: Mapping[str, Any]) -> None:
-    """Every run a configured table or the figure needs must name a configured method, variant and dataset."""
-    from siad.report.figures import figure4_runs
-    from siad.report.paper import required_runs
-
-    for key in [*required_runs(config), *figure4_runs(config)]:
-        if key.method not in config["methods"]:
-            raise ConfigError(f"report: a table needs method {key.method!r}, which is not listed under `methods`")
-        if key.variant not in method_variants(config, key.method):
-            raise ConfigError(f"report: a table needs variant {key.variant!r} of {key.method!r}; add it under "
-                              f"methods/{key.method}/variants")
-        if key.target not in config["datasets"]:
-            raise ConfigError(f"report: a table needs dataset {key.target!r}, which is not listed under `datasets`")
 
 
 def _check_speed(config: Mapping[str, Any]) -> None:

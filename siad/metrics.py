@@ -698,9 +698,19 @@ def _auroc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
     return np.divide(wins, pairs, out=np.full(np.shape(wins), np.nan), where=pairs > 0)
 
 
+def bootstrap_indices(n_images: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """The images drawn by ``n`` bootstrap resamples of a class of ``n_images`` images: shape (n, N).
+
+    Row ``b`` lists the image indices (with replacement) of replicate ``b``; :func:`bootstrap_class` and
+    :func:`evaluate_dataset` draw exactly these from the ``rng`` they are given (one call per class), so a
+    replicate can be recomputed from its images (tests do).
+    """
+    return rng.integers(0, n_images, size=(n, n_images))
+
+
 def _resample_counts(n_images: int, n: int, rng: np.random.Generator) -> np.ndarray:
     """How often each image is drawn in each of ``n`` resamples with replacement: shape (n, N)."""
-    draws = rng.integers(0, n_images, size=(n, n_images))
+    draws = bootstrap_indices(n_images, n, rng)
     flat = (draws + n_images * np.arange(n)[:, None]).ravel()
     return np.bincount(flat, minlength=n * n_images).reshape(n, n_images).astype(np.float64)
 

@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from siad.config import dataset_root, method_params, method_variants, validate_config
+from siad.config import dataset_root, method_params, method_variants
 from siad.errors import ConfigError
+from siad.plan import validate_workflow_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,7 +17,7 @@ def load(name):
 
 @pytest.mark.parametrize("name", ["config.yaml", "demo.yaml"])
 def test_shipped_profiles_are_valid(name):
-    config = validate_config(load(name))
+    config = validate_workflow_config(load(name))
     assert set(config["datasets"]) == {"mvtec", "visa", "mpdd", "dtd", "sdd", "btad", "brainmri", "headct", "br35h"}
 
 
@@ -57,7 +58,7 @@ def broken(mutate):
 )
 def test_malformed_configs_name_the_problem(mutate, expected):
     with pytest.raises(ConfigError, match=expected):
-        validate_config(broken(mutate))
+        validate_workflow_config(broken(mutate))
 
 
 def test_variants_and_params():
@@ -74,3 +75,40 @@ def test_dataset_root_default_and_override():
     assert dataset_root(config, "visa").parts[:2] == ("data", "demo")
     config["datasets"]["visa"]["root"] = "/elsewhere/VisA"
     assert dataset_root(config, "visa") == Path("/elsewhere/VisA")
+
+
+LOWER_LAYERS = ("siad/config.py", "siad/engine", "siad/data", "siad/methods", "siad/backbones", "siad/prompts",
+                "siad/llm", "siad/metrics.py", "siad/runtime.py", "baselines")
+
+
+def test_lower_layers_never_import_the_report_or_the_plan():
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    files = [p for entry in LOWER_LAYERS for p in ((root / entry).rglob("*.py") if (root / entry).is_dir()
+                                                    else [root / entry])]
+    offenders = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(root)}: {n}" for n in names if n.startswith(("siad.report", "siad.plan"))]
+    assert len(files) > 40 and offenders == []
+
+
+def test_booleans_given_as_text_on_the_command_line_become_booleans():
+    config = load("demo.yaml")
+    config["data"] = {**config["data"], "verify_counts": "false", "download": "True"}
+    checked = validate_workflow_config(config)
+    assert checked["data"]["verify_counts"] is False and checked["data"]["download"] is True
+    assert config["data"]["verify_counts"] == "false"  # the caller's mapping is not modified
+    config["data"]["verify_counts"] = "maybe"
+    with pytest.raises(ConfigError, match="data.verify_counts: 'maybe' is not a boolean"):
+        validate_workflow_config(config)
+
+
+def test_non_finite_numbers_are_refused_naming_the_key():
+    config = load("demo.yaml")
+    config["methods"]["anomalygpt"]["params"]["lr"] = float("nan")
+    with pytest.raises(ConfigError, match="methods.anomalygpt.params.lr"):
+        validate_workflow_config(config)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 from scipy import ndimage
-from sklearn.metrics import auc, average_precision_score, f1_score, roc_auc_score
+from sklearn.metrics import auc, average_precision_score, f1_score, precision_recall_curve, roc_auc_score
 
 from siad import metrics as M
 from siad.errors import NumericalError, SiadError
@@ -409,6 +409,147 @@ def test_binned_auroc_without_resampling_matches_exact():
     images = M._Images(inp.labels, tied_scores, None)
     exact = M._replicates(ones, M._image_histograms(images))[0]
     assert exact == pytest.approx(roc_auc_score(inp.labels, tied_scores), abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# the path that writes metrics.json against the public functions and scikit-learn
+# ------------------------------------------------------------------------------------------
+
+
+def sklearn_f1_max(y, s):
+    precision, recall, _ = precision_recall_curve(y, s)
+    denom = precision + recall
+    return float(np.max(np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)))
+
+
+SKLEARN = {"auroc": roc_auc_score, "ap": average_precision_score, "f1_max": sklearn_f1_max}
+TOLERANCE = {"aupro": 1e-6}  # the official AU-PRO computes FPRs in float32; every other metric is exact
+
+def signal_class(rng, n=12, shape=(16, 16), image_signal=1.2, pixel_signal=2.0):
+    """A class with a real but imperfect signal at both levels: image scores = label * image_signal + noise
+    (image AUROC far from 0.5 but below 1), maps with per-image offsets plus pixel_signal on the defects."""
+    masks, _ = random_class(rng, n=n, shape=shape)
+    labels = (masks.reshape(n, -1) > 0).any(axis=1).astype(int)
+    scores = labels * image_signal + rng.normal(size=n)
+    maps = 0.5 * rng.normal(size=(n, 1, 1)) + rng.normal(size=masks.shape) + pixel_signal * (masks > 0)
+    return M.ClassInputs(labels, scores, masks, maps)
+
+
+def sklearn_metrics(inp):
+    """Every metric scikit-learn has, computed by scikit-learn (F1-max from its PR curve), plus AU-PRO by the
+    slow reference implementations of this file."""
+    y_img, s_img = np.asarray(inp.labels), np.asarray(inp.scores)
+    y_px, s_px = (np.asarray(inp.masks) > 0).ravel(), np.asarray(inp.maps).ravel()
+    out = {f"image_{k}": f(y_img, s_img) for k, f in SKLEARN.items()}
+    out |= {f"pixel_{k}": f(y_px, s_px) for k, f in SKLEARN.items()}
+    out["aupro"] = reference_aupro(inp.masks, inp.maps, 0.3)
+    out["aupro_cflow_legacy"] = reference_cflow(inp.masks, inp.maps, 0.3)
+    return out
+
+
+def public_metrics(inp, limit=0.3):
+    return {
+        "image_auroc": M.image_auroc(inp.labels, inp.scores), "image_ap": M.image_ap(inp.labels, inp.scores),
+        "image_f1_max": M.image_f1_max(inp.labels, inp.scores), "pixel_auroc": M.pixel_auroc(inp.masks, inp.maps),
+        "pixel_ap": M.pixel_ap(inp.masks, inp.maps), "pixel_f1_max": M.pixel_f1_max(inp.masks, inp.maps),
+        "aupro": M.aupro(inp.masks, inp.maps, limit=limit),
+        "aupro_cflow_legacy": M.aupro_cflow_legacy(inp.masks, inp.maps, limit=limit),
+    }
+
+
+def test_signal_fixture_has_a_real_signal():
+    # a fixture without signal (AUROC ~ 0.5) cannot tell a metric from its inversion
+    for seed in (70, 71):
+        expected = sklearn_metrics(signal_class(np.random.default_rng(seed)))
+        assert 0.75 < expected["image_auroc"] < 0.99 and 0.75 < expected["pixel_auroc"] < 0.99
+        assert expected["image_ap"] < 0.99 and expected["pixel_f1_max"] < 0.9
+
+
+def test_evaluate_class_equals_public_functions_and_sklearn_on_data_with_signal():
+    inp = signal_class(np.random.default_rng(70))
+    result = M.evaluate_class(inp.labels, inp.scores, inp.masks, inp.maps, with_pixel=True)
+    expected, public = sklearn_metrics(inp), public_metrics(inp)
+    for metric in M.IMAGE_METRICS + M.PIXEL_METRICS:
+        assert result[metric] == pytest.approx(expected[metric], abs=TOLERANCE.get(metric, 1e-9)), metric
+        assert result[metric] == pytest.approx(public[metric], abs=1e-12), metric
+
+
+def test_evaluate_dataset_equals_public_functions_and_sklearn_per_class_and_in_the_mean():
+    inputs = {"a": signal_class(np.random.default_rng(70)), "b": signal_class(np.random.default_rng(71), n=10)}
+    out = M.evaluate_dataset(inputs, with_pixel=True, n_bootstrap=0, seed=0)
+    expected = {c: sklearn_metrics(inp) for c, inp in inputs.items()}
+    for metric in M.IMAGE_METRICS + M.PIXEL_METRICS:
+        for cls, inp in inputs.items():
+            tol = TOLERANCE.get(metric, 1e-9)
+            assert out["classes"][cls][metric] == pytest.approx(expected[cls][metric], abs=tol), (cls, metric)
+            assert out["classes"][cls][metric] == pytest.approx(public_metrics(inp)[metric], abs=1e-12)
+        mean = (expected["a"][metric] + expected["b"][metric]) / 2
+        assert out["mean"][metric] == pytest.approx(mean, abs=tol), metric
+
+
+def test_evaluate_dataset_uses_the_aupro_limit_it_is_given():
+    inp = signal_class(np.random.default_rng(72))
+    out = M.evaluate_dataset({"a": inp}, with_pixel=True, n_bootstrap=0, seed=0, aupro_limit=0.05)
+    for metric in ("aupro", "aupro_cflow_legacy"):
+        at_005, at_03 = public_metrics(inp, 0.05)[metric], public_metrics(inp, 0.3)[metric]
+        assert abs(at_005 - at_03) > 0.01  # the data tell the two limits apart
+        assert out["classes"]["a"][metric] == pytest.approx(at_005, abs=1e-12)
+    assert out["classes"]["a"]["aupro"] == pytest.approx(reference_aupro(inp.masks, inp.maps, 0.05), abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# bootstrap replicates recomputed from the images they drew
+# ------------------------------------------------------------------------------------------
+
+
+def per_image_effect_class(rng, n=10, shape=(16, 16)):
+    """Integer-valued maps (few distinct values, so the 1024 quantile bins of the bootstrap hold one value each)
+    with a strong per-image offset: resampling pixels instead of images gives far narrower CIs here."""
+    masks, _ = random_class(rng, n=n, shape=shape)
+    labels = (masks.reshape(n, -1) > 0).any(axis=1).astype(int)
+    maps = np.round(3 * rng.normal(size=(n, 1, 1)) + 2 * rng.normal(size=masks.shape) + 3 * (masks > 0))
+    scores = labels + rng.normal(size=n)
+    return M.ClassInputs(labels, scores, masks, maps)
+
+
+def auroc_or_nan(y, s):
+    return roc_auc_score(y, s) if 0 < np.sum(y) < np.size(y) else np.nan
+
+
+def redrawn_replicates(inp, draws):
+    """Image and pixel AUROC (scikit-learn) of the images of each resample, NaN where undefined."""
+    labels, scores = np.asarray(inp.labels), np.asarray(inp.scores)
+    masks, maps = np.asarray(inp.masks), np.asarray(inp.maps)
+    image = [auroc_or_nan(labels[idx], scores[idx]) for idx in draws]
+    pixel = [auroc_or_nan((masks[idx] > 0).ravel(), maps[idx].ravel()) for idx in draws]
+    return np.array(image), np.array(pixel)
+
+
+def test_bootstrap_replicates_are_the_metrics_of_the_redrawn_images():
+    inp = per_image_effect_class(np.random.default_rng(80))
+    n_pixels = np.asarray(inp.maps).size
+    # n_bins >= pixels: every distinct score gets its own bin, so binned replicates are exact
+    reps = M.bootstrap_class(inp.labels, inp.scores, inp.masks, inp.maps, n=60, rng=np.random.default_rng(5),
+                             with_pixel=True, n_bins=n_pixels)
+    draws = M.bootstrap_indices(len(inp.labels), 60, np.random.default_rng(5))
+    assert draws.shape == (60, len(inp.labels))
+    image, pixel = redrawn_replicates(inp, draws)
+    assert np.isfinite(pixel).sum() > 40
+    np.testing.assert_allclose(reps["image_auroc"], image, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(reps["pixel_auroc"], pixel, rtol=0, atol=1e-12)
+
+
+def test_evaluate_dataset_bootstrap_resamples_whole_images():
+    # the path that writes metrics.json: with one class, the mean replicates are that class's replicates
+    inp = per_image_effect_class(np.random.default_rng(81), n=12)
+    out = M.evaluate_dataset({"only": inp}, with_pixel=True, n_bootstrap=80, seed=11)
+    draws = M.bootstrap_indices(12, 80, np.random.default_rng(11))  # the first (only) class's draws
+    image, pixel = redrawn_replicates(inp, draws)
+    np.testing.assert_allclose(out["mean_replicates"]["image_auroc"], image, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(out["mean_replicates"]["pixel_auroc"], pixel, rtol=0, atol=1e-9)
+    assert out["classes"]["only"]["ci"]["pixel_auroc"] == pytest.approx(list(M.percentile_ci(pixel)), abs=1e-9)
+    lo, hi = out["ci"]["pixel_auroc"]
+    assert hi - lo > 0.1  # per-image effects make the image-level interval wide
 
 
 # ------------------------------------------------------------------------------------------

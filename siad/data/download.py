@@ -9,12 +9,15 @@ where to put it. Archives are kept (unlike anomalib) so a later run can re-verif
 An archive already present in the archive folder is always preferred over a download. When its
 source publishes no hash, the archive's SHA-256 is recorded beside it in ``<filename>.sha256``
 (``sha256sum`` format) and logged, so it can be pinned in the config; a later run whose archive no
-longer matches that record fails with :class:`~siad.errors.ChecksumError`.
+longer matches that record fails with :class:`~siad.errors.ChecksumError`. The record is written only
+once the archive has proved good: extracted without error *and* accepted by the caller's check (the
+preparation step converts and verifies the data first). A wrong or broken archive dropped by hand is
+therefore never recorded as the reference, and an archive that fails a pinned or recorded hash never
+replaces it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import lzma
@@ -28,12 +31,14 @@ import urllib.parse
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
+from siad.data.hashing import sha256sum
+from siad.data.records import path_problem
 from siad.data.sources import KaggleSource, ManualSource, Source, UrlSource
 from siad.errors import ChecksumError, DataError, ManualDownloadRequired
 
@@ -48,15 +53,6 @@ _KAGGLE_TOKEN_HELP = (
     "kaggle.json as ~/.kaggle/kaggle.json (chmod 600) or set KAGGLE_USERNAME and KAGGLE_KEY, "
     "and install the client (pip install kaggle)"
 )
-
-
-def sha256sum(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of the file at ``path``, read in ``chunk``-byte blocks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- URL downloads
@@ -167,8 +163,13 @@ def safe_extract(archive: Path, dest: Path) -> Path:
     return dest
 
 
+def is_vacant(path: Path) -> bool:
+    """True when ``path`` does not exist or is an empty directory (somewhere an archive may be extracted)."""
+    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+
+
 def _require_empty(dest: Path) -> None:
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+    if not is_vacant(dest):
         raise DataError(
             f"cannot extract into {dest}: it already exists and is not empty. Fix: if it is a complete "
             "copy of the dataset point the config at it; if it is a broken extraction delete it and rerun"
@@ -212,13 +213,10 @@ def _zip_is_symlink(info: zipfile.ZipInfo) -> bool:
 
 def _member_parts(archive: Path, name: str) -> tuple[str, ...]:
     """Path components of an archive member; refuses absolute names and ``..``."""
-    posix = name.replace("\\", "/")
-    path = PurePosixPath(posix)
-    if path.is_absolute() or (len(posix) > 1 and posix[1] == ":"):
-        raise DataError(f"unsafe archive {archive}: member {name!r} has an absolute path. Fix: use a trusted copy")
-    if ".." in path.parts:
-        raise DataError(f"unsafe archive {archive}: member {name!r} escapes the target folder. Fix: use a trusted copy")
-    return path.parts
+    problem = path_problem(name)
+    if problem is not None:
+        raise DataError(f"unsafe archive {archive}: member {name!r} {problem}. Fix: use a trusted copy")
+    return PurePosixPath(name.replace("\\", "/")).parts
 
 
 def _check_link(archive: Path, name: str, target: str) -> None:
@@ -331,39 +329,63 @@ def _kaggle_with_cli(slug: str, dest_dir: Path, manual: str) -> None:
 # --------------------------------------------------------------------------- acquisition
 
 
-def acquire(spec: Any, data_root: Path, archive_dir: Path | None = None) -> Path:
+def acquire(spec: Any, data_root: Path, archive_dir: Path | None = None, *,
+            check: Callable[[Path], object] | None = None) -> Path:
     """Get ``spec``'s archive from the first source that works and extract it into ``data_root``.
 
     ``spec`` needs ``.name`` and ``.sources`` (tuple of :mod:`siad.data.sources` objects).
     ``archive_dir`` defaults to ``data_root.parent / "archives"``. For each source in order: an
     archive already in ``archive_dir`` under the source's filename is used (verified against the
-    source's hash, or against a recorded ``<filename>.sha256``; without either its hash is recorded
-    and logged); otherwise URL sources are downloaded, Kaggle sources fetched with the Kaggle
-    client and manual sources fail with instructions. The archive is extracted into ``data_root``
-    (the dataset's native root), which is returned. If every source fails, the error lists every
-    option: :class:`ChecksumError` if an archive was corrupt, else :class:`ManualDownloadRequired`.
+    source's hash, or against a recorded ``<filename>.sha256``); otherwise URL sources are downloaded,
+    Kaggle sources fetched with the Kaggle client and manual sources fail with instructions. The
+    archive is extracted into ``data_root`` (the dataset's native root), which is returned.
+
+    ``check`` (e.g. convert and verify the dataset) runs on the extracted root. An archive without a
+    pinned or recorded hash gets its hash recorded only after extraction and ``check`` succeed; when
+    either fails nothing is recorded (the extracted folder is kept, so the files an error names can be
+    inspected). If every source fails, the error lists every option: :class:`ChecksumError` if an
+    archive was corrupt, else :class:`ManualDownloadRequired`.
     """
     data_root = Path(data_root)
     archive_dir = Path(archive_dir) if archive_dir is not None else data_root.parent / "archives"
     failures: list[tuple[Source, Exception]] = []
     for source in spec.sources:
         try:
-            archive = _obtain(source, archive_dir)
+            archive, unrecorded = _obtain(source, archive_dir)
         except DataError as error:
             failures.append((source, error))
             continue
-        return safe_extract(archive, data_root)
+        root = safe_extract(archive, data_root)
+        if check is not None:
+            _run_check(check, root, archive, unrecorded)
+        if unrecorded is not None:
+            record_sha256(archive, unrecorded)
+        return root
     raise _all_sources_failed(spec, archive_dir, failures)
 
 
-def _obtain(source: Source, archive_dir: Path) -> Path:
-    """Path of a verified archive for ``source`` (present, downloaded or fetched from Kaggle)."""
+def _run_check(check: Callable[[Path], object], root: Path, archive: Path, unrecorded: str | None) -> None:
+    """Run ``check(root)``; on a DataError say that an unpinned archive was not recorded, and how to replace it."""
+    try:
+        check(root)
+    except DataError as error:
+        if unrecorded is None:
+            raise
+        raise DataError(
+            f"{error}\n{archive} (sha256 {unrecorded}) was NOT recorded as the reference hash, since its content "
+            f"failed the check above. If it is the wrong archive, delete it and {root}, put the right one at "
+            f"{archive} and rerun") from error
+
+
+def _obtain(source: Source, archive_dir: Path) -> tuple[Path, str | None]:
+    """A verified archive for ``source`` (present, downloaded or fetched from Kaggle) and its hash when
+    neither published nor recorded yet (to record once the archive has proved good), else None."""
     path = archive_dir / source.filename
     if path.is_file():
         return _accept_present(path, source.sha256)
     if isinstance(source, UrlSource):
         downloaded = download_url(source.urls, path, sha256=source.sha256)
-        return downloaded if source.sha256 is not None else _accept_present(downloaded, None)
+        return (downloaded, None) if source.sha256 is not None else _accept_present(downloaded, None)
     if isinstance(source, KaggleSource):
         fetched = kaggle_download(source.slug, archive_dir, filename=source.filename)
         return _accept_present(fetched, source.sha256)
@@ -372,12 +394,16 @@ def _obtain(source: Source, archive_dir: Path) -> Path:
     raise TypeError(f"unknown source type {type(source).__name__}; use UrlSource, KaggleSource or ManualSource")
 
 
-def _accept_present(path: Path, expected: str | None) -> Path:
-    """Verify an archive on disk; without a published hash compare with (or write) the record."""
+def _record_path(archive: Path) -> Path:
+    return archive.with_name(archive.name + ".sha256")
+
+
+def _accept_present(path: Path, expected: str | None) -> tuple[Path, str | None]:
+    """Verify an archive on disk against the published hash or the record; without either, return its hash."""
     if expected is not None:
         verify_sha256(path, expected)
-        return path
-    record = path.with_name(path.name + ".sha256")
+        return path, None
+    record = _record_path(path)
     if record.is_file():
         recorded = record.read_text().split()[0]
         try:
@@ -387,11 +413,18 @@ def _accept_present(path: Path, expected: str | None) -> Path:
                 f"{error}. The expected hash was recorded in {record} when the archive was first used; "
                 f"if you replaced the archive on purpose, delete {record}"
             ) from None
-        return path
-    actual = sha256sum(path)
-    record.write_text(f"{actual}  {path.name}\n")
-    log.warning("no published sha256 for %s; recorded %s in %s (pin it in the config)", path, actual, record)
-    return path
+        return path, None
+    return path, sha256sum(path)
+
+
+def record_sha256(archive: Path, digest: str) -> Path:
+    """Write ``<archive>.sha256`` (``sha256sum`` format) atomically and log it; return the record's path."""
+    record = _record_path(archive)
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(f"{digest}  {archive.name}\n")
+    os.replace(tmp, record)
+    log.warning("no published sha256 for %s; recorded %s in %s (pin it in the config)", archive, digest, record)
+    return record
 
 
 def _manual_instructions(source: ManualSource, path: Path) -> str:

@@ -2,10 +2,20 @@
 
 Conventions (fixed here so every method sees the same data):
 
+* EXIF orientation is applied first (``PIL.ImageOps.exif_transpose``) to images and masks alike, so
+  every file is used the way an image viewer shows it (a phone JPEG tagged "rotate 90" is rotated).
+  The community loaders (``Image.open(...).convert('RGB')``) ignore the tag. Whether any file of the
+  nine datasets carries a tag other than "upright" is not verified here (BrainMRI's web-collected JPEGs
+  are the likeliest); such a file would be turned here and not in the community's runs.
 * Images are always RGB. Grayscale (MVTec grid/screw/zipper), palette, RGBA (HeadCT: alpha is dropped,
   as ``PIL.Image.convert('RGB')`` does in the community loaders) and 16-bit images are converted.
-  16-bit values are mapped to 8 bits by dividing by 257 (65535 -> 255).
-* Masks are boolean: any non-zero pixel is anomalous (VisA masks hold defect ids 1, 2, ..., not 255).
+* Integer images deeper than 8 bits (modes ``I;16*`` and ``I``) are read as 16-bit data whatever their
+  content: ``value / 257`` rounded (0 -> 0, 65535 -> 255). The rule is fixed by the mode, never by the
+  pixel values, so two images of one dataset can never be scaled differently. A mode-``I`` image
+  with values outside 0..65535 is refused. Float images (mode ``F``) are refused: their value range
+  (0..1? 0..255? calibrated units?) is not recorded in the file, and guessing would silently change them.
+* Masks are boolean: any non-zero pixel is anomalous (VisA masks hold defect ids 1, 2, ..., not 255),
+  whatever the mode (8/16-bit, float, palette indices).
   Multi-channel masks are anomalous where any colour channel (alpha excluded) is non-zero.
 * Sizes are ``(height, width)``, like the arrays and tensors they describe.
 * The loader never resizes the image (the method's transform does); the mask is resized to
@@ -14,43 +24,86 @@ Conventions (fixed here so every method sees the same data):
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps
 
 from siad.errors import DataError
 
-_SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N"}
+_SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+_SIXTEEN_BIT_MAX = 65535
+_CONVERT_FIX = "convert it to an 8- or 16-bit PNG (choosing the scaling yourself) and re-run the preparation"
 
 
-def open_checked(path: Path) -> Image.Image:
-    """Open and fully decode ``path`` (truncated files fail here, not later), or raise DataError."""
+class ImageFileError(DataError):
+    """An image or mask file that cannot be used; ``path`` and ``reason`` let callers list many at once."""
+
+    def __init__(self, path: Path, reason: str, fix: str) -> None:
+        super().__init__(f"{path}: {reason}; {fix}")
+        self.path = Path(path)
+        self.reason = reason
+
+
+def open_checked(path: Path, data: bytes | None = None) -> Image.Image:
+    """Open and fully decode ``path`` (truncated files fail here, not later), or raise ImageFileError.
+
+    ``data``, when given, is the file's content already read (the preparation step hashes and decodes
+    each file from one read); ``path`` then only names the file in messages. Any exception Pillow raises
+    while decoding counts as "unreadable": its format plugins signal broken files with many exception types
+    (``OSError``, ``SyntaxError``, ``struct.error``, ``IndexError``, ...), and the file is the input at fault.
+    """
     try:
-        image = Image.open(path)
+        image = Image.open(io.BytesIO(data) if data is not None else path)
         image.load()
     except FileNotFoundError:
-        raise DataError(f"{path}: image file not found; re-run the dataset preparation") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: unreadable or corrupt image ({err}); re-download the dataset or delete "
-                        "this file and re-run the preparation") from None
+        raise ImageFileError(path, "image file not found", "re-run the dataset preparation") from None
+    except Exception as err:  # noqa: BLE001 (see the docstring)
+        raise ImageFileError(path, f"unreadable or corrupt image ({err})",
+                             "re-download the dataset or delete this file and re-run the preparation") from None
     return image
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """Integer / float single-channel images to 8-bit L (16-bit range divided by 257)."""
-    arr = np.asarray(image).astype(np.float64)
-    if image.mode in _SIXTEEN_BIT or arr.max(initial=0) > 255:
-        arr = arr / 257.0
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+def oriented(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation tag says (itself when untagged or already upright)."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in (0, 1):
+        return image
+    return ImageOps.exif_transpose(image)
+
+
+def _sixteen_to_8bit(image: Image.Image, path: Path) -> Image.Image:
+    """A 16-bit-range integer image as 8-bit L: ``round(value / 257)`` (65535 -> 255)."""
+    arr = np.asarray(image, dtype=np.float64)
+    if arr.size and (arr.min() < 0 or arr.max() > _SIXTEEN_BIT_MAX):
+        raise ImageFileError(path, f"32-bit integer image with values in [{arr.min():.0f}, {arr.max():.0f}], outside "
+                             "the 16-bit range 0..65535 in which the suite reads integer images", _CONVERT_FIX)
+    return Image.fromarray(np.rint(arr / 257.0).astype(np.uint8))
+
+
+def to_rgb(image: Image.Image, path: Path) -> Image.Image:
+    """A decoded image as upright 8-bit RGB (module docstring); ``path`` names the file in errors."""
+    image = oriented(image)
+    if image.mode == "F":
+        raise ImageFileError(path, "32-bit float image (mode F), whose value range is not stored in the file, so "
+                             "the suite does not guess a scaling", _CONVERT_FIX)
+    if image.mode in _SIXTEEN_BIT:
+        image = _sixteen_to_8bit(image, path)
+    return image.convert("RGB")
 
 
 def read_image(path: Path) -> Image.Image:
-    """The image at ``path`` as 8-bit RGB (see the module docstring for the conversions)."""
+    """The image at ``path`` as upright 8-bit RGB (see the module docstring for the conversions)."""
     with open_checked(Path(path)) as image:
-        if image.mode in _SIXTEEN_BIT or image.mode in ("I", "F"):
-            return _to_8bit(image).convert("RGB")
-        return image.convert("RGB")
+        return to_rgb(image, Path(path))
+
+
+def mask_array(mask: Image.Image) -> np.ndarray:
+    """Boolean ``H x W`` array of a decoded mask: upright, any non-zero colour value is anomalous."""
+    mask = oriented(mask)
+    arr = np.asarray(mask)
+    colour = [i for i, band in enumerate(mask.getbands()) if band != "A"]  # alpha is not a label
+    return arr != 0 if arr.ndim == 2 else (arr[..., colour] != 0).any(axis=-1)
 
 
 def read_mask(path: Path, expected_size: tuple[int, int] | None = None) -> np.ndarray:
@@ -61,13 +114,16 @@ def read_mask(path: Path, expected_size: tuple[int, int] | None = None) -> np.nd
     """
     path = Path(path)
     with open_checked(path) as mask:
-        arr = np.asarray(mask)
-        colour = [i for i, band in enumerate(mask.getbands()) if band != "A"]  # alpha is not a label
-    binary = arr != 0 if arr.ndim == 2 else (arr[..., colour] != 0).any(axis=-1)
-    if expected_size is not None and binary.shape != tuple(expected_size):
-        raise DataError(f"{path}: mask size {binary.shape} (height, width) differs from its image's "
-                        f"{tuple(expected_size)}; the mask does not belong to the image: re-extract the dataset")
+        binary = mask_array(mask)
+    check_mask_size(binary.shape, expected_size, path)
     return binary
+
+
+def check_mask_size(shape: tuple[int, ...], expected_size: tuple[int, int] | None, path: Path) -> None:
+    """Raise DataError when a mask of ``shape`` (height, width) does not fit its image's ``expected_size``."""
+    if expected_size is not None and tuple(shape) != tuple(expected_size):
+        raise ImageFileError(path, f"mask size {tuple(shape)} (height, width) differs from its image's "
+                             f"{tuple(expected_size)}", "the mask does not belong to the image: re-extract the dataset")
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -1,15 +1,9 @@
 """Reading images and masks of a dataset index, and the torch ``Dataset`` every method consumes.
 
-Conventions (fixed here so every method sees the same data):
-
-* Images are always RGB. Grayscale (MVTec grid/screw/zipper), palette, RGBA (HeadCT: alpha is dropped,
-  as ``PIL.Image.convert('RGB')`` does in the community loaders) and 16-bit images are converted.
-  16-bit values are mapped to 8 bits by dividing by 257 (65535 -> 255).
-* Masks are boolean: any non-zero pixel is anomalous (VisA masks hold defect ids 1, 2, ..., not 255).
-  Multi-channel masks are anomalous where any colour channel (alpha excluded) is non-zero.
-* Sizes are ``(height, width)``, like the arrays and tensors they describe.
-* The loader never resizes the image (the method's transform does); the mask is resized to
-  ``mask_size`` with nearest-neighbour interpolation of the *binarised* mask, so it stays binary.
+The image and mask conventions (RGB, EXIF orientation, 16-bit scaling, any non-zero mask pixel is
+anomalous, sizes as ``(height, width)``) are those of :mod:`siad.data.imageio`. The loader never resizes
+the image (the method's transform does); the mask is resized to ``mask_size`` with nearest-neighbour
+interpolation of the *binarised* mask, so it stays binary.
 """
 
 from __future__ import annotations
@@ -23,7 +17,8 @@ import torch
 from PIL import Image
 
 from siad.data.imageio import open_checked, read_image, read_mask, resize_mask
-from siad.data.records import SPLITS, Meta, Record
+from siad.data.records import REGENERATE, SPLITS, Meta, Record, anomalies_without_masks, listed
+from siad.data.registry import DATASETS
 from siad.errors import DataError, UnknownNameError
 
 __all__ = ["AnomalyDataset", "open_checked", "read_image", "read_mask", "resize_mask"]
@@ -38,6 +33,11 @@ class AnomalyDataset(torch.utils.data.Dataset):
     for datasets without masks. ``name`` is the dataset's registry name ("" when unknown). ``has_mask`` says
     whether the mask is pixel ground truth: true for every
     image of a dataset with masks (normal images included, whose truth is all-False), false otherwise.
+
+    Refused with a DataError naming the dataset: a requested class without images in ``split`` (an
+    empty test split must not vanish from the class mean), and, in a dataset with masks (the registry's
+    ``has_masks`` when ``name`` is a registered dataset, else: some record has a mask), an anomalous
+    image without a mask (it would count as defect-free in the pixel metrics).
     """
 
     def __init__(self, root: Path, meta: Meta, split: str = "test", classes: Sequence[str] | None = None,
@@ -52,6 +52,13 @@ class AnomalyDataset(torch.utils.data.Dataset):
         by_class = meta[split]
         self.records: list[Record] = [rec for cls in self.classes for rec in by_class[cls]]
         self.dataset_has_masks = any(rec["mask_path"] for recs in by_class.values() for rec in recs)
+        if name in DATASETS:
+            self.dataset_has_masks = DATASETS.get(name).has_masks
+        self._check_masks({split: {c: by_class[c] for c in self.classes}})
+
+    @property
+    def _where(self) -> str:
+        return f"dataset {self.name!r} at {self.root}" if self.name else f"the dataset at {self.root}"
 
     def _select_classes(self, meta: Meta, split: str, classes: Sequence[str] | None) -> list[str]:
         if split not in SPLITS:
@@ -61,13 +68,26 @@ class AnomalyDataset(torch.utils.data.Dataset):
             raise DataError(f"{self.root}: the {split!r} split of this dataset is empty; choose another split "
                             "or another medical_protocol")
         chosen = sorted(by_class) if classes is None else list(classes)
+        known = DATASETS.get(self.name).classes if self.name in DATASETS else None
         for cls in chosen:
-            if cls not in by_class:
-                raise UnknownNameError(f"unknown class {cls!r} in {self.root} ({split}); known: "
-                                       f"{', '.join(sorted(by_class))}")
-            if not by_class[cls]:
-                raise DataError(f"{self.root}: class {cls!r} has no {split} images; fix the dataset index")
+            if known is not None and cls not in known:
+                raise UnknownNameError(f"unknown class {cls!r} of {self._where}; known: {', '.join(known)}")
+            if not by_class.get(cls):
+                raise DataError(
+                    f"class {cls!r} of {self._where} has no {split} images in its index (classes with {split} "
+                    f"images: {', '.join(sorted(c for c, rs in by_class.items() if rs))}). A class without images "
+                    "cannot be evaluated. Fix: check the class name; re-extract the class's files and "
+                    f"{REGENERATE}; or leave the class out of datasets.{self.name or '<name>'}.classes")
         return chosen
+
+    def _check_masks(self, selected: Meta) -> None:
+        """In a dataset with masks, refuse anomalous images without one (they would count as defect-free)."""
+        missing = anomalies_without_masks(selected) if self.dataset_has_masks else []
+        if missing:
+            raise DataError(
+                f"{self._where} has pixel masks, but {len(missing)} anomalous image(s) of its {self.split} split "
+                f"have none: {listed(missing)}. Pixel metrics would count them as defect-free. Fix: give every "
+                f"anomalous image its mask in the dataset and {REGENERATE}")
 
     def __len__(self) -> int:
         return len(self.records)

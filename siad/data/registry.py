@@ -10,7 +10,7 @@ Datasets without variants use the single protocol key ``"default"``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 from siad.data.converters import br35h, brainmri, btad, dtd, headct, mpdd, mvtec, sdd, visa
 from siad.data.records import Meta, count
 from siad.data.sources import KaggleSource, ManualSource, Source, UrlSource
-from siad.errors import ConfigError, DataError
+from siad.errors import ConfigError, DataError, UnknownNameError
 from siad.registry import Registry
 
 TOTAL = "__total__"  # key of a dataset-wide (normal, anomalous) count when per-class counts are unpublished
@@ -42,6 +42,8 @@ class DatasetSpec:
     converter: Converter = field(hash=False, repr=False)
     protocol_option: str | None = None
     notes: str = ""
+    download_protocols: tuple[str, ...] | None = None  # protocols the sources can provide (None: all)
+    listing: str = ""  # file listing the images (a removed image needs its row removed); {option} placeholders
 
     @property
     def protocols(self) -> tuple[str, ...]:
@@ -72,31 +74,60 @@ class DatasetSpec:
             return DEFAULT_PROTOCOL
         return self.options_with_defaults(options)[self.protocol_option]
 
+    def downloadable(self, options: Mapping[str, Any] | None = None) -> bool:
+        """Whether the sources can provide the data of the protocol ``options`` select."""
+        return self.download_protocols is None or self.protocol(options) in self.download_protocols
+
+    def check_classes(self, classes: Iterable[str] | None) -> tuple[str, ...]:
+        """``classes`` in canonical order (None: every class); an unknown name raises UnknownNameError."""
+        if classes is None:
+            return self.classes
+        chosen = set(classes)
+        unknown = sorted(chosen - set(self.classes))
+        if unknown:
+            raise UnknownNameError(f"{self.name}: unknown class(es) {unknown}; known: {', '.join(self.classes)}")
+        return tuple(c for c in self.classes if c in chosen)
+
     def convert(self, root: Path, options: Mapping[str, Any] | None = None) -> Meta:
         """Index the native layout under ``root`` (paths in the result are relative to ``root``)."""
         return self.converter(Path(root), self.options_with_defaults(options))
 
-    def check_counts(self, meta: Meta, options: Mapping[str, Any] | None = None) -> None:
-        """Compare the test split with the published counts; DataError listing every mismatch."""
+    def check_counts(self, meta: Meta, options: Mapping[str, Any] | None = None,
+                     classes: Iterable[str] | None = None) -> None:
+        """Compare the test split of ``classes`` (None: all) with the published counts.
+
+        Raises:
+            DataError: listing every mismatch and naming the config key that disables the check.
+        """
         protocol = self.protocol(options)
-        problems = count_mismatches(self.classes, self.expected_test_counts[protocol], count(meta, "test"))
+        chosen = self.check_classes(classes)
+        actual = {c: n for c, n in count(meta, "test").items() if c in chosen or c not in self.classes}
+        problems = count_mismatches(chosen, self.expected_test_counts[protocol], actual,
+                                    whole=chosen == self.classes)
         if problems:
             raise DataError(
                 f"{self.display_name} ({self.name}, protocol {protocol}): test split differs from the published "
                 f"counts (normal, anomalous): {'; '.join(problems)}. The copy is incomplete or modified: "
                 "re-download / re-extract it; for a deliberate subset or a synthetic stand-in disable the check "
-                "(verify_counts=False).")
+                "with `data.verify_counts: false` in the config (or restrict `datasets."
+                f"{self.name}.classes` to the classes you have).")
 
 
 def count_mismatches(classes: tuple[str, ...], expected: Mapping[str, tuple[int, int]],
-                     actual: Mapping[str, tuple[int, int]]) -> list[str]:
-    """Human-readable differences between expected and actual per-class test counts."""
+                     actual: Mapping[str, tuple[int, int]], whole: bool = True) -> list[str]:
+    """Human-readable differences between expected and actual per-class test counts of ``classes``.
+
+    ``whole`` says ``classes`` are all the dataset's classes; otherwise a dataset-wide total
+    (:data:`TOTAL`) cannot be compared and is skipped.
+    """
     problems = [f"class {c} missing" for c in classes if c not in actual]
     problems += [f"class {c} unexpected" for c in actual if c not in classes]
     for cls, want in expected.items():
         if cls == TOTAL:
+            if not whole:
+                continue
             got = tuple(sum(v[i] for v in actual.values()) for i in (0, 1))
-        elif cls in actual:
+        elif cls in classes and cls in actual:
             got = actual[cls]
         else:
             continue
@@ -143,7 +174,7 @@ _SPECS = (
                            filename="VisA_20220922.tar",
                            sha256="2eb8690c803ab37de0324772964100169ec8ba1fa3f7e94291c9ca673f40f362"),),
         licence="CC BY 4.0", folder="visa", expected_test_counts=visa.EXPECTED_TEST_COUNTS, converter=visa.convert,
-        protocol_option="visa_split"),
+        protocol_option="visa_split", listing="split_csv/{visa_split}.csv"),
     DatasetSpec(
         name="mpdd", display_name="MPDD", domain="industrial", classes=mpdd.CLASSES, has_masks=True,
         sources=(ManualSource(
@@ -171,7 +202,7 @@ _SPECS = (
                            filename="KolektorSDD.zip",
                            sha256="65dc621693418585de9c4467d1340ea7958a6181816f0dc2883a1e8b61f9d4dc"),),
         licence=_NC_SA, folder="sdd", expected_test_counts=sdd.EXPECTED_TEST_COUNTS, converter=sdd.convert,
-        protocol_option="sdd_protocol",
+        protocol_option="sdd_protocol", download_protocols=("adaclip_thirds",),
         notes=f"sdd_protocol=anomalyclip_drive needs AnomalyCLIP's prepared folder ({sdd.DRIVE_URL}), "
               "a manual download extracted into the dataset folder."),
     DatasetSpec(
@@ -186,7 +217,7 @@ _SPECS = (
     DatasetSpec(
         name="headct", display_name="HeadCT", classes=headct.CLASSES,
         sources=(_kaggle("felipekitamura/head-ct-hemorrhage"),), folder="headct",
-        expected_test_counts=headct.EXPECTED_TEST_COUNTS, converter=headct.convert, **_MEDICAL),
+        expected_test_counts=headct.EXPECTED_TEST_COUNTS, converter=headct.convert, listing="labels.csv", **_MEDICAL),
     DatasetSpec(
         name="br35h", display_name="Br35H", classes=br35h.CLASSES,
         sources=(_kaggle("ahmedhamada0/brain-tumor-detection"),), folder="br35h",

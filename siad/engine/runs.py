@@ -7,9 +7,9 @@ Kept out of the Snakemake scripts so the same code runs from Python, tests and n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,33 +25,58 @@ from siad.data.records import load_meta
 from siad.data.registry import get_dataset
 from siad.engine.evaluate import evaluate_predictions, predict_dataset, save_predictions
 from siad.engine.protocol import NO_SOURCE, RunKey, check_no_leakage
-from siad.errors import ConfigError, DataError
+from siad.engine.spec import RunSpec, file_sha256, resolve_run_spec
+from siad.errors import ConfigError, DataError, LeakageError
 from siad.methods import Method, build_method
-from siad.runtime import resolve_device, seed_everything
+from siad.runtime import seed_everything
 
 log = logging.getLogger("siad")
 
 MODEL_INFO = "model.json"
-
-
-def evaluation_mask_size(config: Mapping[str, Any]) -> tuple[int, int] | None:
-    """The evaluation grid (None = each image's original size)."""
-    size = config["evaluation"]["size"]
-    return None if size == "original" else (int(size), int(size))
+WEIGHTS = "model.pt"
 
 
 def _trained_info(model_dir: Path) -> dict[str, Any]:
     info_path = model_dir / MODEL_INFO
     if not info_path.is_file():
         raise DataError(f"{info_path}: no trained model here; train it first (fit_run / the workflow's run job)")
-    return json.loads(info_path.read_text())
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{info_path}: unreadable model record ({err}); delete {model_dir} and rerun the run job, "
+                        "which trains the model again") from None
+    if not isinstance(info, dict) or not isinstance(info.get("weights"), str) or "trained_on" not in info:
+        raise DataError(f"{info_path}: not a model record of this suite (no 'weights'/'trained_on'); delete "
+                        f"{model_dir} and rerun the run job")
+    return info
 
 
 def load_trained(method: Method, model_dir: Path) -> list[str]:
-    """Load the model trained in ``model_dir`` into ``method`` and return the datasets it was trained on."""
+    """Load the model trained in ``model_dir`` into ``method`` and return the datasets it was trained on.
+
+    The weights file must have the SHA-256 recorded in ``model.json`` when it was written: a truncated,
+    corrupt or swapped file is refused (DataError naming it), never loaded.
+    """
     info = _trained_info(model_dir)
-    method.load(model_dir / info["weights"])
+    weights = model_dir / info["weights"]
+    problem = _weights_problem(info, weights)
+    if problem:
+        raise DataError(f"{weights}: {problem}; delete {model_dir} and rerun the run job, which trains it again")
+    method.load(weights)
     return list(info["trained_on"])
+
+
+def _weights_problem(info: Mapping[str, Any], weights: Path) -> str | None:
+    """Why ``weights`` is not the file ``model.json`` describes, or None when its SHA-256 matches."""
+    recorded = info.get("weights_sha256")
+    if not recorded:
+        return "model.json records no SHA-256 of the weights (written by an older version)"
+    actual = file_sha256(weights)
+    if actual is None:
+        return "the weights file is missing"
+    if actual != recorded:
+        return "the weights file does not have the SHA-256 recorded in model.json (truncated, corrupt or replaced)"
+    return None
 
 
 def evaluate_run(
@@ -79,38 +104,72 @@ def evaluate_runs(
     model_dir: Path | None = None,
     progress: bool = True,
     method: Method | None = None,
+    specs: Sequence[RunSpec] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate several targets of ONE (setting, method, variant, source) with one method instance.
 
     ``method``: an instance that already holds the model of ``model_dir`` (just trained by :func:`fit_run`);
-    None builds the method and loads the model.
+    None builds the method and loads the model. ``specs``: each run's resolved specification (stamped in its
+    metrics.json); None resolves them here from ``config`` and the meta paths.
 
     The method is built (and its trained weights loaded) once, then each target is predicted and
     scored in turn; ``meta_paths[i]``/``metrics_paths[i]``/``predictions_paths[i]`` belong to
     ``keys[i]``. This is what a workflow job of a trained method does for all the targets the
     protocol gives its source: building the method, its text features and loading the model are paid
-    once instead of once per target. Every target is checked against leakage before any is evaluated.
+    once instead of once per target. Every target is checked against leakage (by dataset name and by image
+    content) before any is evaluated.
     The global RNGs are re-seeded before each target, so a target's numbers do not depend on which
     other targets share the job (methods must not carry prediction state from one dataset to the next).
     """
     group = _run_group(keys, meta_paths, metrics_paths, predictions_paths)
-    seed = int(config["seed"])
+    if specs is None:
+        specs = [resolve_run_spec(config, key, {key.target: path}) for key, path in zip(keys, meta_paths)]
+    seed = specs[0].seed
     seed_everything(seed)
-    if method is not None:
-        trained_on = [] if group.source == NO_SOURCE else _trained_info(model_dir or Path("."))["trained_on"]
-    else:
+    info: dict[str, Any] = {}
+    if group.source != NO_SOURCE:
+        info = _trained_info(model_dir or Path("."))
+    if method is None:
         method = build_method(group.method, method_params(config, group.method, group.variant),
-                              device=resolve_device(config["device"]), seed=seed)
-        trained_on = [] if group.source == NO_SOURCE else load_trained(method, model_dir or Path("."))
+                              device=specs[0].device, seed=seed)
+        if group.source != NO_SOURCE:
+            load_trained(method, model_dir or Path("."))
+    trained_on = list(info.get("trained_on", []))
     for key in keys:
         check_no_leakage(trained_on, key.target)
+    metas = [load_meta(path, dataset_root(config, key.target)) for key, path in zip(keys, meta_paths)]
+    near = [check_no_content_leakage(info, meta, key.target) for key, meta in zip(keys, metas)]
     bodies = []
-    for key, meta_path, metrics_path, predictions_path in zip(keys, meta_paths, metrics_paths, predictions_paths):
+    for spec, meta, close, metrics_path, predictions_path in zip(specs, metas, near, metrics_paths,
+                                                                 predictions_paths):
         seed_everything(seed)
-        bodies.append(_evaluate_target(config, method, key, trained_on, meta_path=meta_path,
+        bodies.append(_evaluate_target(config, method, spec, meta, trained_on, near_duplicates=close,
                                        metrics_path=metrics_path, predictions_path=predictions_path,
                                        progress=progress))
     return bodies
+
+
+def check_no_content_leakage(info: Mapping[str, Any], target_meta: Mapping[str, Any], target: str) -> list[list]:
+    """Refuse a target whose test images include any image of the model's training data (same SHA-256); return the
+    perceptual near-duplicates between the training images and the target's test images (reported, not refused).
+
+    ``info``: the model record (``model.json``; empty for training-free methods, which saw no images).
+    """
+    from siad.data.duplicates import exact_overlap, near_duplicates
+
+    trained = info.get("training_images")
+    if not trained:
+        return []
+    tests = [r for records in target_meta.get("test", {}).values() for r in records]
+    overlap = exact_overlap(trained, tests)
+    if overlap:
+        shown = "; ".join(f"{a} = {b}" for a, b in overlap[:5])
+        raise LeakageError(
+            f"refusing to evaluate on {target!r}: {len(overlap)} of its test images are byte-identical to images the "
+            f"model was trained on ({info.get('trained_on')}): {shown}. Zero-shot evaluation requires unseen images; "
+            "remove the duplicates from one of the datasets (or restrict its classes) and prepare it again"
+        )
+    return [list(pair) for pair in near_duplicates(trained, tests)]
 
 
 def _run_group(keys: Sequence[RunKey], *paths: Sequence[Path]) -> RunKey:
@@ -147,32 +206,36 @@ def give_references(method: Method, root: Path, meta: Mapping[str, Any], classes
 
 
 def _evaluate_target(
-    config: Mapping[str, Any], method: Method, key: RunKey, trained_on: list[str], *,
-    meta_path: Path, metrics_path: Path, predictions_path: Path, progress: bool,
+    config: Mapping[str, Any], method: Method, spec: RunSpec, meta: Mapping[str, Any], trained_on: list[str], *,
+    near_duplicates: Sequence[Sequence[Any]], metrics_path: Path, predictions_path: Path, progress: bool,
 ) -> dict[str, Any]:
-    """Predict one target's test split with a ready method; write predictions.npz and metrics.json."""
-    spec = get_dataset(key.target)
+    """Predict one target's test split with a ready method; write predictions.npz and metrics.json (stamped)."""
+    key = spec.key
     root = dataset_root(config, key.target)
-    meta = load_meta(meta_path, root)
+    evaluation = spec.evaluation
+    size = evaluation["size"]
     dataset = AnomalyDataset(
         root,
         meta,
         split="test",
         classes=config["datasets"][key.target].get("classes"),
         transform=method.transform,
-        mask_size=evaluation_mask_size(config),
+        mask_size=None if size == "original" else (int(size), int(size)),
+        name=key.target,
     )
     log.info("evaluating %s on %s (%d images)", key, key.target, len(dataset))
+    if near_duplicates:
+        log.warning("%d test image(s) of %s are perceptual near-duplicates of training images (listed in "
+                    "metrics.json under near_duplicates); they are scored", len(near_duplicates), key.target)
     references = []
     if method.references_needed:
         references = give_references(method, root, meta, dataset.classes)
-    evaluation = config["evaluation"]
-    seed = int(config["seed"])
     preds = predict_dataset(method, dataset, batch_size=evaluation["batch_size"],
-                            num_workers=evaluation.get("num_workers", 0), progress=progress)
-    body = evaluate_predictions(preds, with_pixel=spec.has_masks, n_bootstrap=evaluation["n_bootstrap"],
-                                seed=seed, aupro_limit=evaluation.get("aupro_limit", 0.3), progress=progress)
-    body["metric_labels"] = metrics.metric_labels(evaluation.get("aupro_limit", 0.3))
+                            num_workers=config["evaluation"].get("num_workers", 0), progress=progress)
+    body = evaluate_predictions(preds, with_pixel=get_dataset(key.target).has_masks,
+                                n_bootstrap=evaluation["n_bootstrap"], seed=spec.seed,
+                                aupro_limit=evaluation["aupro_limit"], progress=progress)
+    body["metric_labels"] = metrics.metric_labels(evaluation["aupro_limit"])
     body["run"] = {
         "profile": config["profile"],
         "demo": bool(config["demo"] or method.random_init),
@@ -184,9 +247,11 @@ def _evaluate_target(
         "references": references,
         "target": key.target,
         "trained_on": trained_on,
-        "eval_size": evaluation["size"],
-        "seed": seed,
+        "eval_size": size,
+        "seed": spec.seed,
     }
+    body["near_duplicates"] = [list(pair) for pair in near_duplicates]
+    body["spec"] = spec.stamp()
     for warning in body.get("warnings", []):
         log.warning(warning)
     save_predictions(preds, predictions_path)
@@ -239,14 +304,21 @@ def training_normal_images(config: Mapping[str, Any], source: str) -> str:
 
 def fit_run(
     config: Mapping[str, Any], setting: str, method_name: str, variant: str, source: str, *,
-    meta_path: Path, model_dir: Path,
+    meta_path: Path, model_dir: Path, spec: RunSpec | None = None,
 ) -> Method:
-    """Train ``method_name`` on ``source`` under ``setting``; write weights and ``model.json`` (with the
-    :func:`training_fingerprint`); returns the trained method."""
-    seed = int(config["seed"])
-    seed_everything(seed)
-    method = build_method(method_name, method_params(config, method_name, variant),
-                          device=resolve_device(config["device"]), seed=seed)
+    """Train ``method_name`` on ``source`` under ``setting``; write the weights and ``model.json``; return the method.
+
+    ``spec``: the run's resolved specification (any target; None resolves one here): its
+    :attr:`~siad.engine.spec.RunSpec.training_digest` is the fingerprint that decides reuse. The weights are
+    written to a temporary file and renamed, then ``model.json`` (also atomic) records their SHA-256, the
+    fingerprint and the training images' content hashes (for the content leakage guard). A crash at any point
+    leaves either no ``model.json`` or one that does not match the weights, and the model is trained again.
+    """
+    if spec is None:
+        spec = resolve_run_spec(config, RunKey(setting, method_name, variant, source, ""), {source: meta_path})
+    seed_everything(spec.seed)
+    method = build_method(method_name, method_params(config, method_name, variant), device=spec.device,
+                          seed=spec.seed)
     root = dataset_root(config, source)
     normal_images = training_normal_images(config, source)
     meta = training_meta(load_meta(meta_path, root), setting, normal_images)
@@ -259,41 +331,59 @@ def fit_run(
                              transform=method.transform, mask_size=(method.input_size, method.input_size), name=source)
     log.info("training %s/%s on %s under %s (%d images)", method_name, variant, source, setting, len(dataset))
     method.fit(dataset, setting)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    method.save(model_dir / "model.pt")
-    info = {"weights": "model.pt", "trained_on": [source], "setting": setting, "method": method_name,
-            "variant": variant, "seed": seed, "random_init": method.random_init,
-            "fingerprint": training_fingerprint(config, setting, method_name, variant, source, meta_path)}
-    _write_json(info, model_dir / MODEL_INFO)
+    save_trained(method, model_dir, {
+        "trained_on": [source], "setting": setting, "method": method_name, "variant": variant, "seed": spec.seed,
+        "random_init": method.random_init, "fingerprint": spec.training_digest,
+        "training_spec": spec.training_identity(),
+        "training_images": [_image_identity(r) for cls in dataset.classes for r in meta["train"][cls]],
+    })
     return method
 
 
-def training_fingerprint(
-    config: Mapping[str, Any], setting: str, method_name: str, variant: str, source: str, meta_path: Path
-) -> str:
-    """Hash of everything a trained model depends on: resolved method params, seed, training images (the
-    source index file's content, its classes and the normal-image choice), setting and device."""
-    identity = {
-        "setting": setting, "method": method_name, "variant": variant, "source": source,
-        "params": method_params(config, method_name, variant), "seed": int(config["seed"]),
-        "classes": config["datasets"][source].get("classes"), "normal_images": training_normal_images(config, source),
-        "device": resolve_device(config["device"]),
-        "meta_sha256": hashlib.sha256(Path(meta_path).read_bytes()).hexdigest(),
-    }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+def _image_identity(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: record.get(k) for k in ("img_path", "sha256", "dhash")}
 
 
-def trained_model_is_current(config: Mapping[str, Any], key: RunKey, meta_path: Path, model_dir: Path) -> bool:
-    """True when ``model_dir`` holds a model trained with exactly this configuration (its fingerprint matches)."""
+def save_trained(method: Method, model_dir: Path, info: Mapping[str, Any]) -> None:
+    """Write ``method``'s weights and then ``model.json`` (``info`` + the weights' SHA-256), each atomically.
+
+    Any previous ``model.json`` is removed first, so an interruption between the two writes never pairs new
+    weights with an old record (or old weights with a new one).
+    """
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / MODEL_INFO).unlink(missing_ok=True)
+    weights = model_dir / WEIGHTS
+    tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
+    try:
+        method.save(tmp)
+        tmp.replace(weights)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _write_json({**info, "weights": WEIGHTS, "weights_sha256": file_sha256(weights)}, model_dir / MODEL_INFO)
+
+
+def trained_model_is_current(spec: RunSpec, model_dir: Path) -> bool:
+    """True when ``model_dir`` holds an intact model trained under exactly ``spec``'s training specification.
+
+    A record that does not parse, a fingerprint that differs, or weights whose SHA-256 differs from the recorded
+    one mean "train again"; the last two cases are logged as warnings naming the file.
+    """
     info_path = model_dir / MODEL_INFO
     if not info_path.is_file():
         return False
     try:
-        info = json.loads(info_path.read_text())
-    except (OSError, json.JSONDecodeError):
+        info = _trained_info(model_dir)
+    except DataError as err:
+        log.warning("%s; training again", err)
         return False
-    expected = training_fingerprint(config, key.setting, key.method, key.variant, key.source, meta_path)
-    return info.get("fingerprint") == expected and (model_dir / str(info.get("weights", ""))).is_file()
+    if info.get("fingerprint") != spec.training_digest:
+        log.info("the model in %s was trained under another specification; training again", model_dir)
+        return False
+    problem = _weights_problem(info, model_dir / info["weights"])
+    if problem:
+        log.warning("%s: %s; training again", model_dir / info["weights"], problem)
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -327,35 +417,46 @@ def group_runs(keys: Sequence[RunKey]) -> list[RunGroup]:
 
 def run_group(
     config: Mapping[str, Any], keys: Sequence[RunKey], *, meta_paths: Mapping[str, Path], results_root: Path,
-    progress: bool = True,
+    progress: bool = True, expected_digests: Mapping[RunKey, str] | None = None,
 ) -> None:
-    """One workflow job: every variant of one (setting, method, source) — train it unless a current model is
-    already there (fingerprint), then evaluate all its targets. Variants run in turn, each with its own
-    method instance; the process start, imports and feature caches are shared.
+    """One workflow job: every variant of one (setting, method, source) — train it unless an intact model with the
+    same training fingerprint is already there, then evaluate all its targets. Variants run in turn, each with its
+    own method instance; the process start, imports and feature caches are shared.
 
-    ``meta_paths``: dataset name → its ``meta.json`` (the source and every target).
+    ``meta_paths``: dataset name → its ``meta.json`` (the source and every target). ``expected_digests``: run →
+    the config digest the workflow planned it with (the job's ``params``); a run whose specification resolves
+    differently here (the config or code changed while the workflow ran) is refused rather than stamped.
     """
     groups = group_runs(keys)
     if len(groups) != 1:
         spans = sorted((g.setting, g.method, g.source) for g in groups)
         raise ConfigError(f"run_group: the runs span {spans}; one job covers one (setting, method, source)")
+    missing = sorted({d for k in keys for d in (k.source, k.target) if d != NO_SOURCE} - set(meta_paths))
+    if missing:
+        raise ConfigError(f"run_group: no meta.json given for {missing}")
+    specs = {key: resolve_run_spec(config, key, meta_paths) for key in keys}
+    _check_planned(specs, expected_digests or {})
     for variant in dict.fromkeys(k.variant for k in keys):
         variant_keys = [k for k in keys if k.variant == variant]
-        missing = sorted({k.target for k in variant_keys} - set(meta_paths))
-        if missing:
-            raise ConfigError(f"run_group: no meta.json given for {missing}")
         first = variant_keys[0]
         model_dir, method = None, None
         if first.source != NO_SOURCE:
             model_dir = first.model_dir(results_root)
-            if trained_model_is_current(config, first, meta_paths[first.source], model_dir):
-                log.info("reusing the trained model in %s (same configuration)", model_dir)
+            if trained_model_is_current(specs[first], model_dir):
+                log.info("reusing the trained model in %s (same training specification, weights intact)", model_dir)
             else:
                 method = fit_run(config, first.setting, first.method, first.variant, first.source,
-                                 meta_path=meta_paths[first.source], model_dir=model_dir)
+                                 meta_path=meta_paths[first.source], model_dir=model_dir, spec=specs[first])
         evaluate_runs(
             config, variant_keys, meta_paths=[meta_paths[k.target] for k in variant_keys],
             metrics_paths=[k.run_dir(results_root) / "metrics.json" for k in variant_keys],
             predictions_paths=[k.run_dir(results_root) / "predictions.npz" for k in variant_keys],
-            model_dir=model_dir, progress=progress, method=method,
+            model_dir=model_dir, progress=progress, method=method, specs=[specs[k] for k in variant_keys],
         )
+
+
+def _check_planned(specs: Mapping[RunKey, RunSpec], expected: Mapping[RunKey, str]) -> None:
+    changed = [str(key) for key, digest in expected.items() if specs[key].config_digest != digest]
+    if changed:
+        raise ConfigError(f"the specification of {changed} changed after the workflow planned it (the config or the "
+                          "code was edited while it ran); run snakemake again so it plans with the current state")

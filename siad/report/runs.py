@@ -154,3 +154,37 @@ def ci_value(run: Mapping[str, Any], metric: str) -> tuple[float, float] | None:
 def confidence(run: Mapping[str, Any]) -> float:
     """The bootstrap confidence level of the run's intervals (e.g. 0.95)."""
     return float(run["bootstrap"]["confidence"])
+
+
+def stale_runs(config: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per run whose metrics.json was not computed under the current run specification.
+
+    The expected specification is resolved now from ``config``, the prepared dataset indexes and the code
+    (:func:`siad.engine.spec.resolve_run_spec`); each line names the file, what changed and the command that
+    refreshes it.
+    """
+    from siad.engine.protocol import RunKey
+    from siad.engine.runs import RunGroup
+    from siad.engine.spec import resolve_run_spec, spec_differences
+
+    lines = []
+    for run in runs:
+        ident = run["run"]
+        key = RunKey(ident["setting"], ident["method"], ident["variant"], ident["source"], ident["target"])
+        expected = resolve_run_spec(config, key)
+        stamp = run.get("spec") if isinstance(run.get("spec"), dict) else {}
+        if stamp.get("digest") == expected.digest:
+            continue
+        changed = spec_differences(expected.identity(), stamp.get("spec") or {}) if stamp else ["(no stamp)"]
+        rule = RunGroup(key.setting, key.method, key.source, (key,)).rule_name
+        lines.append(f"{run_label(run)}: computed under another run specification (changed: "
+                     f"{', '.join(changed[:6]) or 'unknown'}); refresh it with `snakemake --cores 1 all "
+                     f"--forcerun {rule}` (plus your --configfile)")
+    return lines
+
+
+def refuse_stale_runs(config: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> None:
+    """Raise DataError listing every run of ``runs`` whose stamp differs from the current specification."""
+    lines = stale_runs(config, runs)
+    if lines:
+        raise DataError(f"{len(lines)} run(s) are stale, so no table is written from them:\n  " + "\n  ".join(lines))

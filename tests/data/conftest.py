@@ -154,11 +154,12 @@ def brainmri_root(tmp_path: Path) -> Path:
     """``brain_tumor_dataset/{yes,no}`` with spaces and mixed suffixes/modes, plus duplicate top-level copies."""
     root = tmp_path / "brainmri"
     modes = ["L", "RGB", "P"]
-    for label, names in (("yes", BRAIN_YES), ("no", BRAIN_NO)):
+    for offset, (label, names) in enumerate((("yes", BRAIN_YES), ("no", BRAIN_NO))):
         for i, name in enumerate(names):
-            write_image(root / "brain_tumor_dataset" / label / name, modes[i % 3], seed=i)
+            seed = 10 * offset + i  # distinct content: no image is a copy of another
+            write_image(root / "brain_tumor_dataset" / label / name, modes[i % 3], seed=seed)
             if i < 2:
-                write_image(root / label / name, modes[i % 3], seed=i)
+                write_image(root / label / name, modes[i % 3], seed=seed)
     return root
 
 

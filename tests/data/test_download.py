@@ -376,3 +376,82 @@ def test_acquire_lists_every_option_when_all_sources_fail(
     for name in ("mirror.zip", "brain.zip", "ds.zip"):
         assert str(archives / name) in message
     assert server.url("/missing.zip") in message and "kaggle.json" in message
+
+
+# --------------------------------------------------------------------------- a wrong archive is never the reference
+
+
+def _dropped(tmp_path: Path, data: bytes, name: str = "ds.zip") -> Path:
+    archive_dir = tmp_path / "archives"
+    archive_dir.mkdir(exist_ok=True)
+    (archive_dir / name).write_bytes(data)
+    return archive_dir
+
+
+def test_a_corrupt_dropped_archive_is_not_recorded(tmp_path: Path) -> None:
+    archive_dir = _dropped(tmp_path, ARCHIVE[: len(ARCHIVE) // 2])
+    with pytest.raises(DataError):
+        acquire(Spec("mpdd", (MANUAL,)), tmp_path / "data" / "mpdd", archive_dir=archive_dir)
+    assert not (archive_dir / "ds.zip.sha256").exists()
+
+
+def test_an_archive_failing_the_check_is_not_recorded(tmp_path: Path) -> None:
+    archive_dir = _dropped(tmp_path, ARCHIVE)
+
+    def check(root: Path) -> None:
+        raise DataError(f"{root}: not the dataset we expected")
+
+    with pytest.raises(DataError) as caught:
+        acquire(Spec("mpdd", (MANUAL,)), tmp_path / "data" / "mpdd", archive_dir=archive_dir, check=check)
+    message = str(caught.value)
+    assert "not the dataset we expected" in message and "NOT recorded" in message and ARCHIVE_SHA in message
+    assert not (archive_dir / "ds.zip.sha256").exists()
+    assert (tmp_path / "data" / "mpdd" / "ds" / "a.txt").is_file()  # kept, so the files named can be inspected
+
+
+def test_the_hash_is_recorded_only_after_the_check_passed(tmp_path: Path) -> None:
+    archive_dir = _dropped(tmp_path, ARCHIVE)
+    seen = []
+
+    def check(root: Path) -> None:
+        seen.append((archive_dir / "ds.zip.sha256").exists())
+
+    acquire(Spec("mpdd", (MANUAL,)), tmp_path / "data" / "mpdd", archive_dir=archive_dir, check=check)
+    assert seen == [False] and (archive_dir / "ds.zip.sha256").read_text().split() == [ARCHIVE_SHA, "ds.zip"]
+
+
+def test_an_archive_failing_a_pinned_or_recorded_hash_is_not_recorded(tmp_path: Path) -> None:
+    archive_dir = _dropped(tmp_path, ARCHIVE)
+    pinned = ManualSource(page="https://example.org/ds", filename="ds.zip", instructions="x", sha256="0" * 64)
+    with pytest.raises(ChecksumError):
+        acquire(Spec("mpdd", (pinned,)), tmp_path / "data" / "mpdd", archive_dir=archive_dir)
+    assert not (archive_dir / "ds.zip.sha256").exists()
+    (archive_dir / "ds.zip.sha256").write_text(f"{'1' * 64}  ds.zip\n")
+    with pytest.raises(ChecksumError):
+        acquire(Spec("mpdd", (MANUAL,)), tmp_path / "data" / "mpdd", archive_dir=archive_dir)
+    assert (archive_dir / "ds.zip.sha256").read_text() == f"{'1' * 64}  ds.zip\n"
+
+
+def _zip_folder(folder: Path, dest: Path) -> Path:
+    with zipfile.ZipFile(dest, "w") as bundle:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                bundle.write(path, path.relative_to(folder.parent).as_posix())
+    return dest
+
+
+def test_prepare_records_a_manual_archive_only_when_its_content_passes(
+        mpdd_root: Path, btad_root: Path, tmp_path: Path) -> None:
+    from siad.data.prepare import prepare_dataset
+
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    _zip_folder(btad_root, archives / "MPDD.zip")  # the wrong dataset under MPDD's name
+    with pytest.raises(DataError, match="(?s)MPDD class folders.*NOT recorded"):
+        prepare_dataset("mpdd", tmp_path / "data" / "mpdd", tmp_path / "meta.json", download=True,
+                        archive_dir=archives, verify_counts=False)
+    assert not (archives / "MPDD.zip.sha256").exists()
+    _zip_folder(mpdd_root, archives / "MPDD.zip")  # the right one
+    prepare_dataset("mpdd", tmp_path / "data" / "mpdd2", tmp_path / "meta.json", download=True,
+                    archive_dir=archives, verify_counts=False)
+    assert (archives / "MPDD.zip.sha256").read_text().split()[0] == sha256sum(archives / "MPDD.zip")

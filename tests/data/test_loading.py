@@ -114,13 +114,15 @@ def test_dataset_bad_selection(br35h_root: Path, mvtec_root: Path) -> None:
     meta = get_dataset("br35h").convert(br35h_root)
     with pytest.raises(DataError, match=rf"{br35h_root}.*'train' split.*empty"):
         AnomalyDataset(br35h_root, meta, split="train")
-    with pytest.raises(UnknownNameError, match="'skull'.*known: brain"):
-        AnomalyDataset(br35h_root, meta, classes=["skull"])
+    with pytest.raises(UnknownNameError, match="'skull'.*'br35h'.*known: brain"):
+        AnomalyDataset(br35h_root, meta, classes=["skull"], name="br35h")
+    with pytest.raises(DataError, match=rf"'skull' of the dataset at {br35h_root} has no test images.*: brain"):
+        AnomalyDataset(br35h_root, meta, classes=["skull"])  # no name: cannot tell a typo from an empty class
     with pytest.raises(UnknownNameError, match="split"):
         AnomalyDataset(br35h_root, meta, split="val")
     meta["test"]["brain"] = []
-    with pytest.raises(DataError, match="'brain' has no test images"):
-        AnomalyDataset(br35h_root, meta, classes=["brain"])
+    with pytest.raises(DataError, match="'brain' of dataset 'br35h'.*no test images"):
+        AnomalyDataset(br35h_root, meta, classes=["brain"], name="br35h")
 
 
 def test_mask_of_wrong_size_is_reported_on_access(mvtec_root: Path, layouts) -> None:

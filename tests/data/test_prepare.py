@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import pytest
 
+from siad.data import download
 from siad.data.prepare import prepare_dataset
 from siad.data.records import load_meta
 from siad.errors import DataError, ManualDownloadRequired, UnknownNameError
@@ -71,12 +70,13 @@ def test_missing_data_says_where_and_how(name: str, error: type, needles: list[s
 def test_download_calls_acquire(btad_root: Path, tmp_path: Path, monkeypatch) -> None:
     calls = []
 
-    def acquire(spec, data_root: Path, archive_dir: Path | None = None) -> Path:
+    def acquire(spec, data_root: Path, archive_dir: Path | None = None, *, check=None) -> Path:
         calls.append((spec.name, data_root, archive_dir))
         shutil.copytree(btad_root, data_root)
+        check(data_root)
         return data_root
 
-    monkeypatch.setitem(sys.modules, "siad.data.download", types.SimpleNamespace(acquire=acquire))
+    monkeypatch.setattr(download, "acquire", acquire)
     root, archives = tmp_path / "fresh" / "btad", tmp_path / "archives"
     meta = prepare_dataset("btad", root, tmp_path / "meta.json", download=True, archive_dir=archives,
                            verify_counts=False)
@@ -88,7 +88,7 @@ def test_present_data_is_not_downloaded(btad_root: Path, tmp_path: Path, monkeyp
     def acquire(*args, **kwargs):
         raise AssertionError("acquire must not run when the layout is present")
 
-    monkeypatch.setitem(sys.modules, "siad.data.download", types.SimpleNamespace(acquire=acquire))
+    monkeypatch.setattr(download, "acquire", acquire)
     prepare_dataset("btad", btad_root, tmp_path / "meta.json", download=True, verify_counts=False)
 
 

@@ -1,13 +1,17 @@
 """fit_run / evaluate_run on synthetic stand-ins, with a toy training-based method."""
 
 import copy
+import hashlib
+import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from torchvision import transforms
 
 from siad.data.prepare import prepare_dataset
@@ -16,6 +20,7 @@ from siad.engine import runs
 from siad.engine.evaluate import load_maps
 from siad.engine.protocol import RunKey
 from siad.engine.runs import evaluate_run, evaluate_runs, fit_run, training_meta
+from siad.engine.spec import resolve_run_spec
 from siad.errors import ConfigError, DataError, LeakageError
 from siad.methods import METHODS, Method
 from siad.methods.base import MethodOutput
@@ -304,3 +309,159 @@ def test_few_shot_methods_receive_the_first_normal_train_images_of_each_target_c
                          metrics_path=tmp / "ref2" / "m.json", predictions_path=tmp / "ref2" / "p.npz")
     finally:
         ReferenceMeanImage.references_needed = 2
+
+
+# --- trained models: atomic, verified, fingerprinted on the resolved specification --------------------------
+
+
+def _group(config, results, variants=("default",), targets=("visa",)):
+    keys = [RunKey("uzad", "test_mean_image", v, "mvtec", t) for v in variants for t in targets]
+    return keys, results / "uzad" / "test_mean_image" / "default" / "mvtec"
+
+
+def _count_fits(monkeypatch):
+    fits = []
+    real_fit = runs.fit_run
+    monkeypatch.setattr(runs, "fit_run", lambda *a, **k: fits.append(a[3]) or real_fit(*a, **k))
+    return fits
+
+
+def test_model_record_holds_the_weights_sha256_and_the_training_fingerprint(workspace):
+    tmp, config, metas = workspace
+    model_dir = tmp / "atomic"
+    fit_run(config, "uzad", "test_mean_image", "default", "mvtec", meta_path=metas["mvtec"], model_dir=model_dir)
+    info = json.loads((model_dir / "model.json").read_text())
+    assert info["weights_sha256"] == hashlib.sha256((model_dir / "model.pt").read_bytes()).hexdigest()
+    spec = resolve_run_spec(config, RunKey("uzad", "test_mean_image", "default", "mvtec", "visa"), metas)
+    assert info["fingerprint"] == spec.training_digest
+    assert [p.name for p in model_dir.iterdir() if p.name not in ("model.pt", "model.json")] == []  # no temp file
+
+
+def test_a_crash_while_saving_leaves_no_reusable_model(workspace, monkeypatch):
+    tmp, config, metas = workspace
+    keys, model_dir = _group(config, tmp / "crash")
+    runs.run_group(config, keys, meta_paths=metas, results_root=tmp / "crash", progress=False)
+    spec = resolve_run_spec(config, keys[0], metas)
+    assert runs.trained_model_is_current(spec, model_dir)
+
+    def crash(self, path):
+        Path(path).write_bytes(b"half a model")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(MeanImage, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        fit_run(config, "uzad", "test_mean_image", "default", "mvtec", meta_path=metas["mvtec"], model_dir=model_dir)
+    assert not (model_dir / "model.json").exists()  # the old record is gone: its weights may no longer pair with it
+    assert not runs.trained_model_is_current(spec, model_dir)
+    assert sorted(p.name for p in model_dir.iterdir() if p.is_file()) == ["model.pt"]  # old weights, no temp file
+
+
+def test_corrupt_weights_are_trained_again_with_a_warning(workspace, monkeypatch, caplog):
+    tmp, config, metas = workspace
+    keys, model_dir = _group(config, tmp / "corrupt")
+    fits = _count_fits(monkeypatch)
+    runs.run_group(config, keys, meta_paths=metas, results_root=tmp / "corrupt", progress=False)
+    metrics = (keys[0].run_dir(tmp / "corrupt") / "metrics.json").read_text()
+    weights = model_dir / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:20])  # truncated
+    with caplog.at_level("WARNING", logger="siad"):
+        runs.run_group(config, keys, meta_paths=metas, results_root=tmp / "corrupt", progress=False)
+    assert fits == ["default", "default"]
+    assert any("SHA-256" in r.getMessage() and "training again" in r.getMessage() for r in caplog.records)
+    assert (keys[0].run_dir(tmp / "corrupt") / "metrics.json").read_text() == metrics  # same numbers as before
+
+
+def test_loading_weights_that_do_not_match_the_record_is_refused(workspace, mvtec_model, tmp_path):
+    tmp, config, metas = workspace
+    copy_dir = tmp_path / "model"
+    copy_dir.mkdir()
+    for name in ("model.json", "model.pt"):
+        (copy_dir / name).write_bytes((mvtec_model / name).read_bytes())
+    torch.save({"mean": torch.zeros(3, 32, 32)}, copy_dir / "model.pt")  # another model's weights
+    key = RunKey("uzad", "test_mean_image", "default", "mvtec", "visa")
+    with pytest.raises(DataError, match="SHA-256") as err:
+        evaluate_run(config, key, meta_path=metas["visa"], model_dir=copy_dir, progress=False,
+                     metrics_path=tmp_path / "m.json", predictions_path=tmp_path / "p.npz")
+    assert "model.pt" in str(err.value) and "weights_only" not in str(err.value)
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_a_changed_default_in_code_retrains(workspace, monkeypatch):
+    tmp, config, metas = workspace
+    keys, _ = _group(config, tmp / "default_change")
+    fits = _count_fits(monkeypatch)
+    runs.run_group(config, keys, meta_paths=metas, results_root=tmp / "default_change", progress=False)
+    monkeypatch.setattr(MeanImage, "defaults", {**MeanImage.defaults, "unused_knob": 1})
+    runs.run_group(config, keys, meta_paths=metas, results_root=tmp / "default_change", progress=False)
+    assert fits == ["default", "default"]
+
+
+def test_metrics_are_stamped_with_the_run_specification(workspace):
+    tmp, config, metas = workspace
+    keys, _ = _group(config, tmp / "stamp", targets=("visa", "headct"))
+    runs.run_group(config, keys, meta_paths=metas, results_root=tmp / "stamp", progress=False)
+    for key in keys:
+        stamp = json.loads((key.run_dir(tmp / "stamp") / "metrics.json").read_text())["spec"]
+        expected = resolve_run_spec(config, key, metas)
+        assert stamp["digest"] == expected.digest and stamp["spec"] == json.loads(json.dumps(expected.identity()))
+
+
+def test_a_job_refuses_a_plan_made_under_another_configuration(workspace):
+    tmp, config, metas = workspace
+    keys, _ = _group(config, tmp / "planned")
+    planned = {keys[0]: resolve_run_spec(config, keys[0], metas).config_digest}
+    changed = copy.deepcopy(config)
+    changed["seed"] = 11
+    with pytest.raises(ConfigError, match="changed after the workflow planned it"):
+        runs.run_group(changed, keys, meta_paths=metas, results_root=tmp / "planned", progress=False,
+                       expected_digests=planned)
+    assert not (tmp / "planned").exists()
+
+
+# --- the leakage guard checks content, not names -------------------------------------------------------------
+
+
+def _visa_with(tmp, workspace, name, replace_with):
+    """A copy of the VisA stand-in whose first normal test image is replaced by ``replace_with(bytes)``."""
+    ws_tmp, _, _ = workspace
+    root = tmp / name / "visa"
+    shutil.copytree(ws_tmp / "data" / "visa", root)
+    meta = json.loads((ws_tmp / "meta" / "visa" / "meta.json").read_text())
+    victim = next(r["img_path"] for r in meta["test"]["candle"] if not r["anomaly"])
+    (root / victim).write_bytes(replace_with())
+    meta_path = tmp / name / "meta.json"
+    prepare_dataset("visa", root, meta_path, verify_counts=False)
+    config = copy.deepcopy(workspace[1])
+    config["datasets"]["visa"]["root"] = str(root)
+    return config, meta_path, victim
+
+
+def test_a_training_image_among_the_target_test_images_is_refused(workspace, mvtec_model, tmp_path):
+    tmp, _, metas = workspace
+    train = json.loads(metas["mvtec"].read_text())["train"]["bottle"][0]["img_path"]
+    config, meta_path, victim = _visa_with(tmp_path, workspace, "leak",
+                                           lambda: (tmp / "data" / "mvtec" / train).read_bytes())
+    key = RunKey("uzad", "test_mean_image", "default", "mvtec", "visa")
+    with pytest.raises(LeakageError, match="byte-identical") as err:
+        evaluate_run(config, key, meta_path=meta_path, model_dir=mvtec_model, progress=False,
+                     metrics_path=tmp_path / "m.json", predictions_path=tmp_path / "p.npz")
+    assert f"{train} = {victim}" in str(err.value) and not (tmp_path / "m.json").exists()
+
+
+def test_perceptual_near_duplicates_are_reported_not_refused(workspace, mvtec_model, tmp_path):
+    tmp, _, metas = workspace
+    train = json.loads(metas["mvtec"].read_text())["train"]["bottle"][0]["img_path"]
+    image = np.array(Image.open(tmp / "data" / "mvtec" / train).convert("RGB"))
+    image[0, 0] = 255 - image[0, 0]  # one pixel: other bytes, same picture
+
+    def near_copy():
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    config, meta_path, victim = _visa_with(tmp_path, workspace, "near", near_copy)
+    key = RunKey("uzad", "test_mean_image", "default", "mvtec", "visa")
+    body = evaluate_run(config, key, meta_path=meta_path, model_dir=mvtec_model, progress=False,
+                        metrics_path=tmp_path / "m.json", predictions_path=tmp_path / "p.npz")
+    assert [train, victim] in [pair[:2] for pair in body["near_duplicates"]]
+    assert json.loads((tmp_path / "m.json").read_text())["near_duplicates"] == body["near_duplicates"]

@@ -1,6 +1,7 @@
 """The Snakemake workflow: dry-run job lists, start-up validation, and a tiny end-to-end demo."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from siad.data.registry import get_dataset
 from siad.engine.protocol import protocol_runs
 from siad.report.paper import required_runs
 
@@ -148,10 +150,18 @@ def tiny_demo() -> dict:
     return config
 
 
-def test_tiny_demo_end_to_end_and_resumable(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The tiny demo, run once to completion; tests that change it restore what they changed."""
+    tmp_path = tmp_path_factory.mktemp("tiny")
     configfile = write_config(tmp_path, tiny_demo())
     result = snakemake(tmp_path, "all", configfile=configfile)
     assert result.returncode == 0, result.stderr[-4000:]
+    return tmp_path, configfile
+
+
+def test_tiny_demo_end_to_end_and_resumable(tiny_run):
+    tmp_path, configfile = tiny_run
     tables = tmp_path / "tables" / "demo"
     for name in ("table1_uzad.md", "table1_uzad.tex", "table1_uzad.csv", "claims_check.md",
                  "siad_table7_training_free.md", "speed.md", "speed.csv"):
@@ -183,3 +193,102 @@ def test_tiny_demo_end_to_end_and_resumable(tmp_path):
 
     again = snakemake(tmp_path, "all", configfile=configfile)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+
+# --- reruns: a change reruns exactly the jobs that depend on it, nothing else --------------------------------
+
+RUN_JOBS = {"run_uzad_clip_none", "run_uzad_anovl_none", "run_uzad_anomalygpt_mvtec", "run_uzad_anomalygpt_br35h"}
+TINY_DATASETS = ("mvtec", "visa", "sdd", "br35h", "headct")
+PREPARE = {f"prepare_dataset[{d}]" for d in TINY_DATASETS}
+STANDIN = {f"synthesize_standin[{d}]" for d in TINY_DATASETS}
+
+
+def planned_jobs(output: str) -> set[str]:
+    """The jobs of a dry run as ``rule`` or ``rule[dataset]``, without the ``all`` target."""
+    return {f"{rule}[{wc['dataset']}]" if "dataset" in wc else rule
+            for rule, wc, _ in dry_run_jobs(output) if rule != "all"}
+
+
+def dry_run_with(tmp_path: Path, mutate=None, preload: Path | None = None) -> set[str]:
+    config = tiny_demo()
+    if mutate:
+        mutate(config)
+    configfile = tmp_path / "changed.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "-n", "all", configfile=configfile, preload=preload)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return planned_jobs(output)
+
+
+@pytest.mark.parametrize(("mutate", "expected"), [
+    (None, set()),
+    (lambda c: c["methods"]["clip"]["params"].update(logit_scale=50.0), {"run_uzad_clip_none", "report", "speed"}),
+    (lambda c: c["methods"]["anomalygpt"]["params"].update(lr=0.002),
+     {"run_uzad_anomalygpt_mvtec", "run_uzad_anomalygpt_br35h", "report", "speed"}),
+    (lambda c: c["evaluation"].update(size=16), RUN_JOBS | {"report"}),
+    (lambda c: c["evaluation"].update(aupro_limit=0.05), RUN_JOBS | {"report"}),
+    (lambda c: c.update(seed=7), RUN_JOBS | PREPARE | STANDIN | {"report", "speed"}),
+    (lambda c: c["data"]["standin"].update(n_test_normal=4), RUN_JOBS | PREPARE | STANDIN | {"report"}),
+    (lambda c: c["data"]["options"].update(medical_protocol="dra_75_25"),
+     {"prepare_dataset[br35h]", "prepare_dataset[headct]", "run_uzad_clip_none", "run_uzad_anomalygpt_br35h",
+      "report"}),
+    (lambda c: c["methods"]["clip"].update(display_name="CLIP (ViT-L)"), {"report"}),
+])
+def test_a_config_change_reruns_exactly_the_jobs_that_depend_on_it(tiny_run, mutate, expected):
+    tmp_path, _ = tiny_run
+    assert dry_run_with(tmp_path, mutate) == expected
+
+
+def test_a_changed_default_in_code_reruns_that_method_only(tiny_run, tmp_path):
+    workdir, _ = tiny_run
+    preload = tmp_path / "change_default.py"
+    preload.write_text("from siad.methods import get_method_class\n"
+                       "cls = get_method_class('anomalygpt')\n"
+                       "cls.defaults = {**cls.defaults, 'label_threshold': 0.4}\n")
+    assert dry_run_with(workdir, preload=preload) == {
+        "run_uzad_anomalygpt_mvtec", "run_uzad_anomalygpt_br35h", "report", "speed"}
+
+
+def test_an_edited_image_re_prepares_its_dataset_and_reruns_its_readers(tiny_run):
+    tmp_path, _ = tiny_run
+    image = sorted((tmp_path / "data" / "demo").glob("**/*.png"))[0]
+    dataset = next(d for d in TINY_DATASETS if (tmp_path / "data" / "demo" / get_dataset(d).folder) in image.parents)
+    original, stat = image.read_bytes(), image.stat()
+    try:
+        image.write_bytes(original + b"\0")
+        jobs = dry_run_with(tmp_path)
+    finally:
+        image.write_bytes(original)
+        os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert {j for j in jobs if j.startswith("prepare_dataset")} == {f"prepare_dataset[{dataset}]"}
+    assert "report" in jobs and not {j for j in jobs if j.startswith("synthesize_standin")}
+    assert dry_run_with(tmp_path) == set()  # restored: nothing to do
+
+
+def test_the_report_reads_the_claimed_numbers_as_inputs(tiny_run):
+    tmp_path, configfile = tiny_run
+    result = snakemake(tmp_path, "-n", "--forcerun", "report", "all", configfile=configfile)
+    report = re.search(r"^rule report:\n(.*?)(?=^\S|\Z)", result.stdout + result.stderr, flags=re.S | re.M).group(1)
+    assert str(ROOT / "config" / "reference" / "siad_table1_uzad.csv") in report
+
+
+def test_the_report_refuses_a_stale_metrics_file(tiny_run):
+    tmp_path, configfile = tiny_run
+    metrics = tmp_path / "results" / "demo" / "uzad" / "clip" / "default" / "none" / "visa" / "metrics.json"
+    original, stat = metrics.read_bytes(), metrics.stat()
+    tables = tmp_path / "tables" / "demo" / "table1_uzad.md"
+    before = tables.read_bytes()
+    body = json.loads(original)
+    body["spec"]["digest"] = "0" * 64  # as if computed under another configuration
+    metrics.write_text(json.dumps(body))
+    os.utime(metrics, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    try:
+        result = snakemake(tmp_path, "--forcerun", "report", "all", configfile=configfile)
+    finally:
+        metrics.write_bytes(original)
+        os.utime(metrics, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    log = (tmp_path / "results" / "demo" / "logs" / "report.log").read_text()
+    assert result.returncode != 0 and "stale" in log and "uzad/clip/default/none/visa/metrics.json" in log
+    assert "--forcerun run_uzad_clip_none" in log
+    assert not tables.exists() or tables.read_bytes() == before

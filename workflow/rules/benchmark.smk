@@ -9,6 +9,8 @@ rule speed:
     output:
         md=f"{TABLES}/speed.md",
         csv=f"{TABLES}/speed.csv",
+    params:
+        spec=PLAN.speed_params() if "speed" in config else "",
     log:
         f"{RESULTS}/logs/speed.log",
     benchmark:

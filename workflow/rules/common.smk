@@ -3,14 +3,18 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from siad.config import dataset_root, results_root, tables_root, validate_config
-from siad.engine.runs import group_runs
+from siad.config import dataset_root, results_root, tables_root
 from siad.errors import SiadError
+from siad.data.folder_state import dataset_state_param
+from siad.plan import build_plan, prepare_params, standin_params, validate_workflow_config
 from siad.report.figures import figure4_outputs, figure4_runs
 from siad.report.paper import PAPER_TABLES, required_runs
 
+# Validate the config and resolve every run's specification once; every `params:` digest below comes from it,
+# so Snakemake's params trigger reruns exactly the jobs whose configuration, data options or code changed.
 try:
-    validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
+    config.update(validate_workflow_config(config, workflow.source_path("../schemas/config.schema.yaml")))
+    PLAN = build_plan(config)
 except SiadError as err:
     raise WorkflowError(f"{type(err).__name__}: {err}") from None
 
@@ -19,7 +23,7 @@ TABLES = str(tables_root(config))
 DATASETS = list(config["datasets"])
 
 # one job per (setting, method, source) of the runs the tables and the figure need
-RUN_GROUPS = group_runs(required_runs(config) + figure4_runs(config))
+RUN_GROUPS = PLAN.groups
 
 
 wildcard_constraints:
@@ -43,6 +47,12 @@ def run_file(key, name):
 def report_metrics():
     """metrics.json of every run the configured tables need."""
     return [str(key.run_dir(RESULTS) / "metrics.json") for key in required_runs(config)]
+
+
+def reference_files():
+    """The claimed-number CSVs the configured tables read (inputs of the report: an edited claim re-renders)."""
+    names = {PAPER_TABLES.get(name).reference for name in config["report"]["tables"]}
+    return [repo_file(f"config/reference/{name}") for name in sorted(n for n in names if n)]
 
 
 def report_outputs():

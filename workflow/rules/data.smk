@@ -1,11 +1,17 @@
 # Data: synthetic stand-ins (demo) or real downloads, converted to the community meta.json index.
 
 
+# `params.spec` digests what a stand-in is made of (options, seed, classes, generator code), what shapes an
+# index (options, classes, root, converter code) and the dataset folder's state (siad/plan.py, siad/data/folder_state.py): an edited image,
+# a changed option or converter re-prepares the dataset, and the runs that read it follow (their meta.json input).
+
+
 rule synthesize_standin:
     output:
         touch(f"{RESULTS}/datasets/{{dataset}}/standin.done"),
     params:
         root=lambda wc: str(dataset_root(config, wc.dataset)),
+        spec=lambda wc: standin_params(config, wc.dataset),
     log:
         f"{RESULTS}/logs/synthesize_standin/{{dataset}}.log",
     conda:
@@ -24,6 +30,8 @@ rule prepare_dataset:
         info=f"{RESULTS}/datasets/{{dataset}}/dataset.json",
     params:
         root=lambda wc: str(dataset_root(config, wc.dataset)),
+        spec=lambda wc: prepare_params(config, wc.dataset),
+        state=lambda wc: dataset_state_param(config, wc.dataset, f"{RESULTS}/datasets/{wc.dataset}/dataset.json"),
     log:
         f"{RESULTS}/logs/prepare_dataset/{{dataset}}.log",
     benchmark:

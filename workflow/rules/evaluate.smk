@@ -1,7 +1,9 @@
 # Runs: one job per (setting, method, source) of the runs the tables and the figure need. A job trains each
-# variant of the method on the source (trained methods; a model whose training fingerprint matches is reused),
-# then evaluates every target of that variant, writing per-run metrics.json and predictions.npz. One process
-# per group pays the imports, the model build and the feature caches once, not once per target and variant.
+# variant of the method on the source (trained methods; an intact model whose training fingerprint matches is
+# reused), then evaluates every target of that variant, writing per-run metrics.json (stamped with the run's
+# specification digest) and predictions.npz. One process per group pays the imports, the model build and the
+# feature caches once. `params.spec` holds each run's config digest (siad/engine/spec.py): a change of method
+# parameters or defaults, variant, seed, device, evaluation settings, data options or code reruns the job.
 
 
 for _group in RUN_GROUPS:
@@ -20,6 +22,7 @@ for _group in RUN_GROUPS:
             method=_group.method,
             source=_group.source,
             datasets=_group.datasets,
+            spec=PLAN.group_params(_group),
         log:
             f"{RESULTS}/logs/runs/{_group.setting}/{_group.method}/{_group.source}.log",
         benchmark:

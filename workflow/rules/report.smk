@@ -5,9 +5,12 @@ from siad.report.figures import FIGURE_STEM, figure4_runs
 rule report:
     input:
         metrics=report_metrics(),
-        references=repo_file("config/reference"),
+        references=reference_files(),
     output:
         report_outputs(),
+    params:
+        reference_dir=repo_file("config/reference"),
+        spec=PLAN.report_params(),
     log:
         f"{RESULTS}/logs/report.log",
     conda:
@@ -26,6 +29,8 @@ rule figure4:
     output:
         png=f"{TABLES}/{FIGURE_STEM}.png",
         pdf=f"{TABLES}/{FIGURE_STEM}.pdf",
+    params:
+        spec=PLAN.report_params(),
     log:
         f"{RESULTS}/logs/figure4.log",
     conda:

@@ -10,6 +10,7 @@ if TYPE_CHECKING:
 
 
 def main(smk) -> None:
+    from siad.data.folder_state import record_state
     from siad.data.prepare import prepare_dataset
 
     data = smk.config["data"]
@@ -22,7 +23,10 @@ def main(smk) -> None:
         download=data["download"] and not data["synthetic"],
         archive_dir=Path(archive_dir) if archive_dir else None,
         verify_counts=data["verify_counts"],
+        classes=smk.config["datasets"][smk.wildcards.dataset].get("classes"),
     )
+    # what this preparation saw, so the next start-up can tell whether the folder changed (data/folder_state.py)
+    record_state(smk.config, smk.wildcards.dataset, Path(smk.output.info), smk.params.state)
 
 
 run_step(main, snakemake)  # noqa: F821 (injected by Snakemake)

@@ -11,6 +11,9 @@ if TYPE_CHECKING:
 
 def main(smk) -> None:
     from siad.report.figures import render_figure4
+    from siad.report.runs import load_runs, refuse_stale_runs
+
+    refuse_stale_runs(smk.config, load_runs([Path(p) for p in smk.input.metrics]))
 
     # the rule's outputs are <tables>/FIGURE_STEM.{png,pdf}, the names render_figure4 writes
     render_figure4(smk.config, list(smk.input.predictions), list(smk.input.metas), Path(smk.output.png).parent)

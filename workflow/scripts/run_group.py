@@ -16,8 +16,9 @@ def main(smk) -> None:
 
     p = smk.params
     keys = [RunKey(p.setting, p.method, variant, p.source, target) for variant, target in p.runs]
+    planned = dict(zip(keys, (entry.rpartition("=")[2] for entry in p.spec), strict=True))
     run_group(smk.config, keys, meta_paths=dict(zip(p.datasets, map(Path, smk.input.meta), strict=True)),
-              results_root=results_root(smk.config))
+              results_root=results_root(smk.config), expected_digests=planned)
 
 
 run_step(main, snakemake)  # noqa: F821 (injected by Snakemake)

@@ -14,9 +14,10 @@ Files that are neither images nor hidden are not silently dropped: they are repo
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
+from siad.data.hashing import sha256sum
 from siad.data.records import Meta, Record, build_meta, make_record
 from siad.errors import DataError
 
@@ -182,24 +183,52 @@ def convert_mvtec_style(root: Path, classes: Sequence[str], dataset: str, *, nor
                         mask_suffixes: Sequence[str] = ("_mask",)) -> Meta:
     """Index a dataset whose class folders (found at any wrapper depth) follow the MVTec layout."""
     level = find_class_level(root, classes, dataset)
+    present = present_classes(level, classes, dataset)
     train: list[Record] = []
     test: list[Record] = []
-    for cls in present_classes(level, classes, dataset):
+    for cls in present:
         tr, te = mvtec_style_class(root, level / cls, cls, normal=normal, mask_suffixes=mask_suffixes)
         train += tr
         test += te
-    return build_meta(train, test)
+    return build_meta(train, test, test_classes=present)
 
 
-def split_normals(names: Iterable[str], test_size: float = 0.25) -> tuple[list[str], list[str]]:
+def split_normals(names: Iterable[str], test_size: float = 0.25, *, content: Mapping[str, str] | None = None,
+                  test_content: Collection[str] = ()) -> tuple[list[str], list[str]]:
     """Split sorted ``names`` into (train, test) with ``train_test_split(test_size, random_state=42)``.
 
     The community scripts split ``os.listdir`` order, which differs between file systems; sorting first
     makes the split reproducible everywhere (the sizes are the same: ``ceil(test_size * n)`` in test).
+
+    ``content`` (name -> content hash) keeps identical images on one side: names sharing a hash form a
+    group, the groups are split (each represented by its first name in sorted order) and expanded, so
+    a copy of a test image never lands in train. Groups whose hash is in ``test_content`` (e.g. the
+    hashes of the anomalies, which are all in test) go to test whole. Without duplicates the result
+    equals the plain split; with them the sizes follow the groups and differ slightly from the rule.
     """
+    ordered = sorted(names)
+    if content is None:
+        return _sklearn_split(ordered, test_size)
+    groups: dict[str, list[str]] = {}
+    for name in ordered:
+        groups.setdefault(content[name], []).append(name)
+    forced = [g for h, g in groups.items() if h in test_content]
+    free = {g[0]: g for h, g in groups.items() if h not in test_content}
+    shared = sorted(n for h, g in groups.items() if len(g) > 1 or h in test_content for n in g)
+    if shared:
+        log.warning("%d images have an identical copy among the images being split or among the test images "
+                    "(e.g. %s); all copies of one content are kept on the same side of the train/test split",
+                    len(shared), ", ".join(shared[:3]))
+    train_keys, test_keys = _sklearn_split(sorted(free), test_size)
+    train = sorted(n for k in train_keys for n in free[k])
+    test = sorted([n for k in test_keys for n in free[k]] + [n for g in forced for n in g])
+    return train, test
+
+
+def _sklearn_split(ordered: list[str], test_size: float) -> tuple[list[str], list[str]]:
+    """``train_test_split(ordered, test_size, random_state=42)``, both parts sorted (fewer than 2: all train)."""
     from sklearn.model_selection import train_test_split  # heavy import, only needed for splits
 
-    ordered = sorted(names)
     if len(ordered) < 2:
         return ordered, []
     train, test = train_test_split(ordered, test_size=test_size, random_state=SPLIT_SEED)
@@ -213,6 +242,8 @@ def medical_meta(root: Path, cls_name: str, normals: Mapping[str, Path], anomali
     ``all_test`` (default; AdaCLIP / AnomalyCLIP zero-shot): every image in ``test``, ``train`` empty.
     ``dra_75_25`` (DRA / InCTRL): normals split 75/25 with ``train_test_split(random_state=42)`` on the
     sorted relative paths; the 25 % and all anomalies form ``test``, the 75 % normals form ``train``.
+    Byte-identical files stay on one side (:func:`split_normals` with the files' SHA-256): a normal
+    image identical to another normal goes where its group goes, one identical to an anomaly goes to test.
     ``normals`` / ``anomalies`` map a sort key (relative path) to the image; ``species`` = (normal, anomalous)
     specie names. Masks are absent (``mask_path = ""``).
     """
@@ -222,11 +253,13 @@ def medical_meta(root: Path, cls_name: str, normals: Mapping[str, Path], anomali
     if protocol == "all_test":
         train_keys, test_keys = [], sorted(normals)
     else:
-        train_keys, test_keys = split_normals(normals)
+        content = {k: sha256sum(p) for k, p in normals.items()}
+        train_keys, test_keys = split_normals(normals, content=content,
+                                              test_content={sha256sum(p) for p in anomalies.values()})
     train = [make_record(rel(root, normals[k]), cls_name, normal_sp, False) for k in train_keys]
     test = [make_record(rel(root, normals[k]), cls_name, normal_sp, False) for k in test_keys]
     test += [make_record(rel(root, p), cls_name, anomal_sp, True) for p in anomalies.values()]
-    return build_meta(train, test)
+    return build_meta(train, test, test_classes=(cls_name,))
 
 
 def images_by_relpath(root: Path, folder: Path) -> dict[str, Path]:

@@ -47,7 +47,7 @@ EXPECTED_TEST_COUNTS = {"adaclip_thirds": {CLASS: (286, 54)}, "anomalyclip_drive
 RAW_DIR = "KolektorSDD"
 THIRDS_DIR = "SDD_anomaly_detection"
 MARKER = ".siad_thirds.json"
-THIRDS_VERSION = 1
+THIRDS_VERSION = 2  # 2: identical pieces kept on one side of the split
 DRIVE_URL = "https://drive.google.com/drive/folders/1oqaxUZYi44jlLT4WtT6D5T6onPTNZXsu"
 _KOS = re.compile(r"kos\d+")
 _PART = re.compile(r"(Part\d+)\.jpg", re.IGNORECASE)
@@ -76,7 +76,7 @@ def convert(root: Path, options: Mapping[str, str]) -> Meta:
     else:
         raise DataError(f"sdd_protocol {protocol!r} unknown; use one of {PROTOCOLS}")
     train, test = mvtec_style_class(root, class_dir, CLASS, normal="good", mask_suffixes=suffixes)
-    return build_meta(train, test)
+    return build_meta(train, test, test_classes=CLASSES)
 
 
 def thirds(height: int) -> list[slice]:
@@ -149,36 +149,53 @@ def _marker(out: Path) -> dict:
         return {}
 
 
-def _label_pieces(part: Part) -> list[np.ndarray]:
-    """The binarised label cut into thirds (checked to match the image size)."""
+def _load(part: Part) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The image as an array (source mode) and its binarised label cut into thirds (sizes checked to match)."""
     with open_checked(part.image) as image:
+        arr = np.asarray(image)
         size = image.size
     with open_checked(part.label) as label:
         if label.size != size:
             raise DataError(f"{part.label}: label size {label.size} differs from image size {size} "
                             f"of {part.image.name}; re-extract KolektorSDD.zip")
-        arr = np.asarray(label)
-    binary = arr > 0 if arr.ndim == 2 else (arr > 0).any(axis=-1)
-    return [binary[s] for s in thirds(binary.shape[0])]
+        lab = np.asarray(label)
+    binary = lab > 0 if lab.ndim == 2 else (lab > 0).any(axis=-1)
+    return arr, [binary[s] for s in thirds(binary.shape[0])]
+
+
+def _piece_hash(piece: np.ndarray) -> str:
+    """Hash of a piece's pixels (shape, dtype and values): equal pieces are equal images."""
+    header = repr((piece.shape, piece.dtype.str)).encode()
+    return hashlib.sha256(header + np.ascontiguousarray(piece).tobytes()).hexdigest()
 
 
 def _write_thirds(parts: list[Part], sdd: Path) -> dict[str, int]:
-    """Write every piece to its folder (two passes: labels decide the split, then images are cut).
+    """Write every piece to its folder (two passes: labels and contents decide the split, then pieces are cut).
 
-    Only the per-piece anomaly flags are kept between the passes (full-size labels of 399 images
-    would take hundreds of MB).
+    Only the per-piece anomaly flags and content hashes are kept between the passes (full-size images
+    of 399 parts would take hundreds of MB). Identical pieces stay on one side of the split
+    (:func:`~siad.data.converters.common.split_normals` with the piece hashes; a normal piece identical
+    to an anomalous one goes to test).
     """
-    flags = {part: [bool(m.any()) for m in _label_pieces(part)] for part in parts}
-    normals = [part.piece_name(t) for part, fl in flags.items() for t, bad in enumerate(fl) if not bad]
-    in_train = set(split_normals(normals)[0])
+    flags: dict[Part, list[bool]] = {}
+    content: dict[str, str] = {}
+    anomalous_content: set[str] = set()
+    for part in parts:
+        arr, labels = _load(part)
+        flags[part] = [bool(m.any()) for m in labels]
+        for t, (rows, bad) in enumerate(zip(thirds(arr.shape[0]), flags[part])):
+            digest = _piece_hash(arr[rows])
+            if bad:
+                anomalous_content.add(digest)
+            else:
+                content[part.piece_name(t)] = digest
+    in_train = set(split_normals(content, content=content, test_content=anomalous_content)[0])
     dirs = {k: sdd / k for k in ("train/good", "test/good", "test/defect", "ground_truth/defect")}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     counts = dict.fromkeys(dirs, 0)
     for part, fl in flags.items():
-        with open_checked(part.image) as image:
-            arr = np.asarray(image)
-        masks = _label_pieces(part) if any(fl) else [None] * 3
+        arr, masks = _load(part)
         for t, (rows, bad, mask) in enumerate(zip(thirds(arr.shape[0]), fl, masks)):
             name = part.piece_name(t)
             key = "test/defect" if bad else ("train/good" if name in in_train else "test/good")

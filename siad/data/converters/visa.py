@@ -37,6 +37,7 @@ def convert(root: Path, options: Mapping[str, str]) -> Meta:
         raise DataError(f"{csv_path}: VisA split file missing; re-extract VisA_20220922.tar "
                         "(it ships split_csv/1cls.csv)")
     records: dict[str, list[Record]] = {"train": [], "test": []}
+    seen: set[str] = set()  # classes the CSV names: one without test rows is reported, not dropped
     with csv_path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         fields = tuple(f.strip() for f in reader.fieldnames or ())
@@ -45,7 +46,8 @@ def convert(root: Path, options: Mapping[str, str]) -> Meta:
         for line, row in enumerate(reader, start=2):
             split, rec = _row_record(root, level, csv_path, line, _clean(row))
             records[split].append(rec)
-    return build_meta(records["train"], records["test"])
+            seen.add(rec["cls_name"])
+    return build_meta(records["train"], records["test"], test_classes=sorted(seen))
 
 
 def _clean(row: Mapping[str | None, str | None]) -> dict[str, str]:

@@ -287,7 +287,8 @@ def sdd_counts(req: Request) -> tuple[int, tuple[int, int]]:
     """(train, (test normal, test anomalous)) thirds after the ``adaclip_thirds`` conversion.
 
     Mirrors the converter: anomalous thirds all go to test; the sorted normal third names are split
-    with the converter's own :func:`~siad.data.converters.common.split_normals`.
+    with the converter's own :func:`~siad.data.converters.common.split_normals` (stand-in pieces are all
+    distinct, so the converter's grouping of identical pieces changes nothing here).
     """
     from siad.data.converters.common import split_normals
 

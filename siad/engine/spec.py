@@ -1,0 +1,277 @@
+"""The resolved run specification: everything one run's numbers depend on, resolved once, hashed once.
+
+A :class:`RunSpec` is computed at workflow start-up for every run the tables need (and again by the job and
+the report, from the same inputs). It overlays the method class's defaults with the config params and the
+variant, and adds the setting, seed, device, the data options that shape the source and target sets, the
+evaluation settings, the content fingerprint of each dataset index involved, the package version and a hash
+of the source code the method and the evaluation run. Three digests come from it:
+
+- :attr:`RunSpec.config_digest`: everything but the dataset fingerprints, the run job's Snakemake ``params``
+  entry, so Snakemake's own params trigger reruns exactly the jobs whose configuration or code changed. The
+  dataset content is known only after the preparation job has run, so it is tracked by the job's ``meta.json``
+  input instead (a changed index is a newer input);
+- :attr:`RunSpec.training_digest`: the part a trained model depends on (no evaluation settings, no target),
+  stored in ``model.json``; a model is reused only when it matches;
+- :attr:`RunSpec.digest`: the whole specification, stamped in ``metrics.json``; the report refuses a run whose
+  stamp differs from the specification of the current config, data and code.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import siad
+from siad.config import method_params, results_root
+from siad.engine.protocol import NO_SOURCE, RunKey
+
+#: Parameters that say where a cache lives or how progress is shown, not what is computed: left out of every digest.
+PLACEMENT_PARAMS = frozenset({"feature_cache", "progress"})
+
+#: Modules whose code shapes every evaluation (the run loop, loading, scoring, answer parsing), hashed as they are
+#: (not their imports: the config layer would pull in every converter and backbone).
+EVALUATION_MODULES = ("siad.engine.runs", "siad.engine.evaluate", "siad.metrics", "siad.data.loading",
+                      "siad.data.imageio", "siad.data.records", "siad.llm.answers")
+
+#: Modules whose code shapes every training run (the training glue, image and index loading), hashed as they are.
+TRAINING_MODULES = ("siad.engine.runs", "siad.data.loading", "siad.data.imageio", "siad.data.records")
+
+_PROJECT_PACKAGES = ("siad", "baselines")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run, fully resolved. Build it with :func:`resolve_run_spec`; compare runs by their digests.
+
+    Mappings held here are plain JSON-able values in sorted order; treat them as read-only.
+    """
+
+    key: RunKey
+    params: Mapping[str, Any]  # class defaults <- config params <- variant overrides (placement params dropped)
+    seed: int
+    device: str
+    data: Mapping[str, Any]  # per dataset of the run: its options (with defaults) and its class selection
+    training: Mapping[str, Any] | None  # None for training-free methods; else which source images it trains on
+    evaluation: Mapping[str, Any]  # evaluation grid, batch size, bootstrap size, AU-PRO limit
+    datasets: Mapping[str, str | None]  # dataset -> SHA-256 of its meta.json (None: not prepared yet)
+    version: str  # the suite's package version
+    code: Mapping[str, str]  # "method" / "training" / "evaluation" -> hash of the source modules involved
+
+    # --- identities --------------------------------------------------------------------------------------
+
+    def identity(self) -> dict[str, Any]:
+        """The whole specification as a JSON-able dict (what :attr:`digest` hashes and metrics.json stores)."""
+        key = self.key
+        return {
+            "run": {"setting": key.setting, "method": key.method, "variant": key.variant,
+                    "source": key.source, "target": key.target},
+            "params": dict(self.params), "seed": self.seed, "device": self.device, "data": dict(self.data),
+            "training": None if self.training is None else dict(self.training),
+            "evaluation": dict(self.evaluation), "datasets": dict(self.datasets),
+            "version": self.version, "code": dict(self.code),
+        }
+
+    def config_identity(self) -> dict[str, Any]:
+        """:meth:`identity` without the dataset content fingerprints (known before any job runs)."""
+        return {k: v for k, v in self.identity().items() if k != "datasets"}
+
+    def training_identity(self) -> dict[str, Any]:
+        """What a trained model depends on: no target, no evaluation settings, no evaluation code."""
+        key = self.key
+        return {
+            "run": {"setting": key.setting, "method": key.method, "variant": key.variant, "source": key.source},
+            "params": dict(self.params), "seed": self.seed, "device": self.device,
+            "data": {key.source: self.data.get(key.source)}, "training": self.training,
+            "datasets": {key.source: self.datasets.get(key.source)}, "version": self.version,
+            "code": {"method": self.code["method"], "training": self.code["training"]},
+        }
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of :meth:`identity`: the stamp of metrics.json."""
+        return _digest(self.identity())
+
+    @property
+    def config_digest(self) -> str:
+        """SHA-256 of :meth:`config_identity`: the run job's Snakemake ``params`` entry."""
+        return _digest(self.config_identity())
+
+    @property
+    def training_digest(self) -> str:
+        """SHA-256 of :meth:`training_identity`: the training fingerprint stored in model.json."""
+        return _digest(self.training_identity())
+
+    def stamp(self) -> dict[str, Any]:
+        """What metrics.json records: the digest and the specification it hashes."""
+        return {"digest": self.digest, "spec": self.identity()}
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def spec_differences(expected: Mapping[str, Any], recorded: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two specification dicts (what changed since a run)."""
+    keys = sorted(set(expected) | set(recorded))
+    diffs: list[str] = []
+    for key in keys:
+        a, b, name = expected.get(key), recorded.get(key), f"{prefix}{key}"
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            diffs += spec_differences(a, b, f"{name}.")
+        elif a != b:
+            diffs.append(name)
+    return diffs
+
+
+# --- building a spec ---------------------------------------------------------------------------------------
+
+
+def meta_path(config: Mapping[str, Any], dataset: str) -> Path:
+    """Where the workflow writes dataset ``dataset``'s index (``results/<profile>/datasets/<name>/meta.json``)."""
+    return results_root(config) / "datasets" / dataset / "meta.json"
+
+
+def file_sha256(path: Path) -> str | None:
+    """SHA-256 of a file's bytes, or None when it does not exist (yet)."""
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def resolve_run_spec(
+    config: Mapping[str, Any], key: RunKey, meta_paths: Mapping[str, Path] | None = None
+) -> RunSpec:
+    """The specification of run ``key`` under ``config``.
+
+    ``meta_paths``: dataset → meta.json (default: the workflow's location of each index). An index that does
+    not exist yet has fingerprint None. An empty ``key.target`` resolves the training part only (for training).
+    """
+    from siad.engine.runs import training_normal_images
+    from siad.methods import get_method_class
+    from siad.runtime import resolve_device
+
+    cls = get_method_class(key.method)
+    params = cls.resolve_params(method_params(config, key.method, key.variant))
+    names = [n for n in ([key.target] if key.source == NO_SOURCE else [key.source, key.target]) if n]
+    paths = {name: Path((meta_paths or {}).get(name) or meta_path(config, name)) for name in names}
+    training = None
+    if key.source != NO_SOURCE:
+        normal_images = training_normal_images(config, key.source)
+        training = {"normal_images": normal_images}
+    evaluation = config["evaluation"]
+    return RunSpec(
+        key=key,
+        params=_canonical({k: v for k, v in params.items() if k not in PLACEMENT_PARAMS}),
+        seed=int(config["seed"]),
+        device=resolve_device(config["device"]),
+        data={name: _dataset_choice(config, name) for name in names},
+        training=training,
+        evaluation={"size": evaluation["size"], "batch_size": int(evaluation["batch_size"]),
+                    "n_bootstrap": int(evaluation["n_bootstrap"]),
+                    "aupro_limit": float(evaluation.get("aupro_limit", 0.3))},
+        datasets={name: file_sha256(path) for name, path in paths.items()},
+        version=siad.__version__,
+        code={"method": method_code_hash(cls), "training": modules_hash(TRAINING_MODULES, transitive=False),
+              "evaluation": modules_hash(EVALUATION_MODULES, transitive=False)},
+    )
+
+
+def _dataset_choice(config: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The options and class selection that shape dataset ``name``'s index as the run reads it."""
+    from siad.data.registry import get_dataset
+
+    classes = config["datasets"][name].get("classes")
+    return {"options": get_dataset(name).options_with_defaults(config["data"].get("options", {})),
+            "classes": sorted(classes) if classes else None}
+
+
+def _canonical(value: Any) -> Any:
+    """A JSON round trip: tuples become lists, keys sorted, so equal configurations compare equal."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+# --- code hashes -------------------------------------------------------------------------------------------
+
+
+def method_code_hash(cls: type) -> str:
+    """Hash of the source of the method's module and every project module it imports, transitively."""
+    return modules_hash((cls.__module__,))
+
+
+def modules_hash(roots: tuple[str, ...], *, transitive: bool = True) -> str:
+    """SHA-256 over the sources of ``roots`` and (``transitive``) the project modules they import, at any depth.
+
+    Imports are read from the source (``ast``), so an import inside a function counts as well. A name that is
+    no module of the project (``siad``, ``baselines``) hashes as empty.
+    """
+    closures = [module_closure(name) if transitive else frozenset({name}) for name in roots]
+    modules = sorted(set().union(*closures))
+    digest = hashlib.sha256()
+    for name in modules:
+        digest.update(name.encode() + b"\0" + _module_source(name) + b"\0")
+    return digest.hexdigest()
+
+
+@cache
+def module_closure(name: str) -> frozenset[str]:
+    """Module ``name`` and every project module it imports, at any depth."""
+    seen: set[str] = set()
+    pending = [name]
+    while pending:
+        current = pending.pop()
+        if current in seen or _module_file(current) is None:
+            continue
+        seen.add(current)
+        pending += _project_imports(current)
+    return frozenset(seen)
+
+
+@cache
+def _module_file(name: str) -> Path | None:
+    if name.split(".")[0] not in _PROJECT_PACKAGES:
+        return None
+    try:
+        found = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    return Path(found.origin) if found and found.origin and found.origin.endswith(".py") else None
+
+
+@cache
+def _module_source(name: str) -> bytes:
+    path = _module_file(name)
+    return path.read_bytes() if path else b""
+
+
+def _project_imports(name: str) -> list[str]:
+    """Project modules imported anywhere in module ``name`` (``from a import b`` counts ``a.b`` if a module)."""
+    path = _module_file(name)
+    assert path is not None
+    tree = ast.parse(path.read_bytes(), filename=str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = _absolute(node.module, node.level, package)
+            found.append(base)
+            found += [f"{base}.{alias.name}" for alias in node.names]
+    return [m for m in found if m.split(".")[0] in _PROJECT_PACKAGES]
+
+
+def _absolute(module: str | None, level: int, package: str) -> str:
+    if level == 0:
+        return module or ""
+    parts = package.split(".")
+    base = ".".join(parts[: len(parts) - level + 1])
+    return f"{base}.{module}" if module else base

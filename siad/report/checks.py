@@ -1,0 +1,55 @@
+"""Start-up checks of the ``report`` section: the methods, variants and datasets the tables and the figure name.
+
+Kept in the report package (the tables know which runs they need) and called by :mod:`siad.plan`, so the
+config layer never imports the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from siad.config import method_variants
+from siad.errors import ConfigError, SiadError
+from siad.report.figures import figure4_runs
+from siad.report.paper import required_runs
+
+
+def check_report_config(config: Mapping[str, Any]) -> None:
+    """Refuse a report section that names an unconfigured method, variant or dataset (ConfigError naming the key)."""
+    try:
+        _check_report_methods(config)
+        _check_report_runs(config)
+    except ConfigError:
+        raise
+    except SiadError as err:
+        raise ConfigError(f"invalid configuration: {err}") from None
+
+
+def _check_report_methods(config: Mapping[str, Any]) -> None:
+    """The methods named by the report sections (tables, LLM side table, ablations, figure) must be configured."""
+    report = config["report"]
+    named = {"table1/methods": report["table1"]["methods"],
+             "table7/methods": report.get("table7", {}).get("methods", []),
+             "llm_judgement/methods": report.get("llm_judgement", {}).get("methods", []),
+             "siad_ablations/method": [report["siad_ablations"]["method"]] if "siad_ablations" in report else [],
+             "figure4/methods": report.get("figure4", {}).get("methods", [])}
+    for key, methods in named.items():
+        for name in methods:
+            if name not in config["methods"]:
+                raise ConfigError(f"report/{key}: {name!r} is not listed under `methods`")
+    for name in report.get("figure4", {}).get("datasets", []):
+        if name not in config["datasets"]:
+            raise ConfigError(f"report/figure4/datasets: {name!r} is not listed under `datasets`")
+
+
+def _check_report_runs(config: Mapping[str, Any]) -> None:
+    """Every run a configured table or the figure needs must name a configured method, variant and dataset."""
+    for key in [*required_runs(config), *figure4_runs(config)]:
+        if key.method not in config["methods"]:
+            raise ConfigError(f"report: a table needs method {key.method!r}, which is not listed under `methods`")
+        if key.variant not in method_variants(config, key.method):
+            raise ConfigError(f"report: a table needs variant {key.variant!r} of {key.method!r}; add it under "
+                              f"methods/{key.method}/variants")
+        if key.target not in config["datasets"]:
+            raise ConfigError(f"report: a table needs dataset {key.target!r}, which is not listed under `datasets`")

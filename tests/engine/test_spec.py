@@ -1,0 +1,131 @@
+"""The resolved run specification: what changes which digest, and what does not."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from siad.engine import spec as spec_module
+from siad.engine.protocol import RunKey
+from siad.engine.spec import resolve_run_spec, spec_differences
+from siad.methods import get_method_class
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = RunKey("uzad", "anomalygpt", "default", "mvtec", "visa")
+FREE = RunKey("uzad", "clip", "default", "none", "visa")
+
+
+@pytest.fixture
+def config():
+    return yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+
+
+@pytest.fixture
+def metas(tmp_path):
+    paths = {}
+    for name in ("mvtec", "visa"):
+        paths[name] = tmp_path / name / "meta.json"
+        paths[name].parent.mkdir()
+        paths[name].write_text(json.dumps({"test": {name: []}}))
+    return paths
+
+
+def digests(config, metas, key=KEY):
+    spec = resolve_run_spec(config, key, metas)
+    return spec.config_digest, spec.training_digest, spec.digest
+
+
+def test_resolved_params_overlay_class_defaults_config_and_variant(config, metas):
+    spec = resolve_run_spec(config, RunKey("uzad", "siad_llm", "wo_si", "mvtec", "visa"), metas)
+    defaults = get_method_class("siad_llm").defaults
+    assert set(spec.params) == set(defaults) - spec_module.PLACEMENT_PARAMS
+    assert spec.params["self_improvement"] is False  # the variant
+    assert spec.params["backbone"] == "tiny-vit-h14-demo"  # the config
+    untouched = next(k for k in defaults if k not in config["methods"]["siad_llm"]["params"]
+                     and k not in spec_module.PLACEMENT_PARAMS and k != "self_improvement")
+    assert spec.params[untouched] == json.loads(json.dumps(defaults[untouched]))  # the class default
+
+
+@pytest.mark.parametrize(("mutate", "training_changes"), [
+    (lambda c: c["methods"]["anomalygpt"]["params"].update(epochs=2), True),
+    (lambda c: c.update(seed=7), True),
+    (lambda c: c["datasets"]["mvtec"].update(classes=["bottle"]), True),
+    (lambda c: c["training"].update(normal_images="all"), True),
+    (lambda c: c["evaluation"].update(size=32), False),
+    (lambda c: c["evaluation"].update(n_bootstrap=50), False),
+    (lambda c: c["evaluation"].update(aupro_limit=0.05), False),
+    (lambda c: c["evaluation"].update(batch_size=4), False),
+    (lambda c: c["datasets"]["visa"].update(classes=["candle"]), False),
+])
+def test_each_input_changes_the_config_digest_and_only_training_inputs_the_fingerprint(
+        config, metas, mutate, training_changes):
+    before = digests(config, metas)
+    changed = copy.deepcopy(config)
+    mutate(changed)
+    after = digests(changed, metas)
+    assert after[0] != before[0] and after[2] != before[2]
+    assert (after[1] != before[1]) is training_changes
+
+
+def test_changed_class_default_changes_the_digests(config, metas, monkeypatch):
+    cls = get_method_class("anomalygpt")
+    before = digests(config, metas)
+    name = next(k for k, v in cls.defaults.items() if isinstance(v, float) and k not in
+                config["methods"]["anomalygpt"]["params"])
+    monkeypatch.setattr(cls, "defaults", {**cls.defaults, name: cls.defaults[name] * 2 + 1})
+    after = digests(config, metas)
+    assert all(a != b for a, b in zip(before, after, strict=True))
+
+
+def test_unrelated_changes_leave_the_digests_alone(config, metas):
+    before = digests(config, metas)
+    changed = copy.deepcopy(config)
+    changed["methods"]["anomalygpt"]["params"]["feature_cache"] = "elsewhere/cache"  # where, not what
+    changed["methods"]["clip"]["params"]["backbone"] = "tiny-vit-b16plus-demo"  # another method
+    changed["evaluation"]["num_workers"] = 2  # no effect on numbers
+    changed["data"]["options"]["sdd_protocol"] = "anomalyclip_drive"  # a dataset this run does not read
+    assert digests(changed, metas) == before
+
+
+def test_dataset_content_changes_the_stamp_but_not_the_planned_digest(config, metas):
+    before = resolve_run_spec(config, KEY, metas)
+    metas["visa"].write_text(json.dumps({"test": {"visa": [{"img_path": "x.png"}]}}))
+    after = resolve_run_spec(config, KEY, metas)
+    assert after.digest != before.digest and after.config_digest == before.config_digest
+    assert after.training_digest == before.training_digest  # the target is no training input
+    metas["mvtec"].write_text("{}")
+    assert resolve_run_spec(config, KEY, metas).training_digest != before.training_digest
+
+
+def test_a_data_option_changes_exactly_the_runs_of_the_datasets_it_shapes(config, metas):
+    medical = RunKey("uzad", "clip", "default", "none", "headct")
+    before = [resolve_run_spec(config, k, metas).config_digest for k in (KEY, medical)]
+    config["data"]["options"]["medical_protocol"] = "dra_75_25"
+    after = [resolve_run_spec(config, k, metas).config_digest for k in (KEY, medical)]
+    assert after[0] == before[0] and after[1] != before[1]
+
+
+def test_training_free_runs_have_no_training_part(config, metas):
+    spec = resolve_run_spec(config, FREE, metas)
+    assert spec.training is None and set(spec.datasets) == {"visa"}
+
+
+def test_code_hash_follows_the_method_modules(monkeypatch):
+    closure = spec_module.module_closure("baselines.anomalygpt")
+    assert {"baselines.anomalygpt", "siad.methods.llm_detector", "siad.methods.base"} <= closure
+    assert not any(m.startswith(("siad.report", "siad.engine", "siad.plan")) for m in closure)
+    before = spec_module.modules_hash(("baselines.anomalygpt",))
+    source = spec_module._module_source("siad.methods.llm_detector")
+    monkeypatch.setattr(spec_module, "_module_source",
+                        lambda name: source + b"# edited" if name == "siad.methods.llm_detector" else b"")
+    assert spec_module.modules_hash(("baselines.anomalygpt",)) != before
+
+
+def test_spec_differences_names_the_changed_keys(config, metas):
+    a = resolve_run_spec(config, KEY, metas).identity()
+    config["seed"] = 3
+    config["methods"]["anomalygpt"]["params"]["epochs"] = 5
+    b = resolve_run_spec(config, KEY, metas).identity()
+    assert spec_differences(a, b) == ["params.epochs", "seed"]

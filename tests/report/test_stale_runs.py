@@ -1,0 +1,60 @@
+"""The report refuses metrics.json files computed under another run specification."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from siad.engine.protocol import RunKey
+from siad.engine.spec import resolve_run_spec
+from siad.errors import DataError
+from siad.report.runs import refuse_stale_runs, stale_runs
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = RunKey("uzad", "anomalygpt", "default", "mvtec", "visa")
+
+
+@pytest.fixture
+def config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the specification reads the prepared indexes under results/<profile>/datasets
+    for name in ("mvtec", "visa"):
+        meta = tmp_path / "results" / "demo" / "datasets" / name / "meta.json"
+        meta.parent.mkdir(parents=True)
+        meta.write_text(json.dumps({"test": {}}))
+    return yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+
+
+def stamped_run(config, key=KEY):
+    ident = {"setting": key.setting, "method": key.method, "variant": key.variant, "source": key.source,
+             "target": key.target}
+    return {"run": ident, "spec": resolve_run_spec(config, key).stamp(), "_source": f"results/{key.target}.json"}
+
+
+def test_a_current_run_passes(config):
+    assert stale_runs(config, [stamped_run(config)]) == []
+
+
+@pytest.mark.parametrize(("mutate", "changed"), [
+    (lambda c, tmp: c.update(seed=7), "seed"),
+    (lambda c, tmp: c["methods"]["anomalygpt"]["params"].update(epochs=3), "params.epochs"),
+    (lambda c, tmp: c["evaluation"].update(size=32), "evaluation.size"),
+    (lambda c, tmp: (tmp / "results/demo/datasets/visa/meta.json").write_text("{}"), "datasets.visa"),
+])
+def test_a_run_of_another_specification_is_refused_naming_the_change_and_the_command(config, tmp_path, mutate,
+                                                                                      changed):
+    run = stamped_run(config)
+    config = copy.deepcopy(config)
+    mutate(config, tmp_path)
+    lines = stale_runs(config, [run])
+    assert len(lines) == 1 and "results/visa.json" in lines[0] and changed in lines[0]
+    assert "--forcerun run_uzad_anomalygpt_mvtec" in lines[0]
+    with pytest.raises(DataError, match="1 run\\(s\\) are stale"):
+        refuse_stale_runs(config, [run])
+
+
+def test_a_run_without_a_stamp_is_refused(config):
+    run = stamped_run(config)
+    del run["spec"]
+    assert "(no stamp)" in stale_runs(config, [run])[0]
