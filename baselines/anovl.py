@@ -50,11 +50,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from siad.backbones import AttentionVariant, stage_features, variant_features
+from siad.backbones import AttentionVariant, get_backbone_spec, stage_features, variant_features
 from siad.backbones.cache import FeatureCache, backbone_namespace, file_fingerprint
 from siad.errors import ConfigError, NumericalError
-from siad.methods import METHODS, Batch
-from siad.methods.backbone_method import BACKBONE_DEFAULTS, BackboneMethod
+from siad.methods import METHODS, Batch, Choice, Flag, Number, ParamRule, Text
+from siad.methods.backbone_method import BACKBONE_DEFAULTS, BACKBONE_RULES, BackboneMethod
 from siad.prompts import ENSEMBLES, ClassTextFeatures, encode_class_text
 
 PROMPT_ENSEMBLES: Mapping[str, str] = {"anovl": "anovl", "cs": "anovl_cs", "base": "anovl_base"}
@@ -216,29 +216,44 @@ class AnoVL(BackboneMethod):
         "text_batch_size": 256,  # sentences per text-encoder batch (924 per class)
         "feature_cache": None,  # folder of the frozen-feature cache (None: always run the backbone)
     }
+    param_rules: ClassVar[Mapping[str, ParamRule]] = {
+        **BACKBONE_RULES,
+        "attention": Choice(ATTENTIONS),
+        "start_block": Number(integer=True),
+        "prompts": Choice(tuple(PROMPT_ENSEMBLES)),
+        "tta": Choice(TTA_MODES),
+        "tta_steps": Number(low=0, integer=True),
+        "tta_lr": Number(low=0, low_open=True),
+        "tta_weight_decay": Number(low=0),
+        "noise_std": Number(low=0),
+        "noise_per_step": Flag(),
+        "image_views": Choice(IMAGE_VIEWS),
+        "text_batch_size": Number(low=1, integer=True),
+        "feature_cache": Text(),
+    }
 
     def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0) -> None:
         super().__init__(params, device=device, seed=seed)
-        spec = self.backbone.spec
         self.variant = AttentionVariant(start_block=self.params["start_block"], kind="vv"
                                         if self.params["attention"] == "qkv" else self.params["attention"])
-        self.variant.resolve_start(spec.n_blocks)  # fail at construction, not at the first image
         self.ensemble = ENSEMBLES.get(PROMPT_ENSEMBLES[self.params["prompts"]])
         self._text: dict[str, ClassTextFeatures] = {}
         self._cache: FeatureCache | None = None
         self._code_state: dict[str, tuple[CodeAdapter, torch.optim.Optimizer]] = {}
 
-    def check_params(self) -> None:
-        """Refuse bad choices before any weights are loaded."""
-        p = self.params
-        self.check_choice("attention", ATTENTIONS)
-        self.check_choice("prompts", tuple(PROMPT_ENSEMBLES))
-        self.check_choice("tta", TTA_MODES)
-        self.check_choice("image_views", IMAGE_VIEWS)
-        if not (isinstance(p["tta_steps"], int) and p["tta_steps"] >= 0):
-            raise ConfigError(f"method anovl: tta_steps={p['tta_steps']!r}; use a non-negative integer")
-        if p["attention"] == "qkv" and p["start_block"] != 0:
-            raise ConfigError("method anovl: attention 'qkv' reads the plain CLIP tokens; leave start_block at 0")
+    @classmethod
+    def validate_params(cls, params: Mapping[str, Any]) -> None:
+        """The rules and the backbone name, then ``start_block`` against the backbone's blocks (read from its
+        architecture config, nothing loaded) and the qkv / start_block combination."""
+        super().validate_params(params)
+        try:
+            AttentionVariant(start_block=params["start_block"]).resolve_start(
+                get_backbone_spec(params["backbone"]).n_blocks)
+        except ConfigError as err:
+            raise cls.param_error("start_block", params["start_block"], str(err)) from None
+        if params["attention"] == "qkv" and params["start_block"] != 0:
+            raise cls.param_error("start_block", params["start_block"],
+                                  "attention 'qkv' reads the plain CLIP tokens; leave start_block at 0")
 
     # -- text -----------------------------------------------------------------------------------------
 
@@ -274,7 +289,8 @@ class AnoVL(BackboneMethod):
             return self.encode_image(images)
         if self._cache is None:
             namespace = backbone_namespace(self.backbone.spec, taps=(), seed=self.seed, feature="anovl_pixel_branch",
-                                           attention=self.params["attention"], start_block=self.params["start_block"])
+                                           attention=self.params["attention"], start_block=self.params["start_block"],
+                                           code_modules=(type(self).encode_image.__module__,))
             self._cache = FeatureCache(Path(self.params["feature_cache"]), namespace)
 
         def compute(positions: Sequence[int]) -> dict[str, Tensor]:

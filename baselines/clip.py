@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from siad.methods import METHODS, Batch
-from siad.methods.backbone_method import BACKBONE_DEFAULTS, BackboneMethod
+from siad.methods import METHODS, Batch, Number, ParamRule, Registered
+from siad.methods.backbone_method import BACKBONE_DEFAULTS, BACKBONE_RULES, BackboneMethod
 from siad.prompts import ENSEMBLES, encode_state_features
 
 
@@ -30,6 +30,9 @@ class ZeroShotCLIP(BackboneMethod):
         "backbone": "openai-vit-l-14-336",
         "ensemble": "siad_appendix_d",
         "logit_scale": 100.0,
+    }
+    param_rules: ClassVar[dict[str, ParamRule]] = {
+        **BACKBONE_RULES, "ensemble": Registered(ENSEMBLES), "logit_scale": Number(low=0, low_open=True),
     }
 
     def __init__(self, params=None, *, device: str = "cpu", seed: int = 0) -> None:

@@ -139,6 +139,16 @@ def method_params(config: Mapping[str, Any], method: str, variant: str) -> dict[
     return {**entry.get("params", {}), **variants.get(variant, {})}
 
 
+def training_normal_images(config: Mapping[str, Any], source: str) -> str:
+    """``train`` or ``all`` for ``source``: ``training.normal_images_per_dataset`` overrides ``normal_images``.
+
+    Under the all_test medical protocol the medical train splits are empty, so the paper's medical UZAD
+    training (on Br35H, and on BrainMRI for the Br35H column) can only use their normal test images.
+    """
+    training = config.get("training", {})
+    return training.get("normal_images_per_dataset", {}).get(source, training.get("normal_images", "train"))
+
+
 def dataset_root(config: Mapping[str, Any], name: str) -> Path:
     """Folder holding dataset ``name`` in its native layout (per-dataset override or <data.root>/<folder>)."""
     from siad.data.registry import get_dataset

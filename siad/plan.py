@@ -16,18 +16,17 @@ so the config never has to know about tables. The Snakefile builds one :class:`W
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import siad
-from siad.config import dataset_root, validate_config
+from siad.code_hash import json_digest, module_closure, modules_hash
+from siad.config import dataset_root, method_params, validate_config
 from siad.engine.protocol import RunKey
 from siad.engine.runs import RunGroup, group_runs
-from siad.engine.spec import RunSpec, method_code_hash, module_closure, modules_hash, resolve_run_spec
+from siad.engine.spec import RunSpec, method_code_hash, resolve_run_spec
 from siad.report.checks import check_report_config
 from siad.report.figures import figure4_runs
 from siad.report.paper import required_runs
@@ -35,11 +34,6 @@ from siad.report.paper import required_runs
 #: The code every dataset's preparation runs (besides its own converter), hashed as it is.
 PREPARATION_MODULES = ("siad.data.prepare", "siad.data.records", "siad.data.imageio", "siad.data.converters.common",
                        "siad.data.duplicates", "siad.data.registry", "siad.data.hashing", "siad.data.download")
-
-
-def digest(obj: Any) -> str:
-    """SHA-256 of a JSON-able object (keys sorted)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def validate_workflow_config(config: Mapping[str, Any], schema_path: str | Path | None = None) -> dict[str, Any]:
@@ -60,28 +54,29 @@ class WorkflowPlan:
 
     def group_params(self, group: RunGroup) -> list[str]:
         """The run job's ``params`` entry: ``variant/target=config digest`` of each of its runs."""
-        return [f"{k.variant}/{k.target}={self.specs[k].config_digest}" for k in group.keys]
+        return [f"{k.variant}/{k.target}={self.specs[k].planned_digest}" for k in group.keys]
 
     def report_params(self) -> str:
         """Digest of what the tables read besides the metrics files: the report config and the report code."""
         section = {"report": self.config["report"], "protocol": self.config["protocol"],
                    "names": {m: e.get("display_name") for m, e in self.config["methods"].items()},
                    "profile": self.config["profile"], "demo": self.config["demo"]}
-        return digest({"config": section, "version": siad.__version__,
+        return json_digest({"config": section, "version": siad.__version__,
                        "code": modules_hash(("siad.report.paper", "siad.report.figures"))})
 
     def speed_params(self) -> str:
-        """Digest of what the speed table depends on: its section, its rows' method params, device, seed, code."""
-        section = self.config.get("speed", {})
-        rows = {**section.get("rows", {}), **section.get("llm", {}).get("rows", {})}
-        methods = {name: {"params": self.config["methods"][row["method"]].get("params", {}),
-                          "variants": self.config["methods"][row["method"]].get("variants", {})}
-                   for name, row in rows.items()}
+        """Digest of what the speed table depends on: its section, its rows' resolved method params (code defaults
+        included), device, seed, code."""
         from siad.methods import get_method_class
 
+        section = self.config.get("speed", {})
+        rows = {**section.get("rows", {}), **section.get("llm", {}).get("rows", {})}
+        methods = {name: get_method_class(row["method"]).resolve_params(
+                       method_params(self.config, row["method"], row.get("variant", "default")))
+                   for name, row in rows.items()}
         code = {"speed": modules_hash(("siad.engine.speed",), transitive=False),
                 **{row["method"]: method_code_hash(get_method_class(row["method"])) for row in rows.values()}}
-        return digest({"speed": section, "methods": methods, "seed": self.config["seed"],
+        return json_digest({"speed": section, "methods": methods, "seed": self.config["seed"],
                        "device": self.config["device"], "version": siad.__version__, "code": code})
 
 
@@ -97,8 +92,9 @@ def build_plan(config: Mapping[str, Any]) -> WorkflowPlan:
 
 def standin_params(config: Mapping[str, Any], dataset: str) -> str:
     """Digest of what a synthetic stand-in is made from: its options, the seed, the classes and the generator."""
-    return digest({"standin": config["data"].get("standin", {}), "seed": config["seed"],
-                   "classes": config["datasets"][dataset].get("classes"), "version": siad.__version__,
+    return json_digest({"standin": config["data"].get("standin", {}), "seed": config["seed"],
+                   "classes": sorted(config["datasets"][dataset].get("classes") or []) or None,
+                   "version": siad.__version__,
                    "code": modules_hash(_package_modules("siad.data.synthetic"), transitive=False)})
 
 
@@ -110,8 +106,8 @@ def prepare_params(config: Mapping[str, Any], dataset: str) -> str:
 
     spec = get_dataset(dataset)
     data = config["data"]
-    return digest({"options": spec.options_with_defaults(data.get("options", {})),
-                   "classes": config["datasets"][dataset].get("classes"),
+    return json_digest({"options": spec.options_with_defaults(data.get("options", {})),
+                   "classes": sorted(config["datasets"][dataset].get("classes") or []) or None,
                    "root": str(dataset_root(config, dataset)), "synthetic": data["synthetic"],
                    "version": siad.__version__,
                    "code": modules_hash(PREPARATION_MODULES + (spec.converter.__module__,), transitive=False)})

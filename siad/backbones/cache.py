@@ -126,17 +126,27 @@ def _weights_identity(spec: BackboneSpec, seed: int) -> dict[str, Any]:
     return {"pretrained": spec.pretrained, "url": getattr(spec, "url", None)}
 
 
+#: The code every cached feature passes through: the backbone layer (with its model configs) and image loading.
+FEATURE_CODE = ("siad.backbones", "siad.data.imageio", "siad.data.loading")
+
+
 def backbone_namespace(
-    spec: BackboneSpec, *, taps: Sequence[int] | None = None, seed: int = 0, **options: Any
+    spec: BackboneSpec, *, taps: Sequence[int] | None = None, seed: int = 0, code_modules: Sequence[str] = (),
+    **options: Any,
 ) -> dict[str, Any]:
     """The namespace of features from ``spec`` at ``taps`` (default: the spec's taps), with feature ``options``.
 
     Includes every field of the spec (architecture, size, GELU flavour, normalisation, URL, ...), the
     weights identity (pretrained tag/URL; checkpoint path + file fingerprint; or ``seed`` for random
     weights, where the seed decides the weights), the taps, the options (e.g. ``ln_post=True, proj=True,
-    attention="vv"``) and the torch / open_clip versions (their numerics can change between releases).
+    attention="vv"``), the torch / open_clip versions (their numerics can change between releases) and a
+    hash of the code that computes the features: the backbone layer, image loading and ``code_modules``
+    (the caller's own module, whose feature pass is part of what is cached). Changed code, changed
+    namespace: a cache never hands back features of older code.
     """
     import open_clip
+
+    from siad.code_hash import modules_hash
 
     if taps is None:
         taps = getattr(spec, "taps", ())
@@ -146,6 +156,7 @@ def backbone_namespace(
         "taps": list(taps),
         "options": dict(options),
         "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
+        "code": modules_hash((*FEATURE_CODE, *code_modules)),
     }
 
 

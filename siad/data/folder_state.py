@@ -7,41 +7,39 @@ Snakemake's params trigger prepares the dataset again. Light on purpose: the pre
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from siad.code_hash import json_digest
 from siad.config import dataset_root
 
 #: Where the preparation job records the state of the dataset folder it indexed (inside dataset.json).
 STATE_KEY = "workflow_state"
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def folder_listing_digest(root: Path) -> str:
     """Digest of every file below ``root`` (relative path, size, modification time); ``absent`` if no folder.
 
     Cheap (one ``stat`` per file, no reads), and it changes when an image is added, removed, replaced or edited.
+    Hidden files and folders (``.DS_Store``, ``.ipynb_checkpoints``) are not part of any dataset and are skipped.
     """
     root = Path(root)
     if not root.is_dir():
         return "absent"
     entries = []
-    for folder, _, files in os.walk(root.resolve(), followlinks=True):
-        for name in files:
+    for folder, folders, files in os.walk(root.resolve(), followlinks=True):
+        folders[:] = [f for f in folders if not f.startswith(".")]
+        for name in (f for f in files if not f.startswith(".")):
             path = Path(folder, name)
             try:
                 stat = path.stat()
             except OSError:
                 continue  # a broken link: preparation reports it
             entries.append((str(path.relative_to(root.resolve())), stat.st_size, stat.st_mtime_ns))
-    return _digest(sorted(entries))
+    return json_digest(sorted(entries))
 
 
 def dataset_state_param(config: Mapping[str, Any], dataset: str, info_path: Path) -> str:
@@ -79,3 +77,21 @@ def record_state(config: Mapping[str, Any], dataset: str, info_path: Path, param
     tmp = info_path.with_name(info_path.name + ".tmp")
     tmp.write_text(json.dumps(info, indent=1, sort_keys=True))
     tmp.replace(info_path)
+
+
+def standin_state_param(config: Mapping[str, Any], dataset: str, done_path: Path) -> str:
+    """The stand-in job's folder parameter: what the last stand-in job recorded while the folder exists, and a
+    new value once the folder is gone, so a deleted demo folder is written again (instead of the preparation
+    failing on a missing folder behind an up-to-date ``standin.done``)."""
+    try:
+        recorded = json.loads(Path(done_path).read_text()).get("param", "")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded is not None and dataset_root(config, dataset).is_dir():
+        return str(recorded)
+    return f"{recorded or ''}+written"
+
+
+def record_standin(done_path: Path, param: str) -> None:
+    """After writing a stand-in: the job's folder parameter, in ``standin.done``."""
+    Path(done_path).write_text(json.dumps({"param": param}))

@@ -165,7 +165,8 @@ def check_masks(spec: DatasetSpec, meta: Meta, root: Path) -> None:
 
 def fingerprint_records(spec: DatasetSpec, meta: Meta, root: Path, *, options: Mapping[str, str] | None = None,
                         workers: int = 1) -> None:
-    """Decode every image and mask of ``meta`` once; add ``sha256`` and ``dhash`` to each record (in place).
+    """Decode every image and mask of ``meta`` once; add ``sha256`` and ``dhash`` to each record, and
+    ``mask_sha256`` to each record with a mask (in place), so an edited mask changes the index's content.
 
     Raises:
         DataError: listing *every* unusable file (unreadable, unsupported mode, mask of the wrong size).
@@ -203,11 +204,15 @@ def _inspect(root: Path, rec: Record) -> tuple[dict[str, str], list[str]]:
     if rec["mask_path"]:
         mask_path = root / rec["mask_path"]
         try:
-            with open_checked(mask_path) as mask:
+            mask_data = mask_path.read_bytes()
+            with open_checked(mask_path, mask_data) as mask:
                 shape = mask_array(mask).shape
             check_mask_size(shape, size, mask_path)
+            fields["mask_sha256"] = hashlib.sha256(mask_data).hexdigest()
         except ImageFileError as err:
             problems.append(f"{rec['mask_path']}: {err.reason} (mask of {rec['img_path']})")
+        except OSError as err:
+            problems.append(f"{rec['mask_path']}: cannot be read ({err.strerror or err}) (mask of {rec['img_path']})")
     return fields, problems
 
 

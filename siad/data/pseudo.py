@@ -46,6 +46,11 @@ Choices and guarantees beyond NSA (documented because they change behaviour in e
 * Half-width lower bounds are at least one pixel (matters only for images under ~17 px).
 * Grey-scale inputs (HxW or HxWx1) are replicated to three channels; outputs are always HxWx3.
 
+Pasted patches: :meth:`CutPastePoisson.generate` also returns the rectangle of every pasted patch in paste
+order (:class:`PseudoAnomaly`), as NSA's ``patch_ex`` returns its label centres: AnomalyGPT counts and places
+the anomalies of its target answer by pasted patch, not by the regions of the binarised label (a patch whose
+label splits at the 0.3 threshold is still one anomaly there).
+
 Labels: ``label="binary"`` (default, SIAD spec) returns the pasted region as a 0/1 mask.
 ``label="logistic"`` returns AnomalyGPT's soft label ``m·σ(k(d−x0))``: ``m`` = pixels of the
 pasted region whose channel-mean absolute change exceeds 1 grey level (5×5 median-filtered), ``d`` =
@@ -237,11 +242,23 @@ def _uniform_int(rng: np.random.Generator, low: int, high: int) -> int:
     return int(rng.integers(low, max(high, low + 1)))
 
 
+@dataclass(frozen=True)
+class PseudoAnomaly:
+    """One pseudo-anomalous image: ``image`` uint8 [H, W, 3], ``mask`` float32 [H, W] (binary or soft label) and
+    ``boxes``, the rectangle (row0, row1, col0, col1; half-open, in ``image``'s pixels) of every pasted patch in
+    paste order (NSA's ``patch_ex`` coordinates: the whole pasted rectangle, its one-pixel frame included)."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    boxes: tuple[Box, ...]
+
+
 class CutPastePoisson:
     """CutPaste + Poisson blending pseudo-anomaly generator (see the module docstring).
 
     ``label="binary"`` (default; SIAD spec): mask = pasted region, 0/1. ``label="logistic"``:
     AnomalyGPT's soft intensity label in [0, 1] (to be binarised at > 0.3 by the consumer).
+    Call it for ``(image, mask)``; :meth:`generate` also gives the pasted patches' boxes.
     """
 
     def __init__(self, params: PatchParams = PatchParams(), *, label: Literal["binary", "logistic"] = "binary") -> None:
@@ -254,6 +271,11 @@ class CutPastePoisson:
         self, image: np.ndarray, source: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
         """Paste patches of ``source`` into ``image``; return (uint8 HxWx3 image, float32 HxW mask)."""
+        result = self.generate(image, source, rng)
+        return result.image, result.mask
+
+    def generate(self, image: np.ndarray, source: np.ndarray, rng: np.random.Generator) -> PseudoAnomaly:
+        """Paste patches of ``source`` into ``image``: the image, its mask and the pasted boxes in paste order."""
         image = as_rgb_uint8(image, "image")
         source = as_rgb_uint8(source, "source")
         if image.shape != source.shape:
@@ -261,15 +283,15 @@ class CutPastePoisson:
                 f"image {image.shape} and source {source.shape} differ in size; resize both to the "
                 "model input size first"
             )
-        out, region = self._paste_patches(image, source, rng)
-        return out, self._make_label(image, out, region)
+        out, region, boxes = self._paste_patches(image, source, rng)
+        return PseudoAnomaly(out, self._make_label(image, out, region), boxes)
 
     def _paste_patches(
         self, image: np.ndarray, source: np.ndarray, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, tuple[Box, ...]]:
         skip = self.params.skip_background
         objects = (object_mask(image, skip), object_mask(source, skip)) if skip is not None else None
-        out, region = image, np.zeros(image.shape[:2], dtype=bool)
+        out, region, boxes = image, np.zeros(image.shape[:2], dtype=bool), []
         for index in range(self.params.num_patches):
             if index > 0 and rng.integers(2) == 0:
                 continue
@@ -277,9 +299,10 @@ class CutPastePoisson:
             if pasted is None and index == 0:
                 pasted = self._paste_one(out, source, None, rng, fallback=True)
             if pasted is not None:
-                out, patch_region = pasted
+                out, patch_region, box = pasted
                 region |= patch_region
-        return out, region
+                boxes.append(box)
+        return out, region, tuple(boxes)
 
     def _paste_one(
         self,
@@ -289,8 +312,9 @@ class CutPastePoisson:
         rng: np.random.Generator,
         *,
         fallback: bool,
-    ) -> tuple[np.ndarray, np.ndarray] | None:
-        """One NSA patch; ``None`` when placement fails. ``fallback`` floors the sides at 10 px."""
+    ) -> tuple[np.ndarray, np.ndarray, Box] | None:
+        """One NSA patch: (image, pasted region, box); ``None`` when placement fails. ``fallback`` floors the
+        sides at 10 px."""
         shape = dest.shape[:2]
         limits = _Limits.of(self.params, shape)
         src_obj = objects[1] if objects is not None else None
@@ -382,9 +406,9 @@ class CutPastePoisson:
         origin: tuple[int, int],
         dest_obj: np.ndarray | None,
         patch_obj: np.ndarray | None,
-    ) -> tuple[np.ndarray, np.ndarray] | None:
-        """Poisson-paste ``patch`` at ``origin``; return (image, pasted region) or ``None`` if the
-        Poisson mask is too small."""
+    ) -> tuple[np.ndarray, np.ndarray, Box] | None:
+        """Poisson-paste ``patch`` at ``origin``; return (image, pasted region, the patch's rectangle) or
+        ``None`` if the Poisson mask is too small."""
         h, w = patch.shape[:2]
         row, col = origin
         window = (slice(row, row + h), slice(col, col + w))
@@ -404,7 +428,7 @@ class CutPastePoisson:
         region = np.zeros(dest.shape[:2], dtype=bool)
         region[window] = pasted
         cloned = poisson_clone(canvas, dest, clone_mask)
-        return np.where(region[..., None], cloned, dest), region
+        return np.where(region[..., None], cloned, dest), region, (row, row + h, col, col + w)
 
     def _make_label(self, image: np.ndarray, out: np.ndarray, region: np.ndarray) -> np.ndarray:
         if self.label == "binary":

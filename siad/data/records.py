@@ -26,7 +26,8 @@ from siad.errors import DataError
 
 SPLITS = ("train", "test")
 RECORD_KEYS = ("img_path", "mask_path", "cls_name", "specie_name", "anomaly")
-HASH_FORMATS = {"sha256": re.compile(r"[0-9a-f]{64}"), "dhash": re.compile(r"[0-9a-f]{16}")}
+HASH_FORMATS = {"sha256": re.compile(r"[0-9a-f]{64}"), "dhash": re.compile(r"[0-9a-f]{16}"),
+                "mask_sha256": re.compile(r"[0-9a-f]{64}")}
 REGENERATE = "regenerate the index: snakemake ... --forcerun prepare_dataset"
 
 
@@ -39,6 +40,7 @@ class Record(TypedDict):
     specie_name: str
     anomaly: int
     sha256: NotRequired[str]
+    mask_sha256: NotRequired[str]
     dhash: NotRequired[str]
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from siad import metrics
-from siad.config import dataset_root, method_params
+from siad.config import dataset_root, method_params, training_normal_images
 from siad.data.imageio import read_image
 from siad.data.loading import AnomalyDataset
 from siad.data.records import load_meta
@@ -292,16 +292,6 @@ def training_meta(meta: Mapping[str, Any], setting: str, normal_images: str = "t
     return {"train": {c: rs for c, rs in by_class.items() if rs}}
 
 
-def training_normal_images(config: Mapping[str, Any], source: str) -> str:
-    """``train`` or ``all`` for ``source``: ``training.normal_images_per_dataset`` overrides ``normal_images``.
-
-    Under the all_test medical protocol the medical train splits are empty, so the paper's medical UZAD
-    training (on Br35H, and on BrainMRI for the Br35H column) can only use their normal test images.
-    """
-    training = config.get("training", {})
-    return training.get("normal_images_per_dataset", {}).get(source, training.get("normal_images", "train"))
-
-
 def fit_run(
     config: Mapping[str, Any], setting: str, method_name: str, variant: str, source: str, *,
     meta_path: Path, model_dir: Path, spec: RunSpec | None = None,
@@ -456,7 +446,7 @@ def run_group(
 
 
 def _check_planned(specs: Mapping[RunKey, RunSpec], expected: Mapping[RunKey, str]) -> None:
-    changed = [str(key) for key, digest in expected.items() if specs[key].config_digest != digest]
+    changed = [str(key) for key, digest in expected.items() if specs[key].planned_digest != digest]
     if changed:
         raise ConfigError(f"the specification of {changed} changed after the workflow planned it (the config or the "
                           "code was edited while it ran); run snakemake again so it plans with the current state")

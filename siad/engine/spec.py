@@ -6,7 +6,7 @@ variant, and adds the setting, seed, device, the data options that shape the sou
 evaluation settings, the content fingerprint of each dataset index involved, the package version and a hash
 of the source code the method and the evaluation run. Three digests come from it:
 
-- :attr:`RunSpec.config_digest`: everything but the dataset fingerprints, the run job's Snakemake ``params``
+- :attr:`RunSpec.planned_digest`: everything but the dataset fingerprints, the run job's Snakemake ``params``
   entry, so Snakemake's own params trigger reruns exactly the jobs whose configuration or code changed. The
   dataset content is known only after the preparation job has run, so it is tracked by the job's ``meta.json``
   input instead (a changed index is a newer input);
@@ -18,32 +18,54 @@ of the source code the method and the evaluation run. Three digests come from it
 
 from __future__ import annotations
 
-import ast
-import hashlib
-import importlib.util
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import siad
-from siad.config import method_params, results_root
+from siad.code_hash import json_digest, module_closure, modules_hash
+from siad.config import method_params, results_root, training_normal_images
+from siad.data.folder_state import folder_listing_digest
+from siad.data.hashing import sha256sum
 from siad.engine.protocol import NO_SOURCE, RunKey
 
 #: Parameters that say where a cache lives or how progress is shown, not what is computed: left out of every digest.
 PLACEMENT_PARAMS = frozenset({"feature_cache", "progress"})
 
-#: Modules whose code shapes every evaluation (the run loop, loading, scoring, answer parsing), hashed as they are
-#: (not their imports: the config layer would pull in every converter and backbone).
-EVALUATION_MODULES = ("siad.engine.runs", "siad.engine.evaluate", "siad.metrics", "siad.data.loading",
-                      "siad.data.imageio", "siad.data.records", "siad.llm.answers")
+#: Parameters naming files the user supplies (weights, instruction data): their identity (size and modification
+#: time of every file) is part of the specification, so replacing the file at the same path reruns.
+INPUT_FILE_PARAMS = ("checkpoint", "vicuna_dir", "pandagpt_delta", "sft_data", "sft_image_dir")
 
-#: Modules whose code shapes every training run (the training glue, image and index loading), hashed as they are.
-TRAINING_MODULES = ("siad.engine.runs", "siad.data.loading", "siad.data.imageio", "siad.data.records")
+#: Modules whose code shapes every evaluation (the run loop, seeding, loading, scoring, answer parsing), hashed as
+#: they are. Not their imports: the config layer would pull in every converter and backbone, so editing one
+#: converter would rerun every method. ``tests/engine/test_spec.py`` checks that every module the run loop reaches
+#: is here, in a method's own closure, or in :data:`UNHASHED_MODULES` with a reason.
+EVALUATION_MODULES = ("siad.engine.runs", "siad.engine.evaluate", "siad.engine.protocol", "siad.metrics",
+                      "siad.runtime", "siad.data.loading", "siad.data.imageio", "siad.data.records",
+                      "siad.data.registry", "siad.llm.answers")
 
-_PROJECT_PACKAGES = ("siad", "baselines")
+#: Modules whose code shapes every training run (the training glue, seeding, image and index loading).
+TRAINING_MODULES = ("siad.engine.runs", "siad.runtime", "siad.data.loading", "siad.data.imageio",
+                    "siad.data.records", "siad.data.registry")
+
+#: Modules the run loop reaches that cannot change a number, or whose effect is fingerprinted otherwise.
+UNHASHED_MODULES = {
+    "siad": "the package version is in the specification",
+    "siad.config": "config lookups; the values it returns are in the specification",
+    "siad.errors": "exception classes and messages",
+    "siad.registry": "name registry",
+    "siad.code_hash": "this fingerprinting itself",
+    "siad.data.folder_state": "dataset folder fingerprints (preparation)",
+    "siad.data.hashing": "file hashes (fingerprints, not numbers)",
+    "siad.data.flags": "boolean parsing of config values",
+    "siad.yaml_check": "config file checks",
+    "siad.data.sources": "download locations; the prepared index's content is fingerprinted",
+    "siad.data.converters": "converters shape meta.json, whose content is fingerprinted",
+    "siad.data.duplicates": "the leakage guard: it refuses or reports, it changes no number",
+    "siad.engine.spec": "this specification",
+}
 
 
 @dataclass(frozen=True)
@@ -55,6 +77,7 @@ class RunSpec:
 
     key: RunKey
     params: Mapping[str, Any]  # class defaults <- config params <- variant overrides (placement params dropped)
+    inputs: Mapping[str, str]  # input-file param -> identity of the file(s) it names
     seed: int
     device: str
     data: Mapping[str, Any]  # per dataset of the run: its options (with defaults) and its class selection
@@ -72,8 +95,8 @@ class RunSpec:
         return {
             "run": {"setting": key.setting, "method": key.method, "variant": key.variant,
                     "source": key.source, "target": key.target},
-            "params": dict(self.params), "seed": self.seed, "device": self.device, "data": dict(self.data),
-            "training": None if self.training is None else dict(self.training),
+            "params": dict(self.params), "inputs": dict(self.inputs), "seed": self.seed, "device": self.device,
+            "data": dict(self.data), "training": None if self.training is None else dict(self.training),
             "evaluation": dict(self.evaluation), "datasets": dict(self.datasets),
             "version": self.version, "code": dict(self.code),
         }
@@ -87,34 +110,30 @@ class RunSpec:
         key = self.key
         return {
             "run": {"setting": key.setting, "method": key.method, "variant": key.variant, "source": key.source},
-            "params": dict(self.params), "seed": self.seed, "device": self.device,
+            "params": dict(self.params), "inputs": dict(self.inputs), "seed": self.seed, "device": self.device,
             "data": {key.source: self.data.get(key.source)}, "training": self.training,
             "datasets": {key.source: self.datasets.get(key.source)}, "version": self.version,
-            "code": {"method": self.code["method"], "training": self.code["training"]},
+            "code": {"method": self.code["method"], "training": self.code.get("training")},
         }
 
     @property
     def digest(self) -> str:
         """SHA-256 of :meth:`identity`: the stamp of metrics.json."""
-        return _digest(self.identity())
+        return json_digest(self.identity())
 
     @property
-    def config_digest(self) -> str:
+    def planned_digest(self) -> str:
         """SHA-256 of :meth:`config_identity`: the run job's Snakemake ``params`` entry."""
-        return _digest(self.config_identity())
+        return json_digest(self.config_identity())
 
     @property
     def training_digest(self) -> str:
         """SHA-256 of :meth:`training_identity`: the training fingerprint stored in model.json."""
-        return _digest(self.training_identity())
+        return json_digest(self.training_identity())
 
     def stamp(self) -> dict[str, Any]:
         """What metrics.json records: the digest and the specification it hashes."""
         return {"digest": self.digest, "spec": self.identity()}
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def spec_differences(expected: Mapping[str, Any], recorded: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -141,8 +160,7 @@ def meta_path(config: Mapping[str, Any], dataset: str) -> Path:
 def file_sha256(path: Path) -> str | None:
     """SHA-256 of a file's bytes, or None when it does not exist (yet)."""
     try:
-        with open(path, "rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+        return sha256sum(Path(path))
     except FileNotFoundError:
         return None
 
@@ -155,7 +173,6 @@ def resolve_run_spec(
     ``meta_paths``: dataset → meta.json (default: the workflow's location of each index). An index that does
     not exist yet has fingerprint None. An empty ``key.target`` resolves the training part only (for training).
     """
-    from siad.engine.runs import training_normal_images
     from siad.methods import get_method_class
     from siad.runtime import resolve_device
 
@@ -171,6 +188,7 @@ def resolve_run_spec(
     return RunSpec(
         key=key,
         params=_canonical({k: v for k, v in params.items() if k not in PLACEMENT_PARAMS}),
+        inputs={k: input_file_identity(params[k]) for k in INPUT_FILE_PARAMS if params.get(k)},
         seed=int(config["seed"]),
         device=resolve_device(config["device"]),
         data={name: _dataset_choice(config, name) for name in names},
@@ -180,8 +198,8 @@ def resolve_run_spec(
                     "aupro_limit": float(evaluation.get("aupro_limit", 0.3))},
         datasets={name: file_sha256(path) for name, path in paths.items()},
         version=siad.__version__,
-        code={"method": method_code_hash(cls), "training": modules_hash(TRAINING_MODULES, transitive=False),
-              "evaluation": modules_hash(EVALUATION_MODULES, transitive=False)},
+        code={"method": method_code_hash(cls), "evaluation": modules_hash(EVALUATION_MODULES, transitive=False),
+              **({} if training is None else {"training": modules_hash(TRAINING_MODULES, transitive=False)})},
     )
 
 
@@ -199,79 +217,21 @@ def _canonical(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-# --- code hashes -------------------------------------------------------------------------------------------
+def input_file_identity(path: str | Path) -> str:
+    """Identity of a user-supplied file or folder: size and modification time of every file (no reads, so a
+    13 GB checkpoint costs one ``stat``); ``absent`` when it does not exist."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        stat = path.stat()
+        return json_digest([stat.st_size, stat.st_mtime_ns])
+    return folder_listing_digest(path)
 
 
 def method_code_hash(cls: type) -> str:
-    """Hash of the source of the method's module and every project module it imports, transitively."""
+    """Hash of the method's module and every project module it imports, transitively, with their data files."""
     return modules_hash((cls.__module__,))
 
 
-def modules_hash(roots: tuple[str, ...], *, transitive: bool = True) -> str:
-    """SHA-256 over the sources of ``roots`` and (``transitive``) the project modules they import, at any depth.
-
-    Imports are read from the source (``ast``), so an import inside a function counts as well. A name that is
-    no module of the project (``siad``, ``baselines``) hashes as empty.
-    """
-    closures = [module_closure(name) if transitive else frozenset({name}) for name in roots]
-    modules = sorted(set().union(*closures))
-    digest = hashlib.sha256()
-    for name in modules:
-        digest.update(name.encode() + b"\0" + _module_source(name) + b"\0")
-    return digest.hexdigest()
-
-
-@cache
-def module_closure(name: str) -> frozenset[str]:
-    """Module ``name`` and every project module it imports, at any depth."""
-    seen: set[str] = set()
-    pending = [name]
-    while pending:
-        current = pending.pop()
-        if current in seen or _module_file(current) is None:
-            continue
-        seen.add(current)
-        pending += _project_imports(current)
-    return frozenset(seen)
-
-
-@cache
-def _module_file(name: str) -> Path | None:
-    if name.split(".")[0] not in _PROJECT_PACKAGES:
-        return None
-    try:
-        found = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    return Path(found.origin) if found and found.origin and found.origin.endswith(".py") else None
-
-
-@cache
-def _module_source(name: str) -> bytes:
-    path = _module_file(name)
-    return path.read_bytes() if path else b""
-
-
-def _project_imports(name: str) -> list[str]:
-    """Project modules imported anywhere in module ``name`` (``from a import b`` counts ``a.b`` if a module)."""
-    path = _module_file(name)
-    assert path is not None
-    tree = ast.parse(path.read_bytes(), filename=str(path))
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found: list[str] = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = _absolute(node.module, node.level, package)
-            found.append(base)
-            found += [f"{base}.{alias.name}" for alias in node.names]
-    return [m for m in found if m.split(".")[0] in _PROJECT_PACKAGES]
-
-
-def _absolute(module: str | None, level: int, package: str) -> str:
-    if level == 0:
-        return module or ""
-    parts = package.split(".")
-    base = ".".join(parts[: len(parts) - level + 1])
-    return f"{base}.{module}" if module else base
+def evaluation_code_modules() -> frozenset[str]:
+    """Every project module the run loop reaches (what :data:`EVALUATION_MODULES` must account for)."""
+    return module_closure("siad.engine.runs")

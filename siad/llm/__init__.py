@@ -4,7 +4,16 @@ answers (and P("Yes")), and turning masks into target answers / generated answer
 
 from __future__ import annotations
 
-from siad.llm.answers import POSITION_WORDS, ParsedAnswer, parse_answer, position_words, target_answer
+from siad.llm.answers import (
+    POSITION_WORDS,
+    ParsedAnswer,
+    anomalygpt_sentence,
+    parse_answer,
+    patch_answer,
+    patch_words,
+    position_words,
+    target_answer,
+)
 from siad.llm.conversation import ConversationBatch, build_conversation, fallback_description, user_text
 from siad.llm.generation import GenerationConfig, answer_token_ids, generate_answers, yes_probability
 from siad.llm.loader import LlmSpec, LoadedLlm, load_llm, merge_lora, tiny_llm_spec, vicuna_pandagpt_spec
@@ -16,6 +25,7 @@ __all__ = [
     "LlmSpec",
     "LoadedLlm",
     "ParsedAnswer",
+    "anomalygpt_sentence",
     "answer_token_ids",
     "build_conversation",
     "fallback_description",
@@ -23,6 +33,8 @@ __all__ = [
     "load_llm",
     "merge_lora",
     "parse_answer",
+    "patch_answer",
+    "patch_words",
     "position_words",
     "target_answer",
     "tiny_llm_spec",

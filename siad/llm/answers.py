@@ -1,25 +1,34 @@
-"""Target answers from masks (3×3 position words) and parsing of generated answers.
+"""Target answers (3×3 position words) from masks or pasted patches, and parsing of generated answers.
 
-Two readings of "where is the anomaly" (``mode``):
+Three readings of "where is the anomaly":
 
-- ``"siad"`` (default, SIAD-LLM Appendix F: "several regions are listed when the mask spans them"): every
-  3×3 grid cell that contains at least one mask pixel, in row-major order. Cell of pixel row i of H is
-  ⌊3i/H⌋ (for 224: rows 0–74, 75–149, 150–223).
-- ``"anomalygpt"`` (AnomalyGPT's datasets code): one word per connected region (8-connectivity, raster
-  order of first pixel), from the centre of the region's bounding box, cell ⌊3c/H⌋ clipped to 2. The
-  reference computes the 2nd centre from the running union box of both patches (a bug); here every region
-  uses its own box (the stated intent).
+- ``"siad"`` mask reading (default of :func:`position_words`, SIAD-LLM Appendix F: "several regions are listed
+  when the mask spans them"): every 3×3 grid cell that contains at least one mask pixel, in row-major order.
+  Cell of pixel row i of H is ⌊3i/H⌋ (for 224: rows 0–74, 75–149, 150–223).
+- ``"anomalygpt"`` mask reading (``components``): one word per 8-connected region of the binarised mask
+  (raster order of first pixel), from the centre of the region's bounding box, cell ⌊3c/H⌋ clipped to 2.
+- AnomalyGPT's released reading (:func:`patch_words`, ``datasets/mvtec.py`` / ``visa.py``): one word per
+  **pasted patch**, in paste order, from the centre ((min + max) / 2, max exclusive) of the patch's
+  rectangle as NSA's ``patch_ex`` returns it, cell "top" when centre / side ≤ 1/3, "center" row when ≤ 2/3.
+  The release takes the 2nd and later centres from the running union of the boxes pasted so far (a bug:
+  ``union_box=True`` reproduces it); by default every patch uses its own box (the stated intent). A patch
+  whose soft label splits at the 0.3 threshold, or vanishes, is still one anomaly here.
 
 Answer strings (exact): SIAD — "No, there are no anomalies in the image." / "Yes, there is an anomaly in
 the image, at the {positions} of the image." (several positions joined "a, b and c" — the paper does not
-say how; this is our choice). AnomalyGPT — "No, there is no anomaly in the image." / "Yes, there is an
-anomaly in the image, at the {pos} of the image." / "Yes, there are {n} anomalies in the image, they are
-at the {positions} of the image." (repeated positions listed once, as the reference does for p1 = p2).
+say how; this is our choice). AnomalyGPT (:func:`anomalygpt_sentence`, the release's loop reproduced) —
+"No, there is no anomaly in the image." / "Yes, there is an anomaly in the image, at the {p1} of the image." /
+"Yes, there are 2 anomalies in the image, they are at the {p1} and {p2} of the image." (p1 = p2: "…they are at
+the {p1} of the image."). With 3 or more anomalies the release's loop only handles the first two and never
+closes the sentence: "Yes, there are 3 anomalies in the image, they are at the {p1}, {p2}" (p1 = p2: "…they are
+at the {p1}"), reproduced as released. The released MVTec / VisA settings paste at most 2 patches, so the
+released reading never meets it; the region reading can (3 regions of 2 patches).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,12 +38,18 @@ from scipy import ndimage
 
 from siad.errors import ConfigError
 
-__all__ = ["POSITION_WORDS", "ParsedAnswer", "join_words", "parse_answer", "position_words", "target_answer"]
+__all__ = [
+    "POSITION_WORDS", "ParsedAnswer", "anomalygpt_sentence", "join_words", "parse_answer", "patch_answer",
+    "patch_words", "position_words", "target_answer",
+]
 
 POSITION_WORDS: tuple[str, ...] = (
     "top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right",
 )  # fmt: skip
 Style = Literal["siad", "anomalygpt"]
+Box = tuple[int, int, int, int]  # (row0, row1, col0, col1), half-open, as siad.data.pseudo returns pasted patches
+ANOMALYGPT_NO = "No, there is no anomaly in the image."
+SIAD_NO = "No, there are no anomalies in the image."
 
 
 def _binary(mask: np.ndarray | torch.Tensor, threshold: float) -> np.ndarray:
@@ -84,6 +99,50 @@ def position_words(mask: np.ndarray | torch.Tensor, mode: Style = "siad", thresh
     raise ConfigError(f"unknown position mode {mode!r}; use 'siad' or 'anomalygpt'.")
 
 
+def _released_cell(centre: float, size: int) -> int:
+    """AnomalyGPT's rule: third 0 when centre / size ≤ 1/3, 1 when ≤ 2/3, else 2."""
+    fraction = centre / size
+    return 0 if fraction <= 1 / 3 else 1 if fraction <= 2 / 3 else 2
+
+
+def patch_words(boxes: Sequence[Box], shape: tuple[int, int], *, union_box: bool = False) -> list[str]:
+    """One position word per pasted patch, in paste order (AnomalyGPT's released reading; module docstring).
+
+    ``boxes``: (row0, row1, col0, col1) half-open, in the pixels of an image of ``shape`` (H, W).
+    ``union_box``: the i-th centre is that of the union of boxes 0..i, as the release computes it (a bug).
+    """
+    height, width = shape
+    words = []
+    for i, (r0, r1, c0, c1) in enumerate(boxes):
+        if union_box:
+            r0, c0 = min(b[0] for b in boxes[: i + 1]), min(b[2] for b in boxes[: i + 1])
+            r1, c1 = max(b[1] for b in boxes[: i + 1]), max(b[3] for b in boxes[: i + 1])
+        words.append(POSITION_WORDS[3 * _released_cell((r0 + r1) / 2, height) + _released_cell((c0 + c1) / 2, width)])
+    return words
+
+
+def anomalygpt_sentence(words: list[str]) -> str:
+    """AnomalyGPT's answer for the position words of its anomalies, built as the release's loop builds it.
+
+    0 words: "No, …"; 1: "…at the {p1} of the image."; 2: "…they are at the {p1} and {p2} of the image." or, when
+    p1 = p2, "…at the {p1} of the image."; ≥ 3: the release handles only the first two words and never closes
+    the sentence ("…they are at the {p1}, {p2}", or "…at the {p1}" when p1 = p2), reproduced as released.
+    """
+    if not words:
+        return ANOMALYGPT_NO
+    if len(words) == 1:
+        return f"Yes, there is an anomaly in the image, at the {words[0]} of the image."
+    sentence = f"Yes, there are {len(words)} anomalies in the image, they are at the {words[0]}"
+    if words[1] != words[0]:
+        return sentence + (f" and {words[1]} of the image." if len(words) == 2 else f", {words[1]}")
+    return sentence + (" of the image." if len(words) == 2 else "")
+
+
+def patch_answer(boxes: Sequence[Box], shape: tuple[int, int], *, union_box: bool = False) -> str:
+    """AnomalyGPT's released training answer from the pasted patches (none: the normal answer)."""
+    return anomalygpt_sentence(patch_words(boxes, shape, union_box=union_box))
+
+
 def join_words(words: list[str]) -> str:
     """'a' / 'a and b' / 'a, b and c'."""
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
@@ -94,20 +153,15 @@ def _unique(words: list[str]) -> list[str]:
 
 
 def target_answer(mask: np.ndarray | torch.Tensor, style: Style = "siad", threshold: float = 0.5) -> str:
-    """The training answer for ``mask`` in the exact wording of the SIAD-LLM or AnomalyGPT spec."""
+    """The training answer read from ``mask`` in the exact wording of the SIAD-LLM or AnomalyGPT spec
+    (AnomalyGPT: one anomaly per connected region, the ``components`` reading; :func:`patch_answer` is the
+    released per-patch reading)."""
     words = position_words(mask, mode=style, threshold=threshold)
-    if style == "siad":
-        if not words:
-            return "No, there are no anomalies in the image."
-        return f"Yes, there is an anomaly in the image, at the {join_words(words)} of the image."
+    if style == "anomalygpt":
+        return anomalygpt_sentence(words)
     if not words:
-        return "No, there is no anomaly in the image."
-    if len(words) == 1:
-        return f"Yes, there is an anomaly in the image, at the {words[0]} of the image."
-    return (
-        f"Yes, there are {len(words)} anomalies in the image, they are at the {join_words(_unique(words))} "
-        "of the image."
-    )
+        return SIAD_NO
+    return f"Yes, there is an anomaly in the image, at the {join_words(words)} of the image."
 
 
 @dataclass(frozen=True)

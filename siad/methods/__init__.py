@@ -1,5 +1,21 @@
 """Methods: the common interface, the registry, and SIAD-LLM itself."""
 
-from siad.methods.base import METHODS, Batch, Method, build_method, get_method_class
+from siad.methods.base import (
+    METHODS,
+    Batch,
+    Choice,
+    Flag,
+    Method,
+    Number,
+    NumberList,
+    ParamRule,
+    Registered,
+    Text,
+    build_method,
+    get_method_class,
+)
 
-__all__ = ["METHODS", "Batch", "Method", "build_method", "get_method_class"]
+__all__ = [
+    "METHODS", "Batch", "Choice", "Flag", "Method", "Number", "NumberList", "ParamRule", "Registered", "Text",
+    "build_method", "get_method_class",
+]

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from siad.backbones import BackboneSpec, LoadedBackbone, get_backbone_spec, load_openclip
-from siad.methods.base import Method
+from siad.backbones import BACKBONES, BackboneSpec, LoadedBackbone, get_backbone_spec, load_openclip
+from siad.methods.base import Choice, Flag, Method, Number, ParamRule, Registered, Text
 
 BACKBONE_DEFAULTS: dict[str, Any] = {
     "backbone": None,  # registry name (siad/backbones/registry.py); each method sets its paper default
@@ -24,6 +24,14 @@ BACKBONE_DEFAULTS: dict[str, Any] = {
     "checkpoint_format": None,  # None = the spec's; "imagebind" reads the original imagebind_huge.pth
     "weights_dir": None,  # open_clip download cache (None = open_clip's default)
     "random_init": False,  # build the architecture with random weights (speed benchmark, tests)
+}
+BACKBONE_RULES: dict[str, ParamRule] = {
+    "backbone": Registered(BACKBONES),  # checked against siad/backbones/registry.py: a lookup, nothing loaded
+    "image_size": Number(low=16, integer=True, optional=True),
+    "checkpoint": Text(),
+    "checkpoint_format": Choice((None, "open_clip", "imagebind")),
+    "weights_dir": Text(),
+    "random_init": Flag(),
 }
 
 
@@ -44,18 +52,15 @@ class BackboneMethod(Method):
     """A :class:`Method` whose images go through one registry backbone (``self.backbone``)."""
 
     defaults: ClassVar[Mapping[str, Any]] = BACKBONE_DEFAULTS
+    param_rules: ClassVar[Mapping[str, ParamRule]] = BACKBONE_RULES
 
     def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0) -> None:
-        super().__init__(params, device=device, seed=seed)
-        self.check_params()
+        super().__init__(params, device=device, seed=seed)  # validates every parameter before any download
         self.backbone: LoadedBackbone = load_openclip(
             self.backbone_spec(), cache_dir=self.params["weights_dir"], device=device, seed=seed
         )
         spec = self.backbone.spec
         self._transform = image_transform(spec.image_size, spec.mean, spec.std)
-
-    def check_params(self) -> None:
-        """Validate the method's own parameters before any weights are loaded (override as needed)."""
 
     def backbone_spec(self) -> BackboneSpec:
         """The registry spec with this run's overrides (input size, local checkpoint, random weights)."""

@@ -8,9 +8,10 @@ methods learn in :meth:`Method.fit` from an auxiliary dataset; training-free one
 from __future__ import annotations
 
 import importlib
+import math
 import pkgutil
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -44,15 +45,117 @@ class MethodOutput:
     p_yes: Tensor | None = None  # [B] P("Yes") at the answer's first token
 
 
+class ParamRule(ABC):
+    """What one method parameter may hold; :meth:`problem` says what is wrong with a value (``None``: nothing)."""
+
+    @abstractmethod
+    def problem(self, value: Any) -> str | None:
+        """``None`` when ``value`` is acceptable, else the fix to tell the user (e.g. "use a positive integer")."""
+
+
+@dataclass(frozen=True)
+class Choice(ParamRule):
+    """One of ``options`` (compared with ``in``, so ``None`` may be an option)."""
+
+    options: tuple[Any, ...]
+
+    def problem(self, value: Any) -> str | None:
+        return None if value in self.options else f"choose one of {list(self.options)}"
+
+
+@dataclass(frozen=True)
+class Registered(ParamRule):
+    """A name registered in ``registry`` (a :class:`siad.registry.Registry`: backbones, prompt ensembles)."""
+
+    registry: Registry[Any]
+
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, str) and value in self.registry:
+            return None
+        return f"use a registered {self.registry.kind} name: {self.registry.names()}"
+
+
+@dataclass(frozen=True)
+class Flag(ParamRule):
+    """``true`` or ``false`` (a YAML boolean, not a string or a number)."""
+
+    def problem(self, value: Any) -> str | None:
+        return None if isinstance(value, bool) else "use true or false"
+
+
+@dataclass(frozen=True)
+class Text(ParamRule):
+    """A string (a path, a name); ``optional`` also accepts ``null``."""
+
+    optional: bool = True
+
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, str) or (value is None and self.optional):
+            return None
+        return "use a string (a path or a name)" + (" or null" if self.optional else "")
+
+
+@dataclass(frozen=True)
+class Number(ParamRule):
+    """A finite number (``integer``: a whole number) in [low, high]; ``*_open`` excludes that end, ``optional``
+    also accepts ``null``. Booleans are refused (YAML ``true`` is not 1), and so are strings: PyYAML reads
+    ``1e-3`` (no dot) as a string, which is caught here rather than deep inside the optimiser."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    optional: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        if value is None and self.optional:
+            return None
+        kinds = (int,) if self.integer else (int, float)
+        fix = f"use {self.describe()}" + (" or null" if self.optional else "")
+        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+            return fix + (" (YAML reads 1e-3 without a dot as text: write 1.0e-3)" if isinstance(value, str) else "")
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        return fix if too_low or too_high else None
+
+    def describe(self) -> str:
+        """E.g. "an integer ≥ 1", "a finite number in (0, 1]"."""
+        kind = "an integer" if self.integer else "a finite number"
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"{kind} in {left}{self.low:g}, {self.high:g}{right}"
+        if self.low is not None:
+            return f"{kind} {'>' if self.low_open else '≥'} {self.low:g}"
+        if self.high is not None:
+            return f"{kind} {'<' if self.high_open else '≤'} {self.high:g}"
+        return kind
+
+
+@dataclass(frozen=True)
+class NumberList(ParamRule):
+    """A list of ``length`` numbers, each as ``each`` says (e.g. Adam's betas)."""
+
+    length: int
+    each: Number
+
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, (list, tuple)) and len(value) == self.length and not any(map(self.each.problem, value)):
+            return None
+        return f"use a list of {self.length} numbers, each {self.each.describe()}"
+
+
 class Method(ABC):
     """Base class of all methods.
 
-    Subclasses declare ``training_free`` and the parameters they accept (``defaults``); the config
-    entry of the method (plus the variant's overrides) arrives as ``params``.
+    Subclasses declare ``training_free``, the parameters they accept (``defaults``) and what each may hold
+    (``param_rules``, checked by :meth:`validate_params`); the config entry of the method (plus the variant's
+    overrides) arrives as ``params``.
     """
 
     training_free: ClassVar[bool] = False
     defaults: ClassVar[Mapping[str, Any]] = {}
+    param_rules: ClassVar[Mapping[str, ParamRule]] = {}
 
     def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0) -> None:
         self.params = self.resolve_params(params or {})
@@ -61,20 +164,48 @@ class Method(ABC):
 
     @classmethod
     def resolve_params(cls, params: Mapping[str, Any]) -> dict[str, Any]:
-        """Defaults overlaid with ``params``; an unknown key is a config error (typos never pass)."""
+        """Defaults overlaid with ``params``, validated (:meth:`validate_params`); an unknown key is a config error
+        (typos never pass). The workflow's config validation calls this for every variant at start-up, and
+        ``__init__`` calls it before anything is built or downloaded, so a bad value never reaches a job."""
         unknown = set(params) - set(cls.defaults)
         if unknown:
             raise ConfigError(
-                f"method {cls.__name__}: unknown parameter(s) {sorted(unknown)}; accepted: {sorted(cls.defaults)}"
+                f"methods/{cls.config_name()}/params: unknown parameter(s) {sorted(unknown)}; accepted: "
+                f"{sorted(cls.defaults)}"
             )
-        return {**cls.defaults, **params}
+        resolved = {**cls.defaults, **params}
+        cls.validate_params(resolved)
+        return resolved
 
-    def check_choice(self, name: str, allowed: Sequence[Any]) -> None:
-        """Refuse a value of parameter ``name`` outside ``allowed``: a config error naming the method and the key."""
-        value = self.params[name]
-        if value not in allowed:
-            raise ConfigError(f"method {type(self).__name__}: {name}={value!r}; choose one of {list(allowed)} "
-                              "(config methods/<name>/params or variants)")
+    @classmethod
+    def validate_params(cls, params: Mapping[str, Any]) -> None:
+        """Refuse a bad value of the resolved ``params`` without building anything (no weights, no downloads).
+
+        The base checks every ``param_rules`` entry; subclasses add what a rule cannot say (registry names,
+        combinations of parameters), calling ``super().validate_params(params)`` first. Raise
+        :meth:`param_error` so the message names ``methods/<name>/params/<key>`` and the fix.
+        """
+        for key, rule in cls.param_rules.items():
+            problem = rule.problem(params[key])
+            if problem is not None:
+                raise cls.param_error(key, params[key], problem)
+
+    @classmethod
+    def param_error(cls, key: str, value: Any, fix: str) -> ConfigError:
+        """A config error naming the parameter as the config spells it, its value and the fix."""
+        name = cls.config_name()
+        return ConfigError(f"methods/{name}/params/{key}: {value!r} is not accepted; {fix} "
+                           f"(set under methods/{name}/params, or in the variant that overrides {key})")
+
+    @classmethod
+    def config_name(cls) -> str:
+        """The name the method is registered under (``methods.<name>`` in the config); for an unregistered
+        subclass (e.g. a test double) the nearest registered ancestor's, else the class name."""
+        for klass in cls.__mro__:
+            names = [name for name in METHODS if METHODS.get(name) is klass]
+            if names:
+                return names[0]
+        return cls.__name__
 
     @property
     @abstractmethod

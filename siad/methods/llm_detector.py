@@ -9,7 +9,11 @@ anomaly map M, the image score is max(M). The trainable
 :class:`~siad.methods.llm_components.ConvPromptLearner` turns M into 18 LLM prompt embeddings, which follow
 the projected image embedding in the conversation; the frozen LLM answers "Is there any anomaly in the
 image?". Training sees only normal images of the auxiliary dataset and NSA-style pseudo-anomalies made from
-them; loss = CE on the answer + Σ_stages (focal + dice).
+them; loss = CE on the answer + Σ_stages (focal + dice). The target answer counts and places the anomalies by
+pasted patch, as released (``answer_regions``; :meth:`LlmDetector.target_answers`).
+
+Every parameter is checked by :meth:`LlmDetector.validate_params` (the rules of :data:`LLM_RULES` and the
+combinations) when the config is validated at start-up, before any weights are loaded.
 
 SIAD-LLM (:mod:`siad.methods.siad_llm`) subclasses it and overrides the hooks :meth:`LlmDetector.text_features`,
 :meth:`LlmDetector.visual_tokens`, :meth:`LlmDetector.prompt_embeddings` and the two-pass forward.
@@ -33,10 +37,10 @@ from torch import Tensor, nn
 from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
-from siad.backbones import stage_features
+from siad.backbones import get_backbone_spec, stage_features
 from siad.backbones.cache import FeatureCache, backbone_namespace, file_fingerprint
 from siad.data.imageio import read_image
-from siad.data.pseudo import CutPastePoisson, PatchParams, anomalygpt_params
+from siad.data.pseudo import Box, CutPastePoisson, PatchParams, anomalygpt_params
 from siad.errors import ConfigError, DataError, NumericalError
 from siad.llm import (
     ConversationBatch,
@@ -45,14 +49,15 @@ from siad.llm import (
     LoadedLlm,
     build_conversation,
     load_llm,
+    patch_answer,
     target_answer,
     tiny_llm_spec,
     user_text,
     vicuna_pandagpt_spec,
 )
 from siad.llm.generation import generate_judgements
-from siad.methods.backbone_method import BACKBONE_DEFAULTS, BackboneMethod
-from siad.methods.base import Batch, MethodOutput
+from siad.methods.backbone_method import BACKBONE_DEFAULTS, BACKBONE_RULES, BackboneMethod
+from siad.methods.base import Batch, Choice, Flag, MethodOutput, Number, NumberList, ParamRule, Registered, Text
 from siad.methods.llm_components import (
     ConvPromptLearner,
     StageDecoder,
@@ -63,11 +68,15 @@ from siad.methods.llm_components import (
 )
 from siad.prompts import ENSEMBLES, encode_class_text
 
-__all__ = ["LLM_DEFAULTS", "LlmDetector", "PassOutput", "count_parameters", "warmup_decay_factor"]
+__all__ = ["LLM_DEFAULTS", "LLM_RULES", "LlmDetector", "PassOutput", "count_parameters", "warmup_decay_factor"]
 
 log = logging.getLogger("siad")
 
 LLM_KINDS = ("vicuna-pandagpt", "tiny-random")
+ANSWER_REGIONS = ("patches", "patches_union_box", "components")
+"""How AnomalyGPT's target answer counts and places anomalies (``answer_regions``, siad.llm.answers): by pasted
+patch in paste order, each from its own box (default, the release's reading) or the 2nd centre from the running
+union box (the release's bug), or by 8-connected region of the binarised label (the suite's earlier reading)."""
 RELEASED_TEST_WORDS: dict[str, str] = {
     "capsules": "capsule", "pipe_fryum": "fryum", "chewinggum": "object", "macaroni1": "macaroni",
     "macaroni2": "macaroni", "pcb1": "pcb", "pcb2": "pcb", "pcb3": "pcb", "pcb4": "pcb",
@@ -97,6 +106,7 @@ LLM_DEFAULTS: dict[str, Any] = {
     # -- the conversation
     "descriptions": "siad_tables",  # SIAD Tables 8–16 (bundled) | a JSON {class: description} file | None (fallback)
     "answer_style": "anomalygpt",  # target answers: "anomalygpt" (released wording) | "siad" (Appendix F)
+    "answer_regions": "patches",  # anomalygpt wording: one anomaly per pasted patch (released) | see ANSWER_REGIONS
     "max_new_tokens": 64,
     "do_sample": False,  # greedy by default (reproducible); True = AnomalyGPT's nucleus sampling
     "top_p": 0.1,
@@ -121,6 +131,45 @@ LLM_DEFAULTS: dict[str, Any] = {
     "feature_cache_dtype": "float16",
     "progress": True,
 }
+UNIT = Number(0.0, 1.0)
+LLM_RULES: dict[str, ParamRule] = {
+    **BACKBONE_RULES,
+    "llm": Choice(LLM_KINDS),
+    "vicuna_dir": Text(),
+    "pandagpt_delta": Text(),
+    "llm_dtype": Choice(("float16", "bfloat16", "float32")),
+    "test_class_names": Choice(("released", "class")),
+    "ensemble": Registered(ENSEMBLES),
+    "map_reduce": Choice(("mean", "sum")),
+    "map_size": Number(low=16, integer=True),
+    "logit_scale": Number(low=0, low_open=True),
+    "descriptions": Text(),
+    "answer_style": Choice(("anomalygpt", "siad")),
+    "answer_regions": Choice(ANSWER_REGIONS),
+    "max_new_tokens": Number(low=1, integer=True),
+    "do_sample": Flag(),
+    "top_p": Number(0.0, 1.0, low_open=True),
+    "temperature": Number(low=0, low_open=True),
+    "epochs": Number(low=1, integer=True),
+    "batch_size": Number(low=1, integer=True),
+    "lr": Number(low=0, low_open=True),
+    "betas": NumberList(2, Number(0.0, 1.0, high_open=True)),
+    "weight_decay": Number(low=0),
+    "warmup": Choice(("log", "linear", "constant")),
+    "warmup_min_steps": Number(low=0, integer=True),
+    "warmup_fraction": UNIT,
+    "grad_clip": Number(low=0, optional=True),  # 0 / null: no clipping
+    "pseudo_label": Choice(("logistic", "binary")),
+    "label_threshold": Number(0.0, 1.0, high_open=True),
+    "sft_data": Text(),
+    "sft_image_dir": Text(),
+    "train_memory_prompt_p": UNIT,
+    "few_shot_k": Number(low=0, integer=True),
+    "feature_cache": Text(),
+    "feature_cache_dtype": Choice(("float16", "bfloat16", "float32")),
+    "progress": Flag(),
+}
+"""What each parameter of :data:`LLM_DEFAULTS` may hold, checked at start-up (:meth:`LlmDetector.validate_params`)."""
 
 
 @dataclass
@@ -155,6 +204,7 @@ class LlmDetector(BackboneMethod):
 
     training_free: ClassVar[bool] = False
     defaults: ClassVar[Mapping[str, Any]] = LLM_DEFAULTS
+    param_rules: ClassVar[Mapping[str, ParamRule]] = LLM_RULES
 
     def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0) -> None:
         super().__init__(params, device=device, seed=seed)
@@ -162,9 +212,6 @@ class LlmDetector(BackboneMethod):
         self.width = int(visual.transformer.width)
         self.embed_dim = int(visual.output_dim)
         self.taps = tuple(self.backbone.spec.taps)
-        if len(self.taps) != 4:
-            raise ConfigError(f"backbone {self.backbone.spec.name!r} needs 4 stage taps (blocks 8/16/24/32), "
-                              f"has {list(self.taps)}")
         self.llm: LoadedLlm = self.load_llm()
         self.llm.model.to(self.device).eval()
         self.llm.image_proj.to(self.device)
@@ -185,30 +232,33 @@ class LlmDetector(BackboneMethod):
 
     # -- configuration -----------------------------------------------------------------------------
 
-    def check_params(self) -> None:
-        """Refuse bad choices before any weights are loaded."""
-        p = self.params
-        self.check_choice("llm", LLM_KINDS)
-        self.check_choice("map_reduce", ("mean", "sum"))
-        self.check_choice("test_class_names", ("released", "class"))
-        self.check_choice("answer_style", ("anomalygpt", "siad"))
-        self.check_choice("warmup", ("log", "linear", "constant"))
-        self.check_choice("pseudo_label", ("logistic", "binary"))
-        for key in ("epochs", "batch_size", "max_new_tokens", "map_size"):
-            if not (isinstance(p[key], int) and p[key] >= 1):
-                raise ConfigError(f"method parameter {key}={p[key]!r}: use a positive integer")
-        if p["llm"] == "vicuna-pandagpt" and not (p["vicuna_dir"] and p["pandagpt_delta"]):
-            raise ConfigError(
+    @classmethod
+    def validate_params(cls, params: Mapping[str, Any]) -> None:
+        """The rules of :data:`LLM_RULES`, then what they cannot say: the backbone's 4 stage taps, the files of the
+        paper LLM, the instruction images, and the conv prompt learner's fixed 224² input."""
+        super().validate_params(params)
+        taps = get_backbone_spec(params["backbone"]).taps
+        if len(taps) != 4:
+            raise cls.param_error("backbone", params["backbone"],
+                                  f"use a backbone with 4 stage taps (blocks 8/16/24/32); this one has {list(taps)}")
+        missing = next((k for k in ("vicuna_dir", "pandagpt_delta") if not params[k]), None)
+        if params["llm"] == "vicuna-pandagpt" and missing:
+            raise cls.param_error(
+                missing, params[missing],
                 "llm 'vicuna-pandagpt' needs `vicuna_dir` (Vicuna-7B v0, Hugging Face format) and `pandagpt_delta` "
                 "(pytorch_model.pt of openllmplayground/pandagpt_7b_max_len_1024); see siad/llm/loader.py for how to "
-                "obtain them, or use `llm: tiny-random` for the offline demo"
+                "obtain them, or use `llm: tiny-random` for the offline demo",
             )
-        if not 0.0 <= p["train_memory_prompt_p"] <= 1.0:
-            raise ConfigError(f"train_memory_prompt_p={p['train_memory_prompt_p']!r}: a probability in [0, 1]")
-        if not (isinstance(p["few_shot_k"], int) and p["few_shot_k"] >= 0):
-            raise ConfigError(f"few_shot_k={p['few_shot_k']!r}: use 0 (zero-shot) or a positive number of shots")
-        if p["sft_data"] is not None and p["sft_image_dir"] is None:
-            raise ConfigError("sft_data is set but sft_image_dir is not: give the folder of the instruction images")
+        if params["sft_data"] is not None and params["sft_image_dir"] is None:
+            raise cls.param_error("sft_image_dir", None, "sft_data is set: give the folder of the instruction images")
+        if cls.uses_conv_prompt_learner(params) and params["map_size"] != 224:
+            raise cls.param_error("map_size", params["map_size"],
+                                  "the convolutional prompt learner takes 224×224 maps, as released: use 224")
+
+    @classmethod
+    def uses_conv_prompt_learner(cls, params: Mapping[str, Any]) -> bool:
+        """Whether these parameters build AnomalyGPT's :class:`ConvPromptLearner` (always, for AnomalyGPT)."""
+        return True
 
     def load_llm(self) -> LoadedLlm:
         """The frozen LLM of :meth:`llm_spec` (a hook: the speed benchmark injects a random-weight 7B).
@@ -246,10 +296,10 @@ class LlmDetector(BackboneMethod):
 
     def build_trainable(self) -> dict[str, nn.Module]:
         """The trainable modules (AnomalyGPT: decoder 5.25M + conv prompt learner 107.4M at paper size)."""
-        return {
-            "decoder": StageDecoder(self.width, self.embed_dim, len(self.taps)),
-            "prompt_learner": ConvPromptLearner(self.llm_dim, seed=self.seed),
-        }
+        modules: dict[str, nn.Module] = {"decoder": StageDecoder(self.width, self.embed_dim, len(self.taps))}
+        if self.uses_conv_prompt_learner(self.params):
+            modules["prompt_learner"] = ConvPromptLearner(self.llm_dim, seed=self.seed)
+        return modules
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Every parameter the optimiser updates (the backbone and the LLM stay frozen)."""
@@ -269,7 +319,8 @@ class LlmDetector(BackboneMethod):
         if self.params["feature_cache"] is None or not files:
             return self.encode_images(images)
         if self._cache is None:
-            namespace = backbone_namespace(self.backbone.spec, taps=self.taps, seed=self.seed, feature="llm_stages")
+            namespace = backbone_namespace(self.backbone.spec, taps=self.taps, seed=self.seed, feature="llm_stages",
+                                           code_modules=(type(self).encode_images.__module__,))
             dtype = getattr(torch, str(self.params["feature_cache_dtype"]))
             self._cache = FeatureCache(Path(self.params["feature_cache"]), namespace, store_dtype=dtype)
 
@@ -465,21 +516,36 @@ class LlmDetector(BackboneMethod):
         """
         normal = np.stack([self._raw_image(root, r) for r in records])
         donors = np.roll(normal, 1, axis=0)
-        pseudo, masks = [], []
-        for image, donor, record in zip(normal, donors, records, strict=True):
-            out, mask = self.pseudo_generator(dataset_name, record["cls_name"])(image, donor, rng)
-            pseudo.append(out)
-            masks.append(mask)
-        images = np.concatenate([normal, np.stack(pseudo)])
-        soft = np.concatenate([np.zeros((len(records), *masks[0].shape), np.float32), np.stack(masks)])
+        pseudo = [self.pseudo_generator(dataset_name, record["cls_name"]).generate(image, donor, rng)
+                  for image, donor, record in zip(normal, donors, records, strict=True)]
+        images = np.concatenate([normal, np.stack([p.image for p in pseudo])])
+        soft = np.concatenate([np.zeros((len(records), *pseudo[0].mask.shape), np.float32),
+                               np.stack([p.mask for p in pseudo])])
         target = torch.from_numpy(soft > self.params["label_threshold"]).float()
         size = self.params["map_size"]
         target = F.interpolate(target[:, None], size=(size, size), mode="nearest")[:, 0].to(self.device)
         cls_names = [r["cls_name"] for r in records] * 2
-        answers = [target_answer(m, style=self.params["answer_style"]) for m in target.cpu()]
+        boxes = [()] * len(records) + [p.boxes for p in pseudo]
+        answers = self.target_answers(target.cpu(), boxes, normal.shape[1:3])
         memory_prompt = bool(self._train_memory) and rng.random() < self.params["train_memory_prompt_p"]
         return {"image": self._normalise(images), "mask": target, "cls_name": cls_names, "answers": answers,
                 "memory_prompt": memory_prompt}
+
+    def target_answers(self, masks: Tensor, boxes: Sequence[Sequence[Box]], shape: tuple[int, int]) -> list[str]:
+        """Training answers for binarised masks [N, S, S] and the boxes of the patches pasted into each image (in
+        paste order, pixels of images of ``shape`` (H, W); none for a normal image).
+
+        AnomalyGPT's wording with ``answer_regions: patches`` (default) is the release's: one anomaly per pasted
+        patch in paste order, whatever the binarised label shows (a faint paste the 0.3 threshold empties is still
+        "Yes"; a patch the threshold splits is still one anomaly); ``patches_union_box`` takes the 2nd centre from
+        the union box as the release computes it; ``components`` reads the 8-connected regions of the mask. SIAD's
+        wording lists every grid cell the mask touches.
+        """
+        p = self.params
+        if p["answer_style"] == "siad" or p["answer_regions"] == "components":
+            return [target_answer(m, style=p["answer_style"]) for m in masks]
+        union = p["answer_regions"] == "patches_union_box"
+        return [patch_answer(b, shape, union_box=union) for b in boxes]
 
     def train_memory(self, root: Path, records: Sequence[Mapping[str, Any]]) -> dict[str, list[Tensor]]:
         """The released training memory: per class, its first normal training image (path order) and its

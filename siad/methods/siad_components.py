@@ -12,7 +12,8 @@ cheap alternatives are constructor switches. The SIAD-LLM method class wires the
 - :func:`response_text_features` / :func:`refine_text_features`: the self-improvement step 8
   (T(R + "without damaged"), T(R + "with damaged")) and the refined features L2norm(static + T_res).
 - :class:`StageAdapter` (Eq. 5–6), :class:`StageEnhancement` (SEM, Eq. 7),
-  :class:`PatchPromptEmbedder` (PEM, Eq. 8–11; a drop-in for AnomalyGPT's ``ConvPromptLearner``).
+  :class:`PatchPromptEmbedder` (PEM, Eq. 8–11; a drop-in for AnomalyGPT's ``ConvPromptLearner``),
+  :class:`BasePrompts` (the learnable base prompts alone: "w/o PEM" as a strict removal).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "StageAdapter",
     "StageEnhancement",
     "PatchPromptEmbedder",
+    "BasePrompts",
 ]
 
 # Table 6: stage words [S_k] for the four stages (blocks 8/16/24/32), per case.
@@ -353,6 +355,12 @@ class StageEnhancement(nn.Module):
     bias **zero-initialised** so the module starts as the identity (spec [choice]). S* defaults to the
     last input (Ŝ_4, the adapted final stage); pass ``final`` to use another tensor (e.g. the
     un-adapted S_4). Built under ``seed``.
+
+    Why Ŝ_4 ([choice]; Eq. 7 says only "the feature map from the final stage of the visual encoder"): it is the
+    final stage in the space of the Ŝ_i it is added to (projected into the joint text space, adapted), so Proj
+    needs no channel change and λ = 0 gives S_4. The raw 1280-d block-32 tokens would need a 1280 → 1024 Proj and
+    would bypass the decoder and adapter; the projected, un-adapted S_4 is the ``final`` argument. With S* = Ŝ_4,
+    "w/o Adapter" also changes what SEM reads (S_4), as it changes every Ŝ_i that SEM adds to.
     """
 
     def __init__(self, dim: int = 1024, n_stages: int = 4, *, seed: int = 0) -> None:
@@ -454,3 +462,23 @@ class PatchPromptEmbedder(nn.Module):
         tokens = torch.einsum("kn,bnd->bkd", self.group_weights.to(patches.dtype), self.mlp(patches))
         base = self.base_prompts.unsqueeze(0).expand(maps.shape[0], -1, -1)
         return torch.cat([base, tokens], dim=1)
+
+
+class BasePrompts(nn.Module):
+    """The ``n_base`` learnable base prompt embeddings alone: [B, n_base, dim_out] whatever the map.
+
+    What reaches the LLM when PEM is removed strictly (``pem: false, pem_substitute: none``): the base prompts
+    that PEM and AnomalyGPT's prompt learner put before their map tokens (randn, as released), and no map
+    token, so the LLM answers from the image token and these prompts only. Built under ``seed``.
+    """
+
+    def __init__(self, dim_out: int = 4096, n_base: int = 9, *, seed: int = 0) -> None:
+        super().__init__()
+        if dim_out < 1 or n_base < 1:
+            raise ConfigError(f"BasePrompts(dim_out={dim_out}, n_base={n_base}): both must be ≥ 1.")
+        with _seeded(seed):
+            self.base_prompts = nn.Parameter(torch.randn(n_base, dim_out))
+
+    def forward(self, batch: int) -> Tensor:
+        """The base prompts repeated for ``batch`` images: [batch, n_base, dim_out]."""
+        return self.base_prompts.unsqueeze(0).expand(batch, -1, -1)

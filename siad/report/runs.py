@@ -20,7 +20,8 @@ SOURCE_KEY = "_source"
 
 RUN_FIELDS = ("profile", "demo", "setting", "method", "variant", "source", "target", "seed")
 REQUIRED_SECTIONS = ("run", "mean", "ci", "mean_replicates", "bootstrap")
-_REGENERATE = "re-run the evaluation rule for this run (e.g. delete the file and run snakemake again)"
+_REGENERATE = ("rerun the job that writes it: `snakemake --cores 1 all --forcerun run_<setting>_<method>_<source>` "
+               "(plus your --configfile)")
 
 
 def run_label(run: Mapping[str, Any]) -> str:
@@ -156,35 +157,42 @@ def confidence(run: Mapping[str, Any]) -> float:
     return float(run["bootstrap"]["confidence"])
 
 
-def stale_runs(config: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One line per run whose metrics.json was not computed under the current run specification.
+def stale_runs(config: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """The runs of ``runs`` whose metrics.json was not computed under the current run specification, as
+    {rule of the job that writes them: one line per stale file naming it and what changed}.
 
     The expected specification is resolved now from ``config``, the prepared dataset indexes and the code
-    (:func:`siad.engine.spec.resolve_run_spec`); each line names the file, what changed and the command that
-    refreshes it.
+    (:func:`siad.engine.spec.resolve_run_spec`).
     """
     from siad.engine.protocol import RunKey
     from siad.engine.runs import RunGroup
     from siad.engine.spec import resolve_run_spec, spec_differences
 
-    lines = []
+    stale: dict[str, list[str]] = {}
     for run in runs:
         ident = run["run"]
         key = RunKey(ident["setting"], ident["method"], ident["variant"], ident["source"], ident["target"])
         expected = resolve_run_spec(config, key)
-        stamp = run.get("spec") if isinstance(run.get("spec"), dict) else {}
+        stamp = run.get("spec") if isinstance(run.get("spec"), Mapping) else {}
         if stamp.get("digest") == expected.digest:
             continue
-        changed = spec_differences(expected.identity(), stamp.get("spec") or {}) if stamp else ["(no stamp)"]
+        recorded = stamp.get("spec")
+        changed = (spec_differences(expected.identity(), recorded) if isinstance(recorded, Mapping)
+                   else ["(no specification stamp)"])
         rule = RunGroup(key.setting, key.method, key.source, (key,)).rule_name
-        lines.append(f"{run_label(run)}: computed under another run specification (changed: "
-                     f"{', '.join(changed[:6]) or 'unknown'}); refresh it with `snakemake --cores 1 all "
-                     f"--forcerun {rule}` (plus your --configfile)")
-    return lines
+        shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+        why = f"changed: {shown}" if shown else "its stamp does not match the specification it records (edited?)"
+        stale.setdefault(rule, []).append(f"{run_label(run)} ({why})")
+    return stale
 
 
 def refuse_stale_runs(config: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> None:
-    """Raise DataError listing every run of ``runs`` whose stamp differs from the current specification."""
-    lines = stale_runs(config, runs)
-    if lines:
-        raise DataError(f"{len(lines)} run(s) are stale, so no table is written from them:\n  " + "\n  ".join(lines))
+    """Raise DataError listing every run of ``runs`` whose stamp differs from the current specification, and the
+    one command that recomputes them all."""
+    stale = stale_runs(config, runs)
+    if stale:
+        lines = [line for group in stale.values() for line in group]
+        raise DataError(
+            f"{len(lines)} run(s) were computed under another run specification, so no table is written from "
+            "them:\n  " + "\n  ".join(lines) + "\nRefresh them with: snakemake --cores 1 all --forcerun "
+            + " ".join(stale) + " (plus your --configfile)")

@@ -6,7 +6,7 @@ What each row shows comes from the config, not from this module (``report.siad_a
       method: siad_llm                # the method whose variants the rows are
       setting: uzad                   # optional (default uzad)
       table3a: {"w/o SI": wo_si, "w/o SP": wo_sp, Full: default}   # row label (as in the reference) -> variant
-      table3b: {"w/o EM": wo_em, ..., Full: default}
+      table3b: {"w/o EM": wo_em, "w/o EM (strict)": wo_em_strict, ..., Full: default}
       table4: [default, lambda03, ...]    # optional, see below
       table5: [case1, case2, default]     # optional, see below
 
@@ -15,6 +15,12 @@ defaults + config params + the variant's overrides): ``adapter_lambda`` (Table 4
 (Table 5). Without a list, the rows are ``default`` plus every variant that overrides the parameter
 — except, for Table 4, a lambda of 0: that is "w/o Adapter" (the module removed), a Table 3b row and
 not a point of the paper's sweep (0.1 ... 0.9). Rows are sorted by the parameter.
+
+A Table 3 label "<paper row> (<detail>)" is a variant of that paper row (e.g. "w/o PEM (strict)": PEM removed with
+nothing in its place, where "w/o PEM" substitutes AnomalyGPT's prompt learner; "Full (teacher-forced R)"): it
+shows the paper row's claims, and a variant of the full model is not one of the ablations the full model must beat.
+The table notes say, from each row's resolved parameters, what replaces PEM, how R is fed back in training and how
+the pixel loss is weighted without self-improvement.
 
 Datasets: Tables 3 and 4 use the industrial protocol targets (each with its protocol source: MVTecAD
 with VisA-trained weights, the others with MVTecAD-trained ones), Table 5 MVTecAD only. Each table
@@ -54,6 +60,16 @@ LAMBDA_PARAM = "adapter_lambda"
 CASE_PARAM = "stage_case"
 DEFAULT_CASE = 3  # the paper's default stage prompts (Table 6, case 3)
 FULL_VARIANT = "default"  # the full model: every module on, lambda = 0.1, case 3
+PEM_SUBSTITUTE_NOTES = {
+    "conv": "PEM replaced by AnomalyGPT's convolutional prompt learner on the combined map (the spec's reading of "
+            "the paper's ablation; 107.4 M parameters at paper size where PEM has 21.0 M)",
+    "none": "PEM removed with nothing in its place (strict): only the 9 learnable base prompts reach the LLM, "
+            "no map information",
+}
+WO_SI_NOTE = ("self-improvement removed: one pass, whose focal and dice terms carry the whole pixel-loss weight "
+              "(alpha, beta as in the full model, where pass_weights split it between the two passes)")
+TEACHER_NOTE = ("trained with the teacher-forced target answer as the response R fed back to the refined pass "
+                "(the default, Algorithm 1, feeds back the LLM's own answer to the first pass, as at test)")
 
 
 def ablation_section(config: Config) -> Mapping[str, Any]:
@@ -165,6 +181,30 @@ def _dataset_columns(config: Config) -> list[ColumnSpec]:
     return [ColumnSpec(name, {"target": target}) for target, name in industrial_targets(config).items()]
 
 
+def paper_row(label: str) -> str:
+    """The paper's row a Table 3 label shows: "w/o PEM (strict)" → "w/o PEM" (a variant of that row)."""
+    return label.split(" (", 1)[0]
+
+
+def row_notes(config: Config, labelled: Sequence[tuple[str, str]]) -> list[str]:
+    """One note per row that removes PEM, self-improvement, or feeds back the target answer in training, read from
+    the row's resolved parameters (so the note says which variant of the ablation the row runs)."""
+    method = _method(config)
+    notes = []
+    for label, variant in labelled:
+        params = resolved_params(config, method, variant)
+        said = []
+        if params.get("pem") is False:
+            said.append(PEM_SUBSTITUTE_NOTES[params.get("pem_substitute", "conv")])
+        if params.get("self_improvement") is False:
+            said.append(WO_SI_NOTE)
+        elif params.get("train_response") == "teacher":
+            said.append(TEACHER_NOTE)
+        if said:
+            notes.append(f"{label}: " + "; ".join(said) + ".")
+    return notes
+
+
 def _full_label(config: Config, table: str, labelled: Sequence[tuple[str, str]]) -> str:
     full = [label for label, variant in labelled if variant == FULL_VARIANT]
     if not full:
@@ -191,20 +231,22 @@ def _table3(table: str) -> Callable[[Config, Sequence[Mapping[str, Any]], pd.Dat
         notes = []
 
         def claims(level: str, label: str) -> Mapping[str, float | None] | None:
-            found = reference_claims(reference, {"table": reference_table, "variant": label, "level": level}, wanted)
+            found = reference_claims(reference, {"table": reference_table, "variant": paper_row(label),
+                                                 "level": level}, wanted)
             if found is None:
-                notes.append(f"{reference.attrs.get('source', 'reference')}: no {level}-level row {label!r} of "
-                             f"Table {reference_table}; its claims show as n/a")
+                notes.append(f"{reference.attrs.get('source', 'reference')}: no {level}-level row "
+                             f"{paper_row(label)!r} of Table {reference_table}; its claims show as n/a")
             return found
 
         rows = _level_rows(config, labelled, claims)
         built = build_claim_table(
             runs, rows, columns, name=f"siad_{table}", average=True, row_header=("level", "variant"),
             title=f"{TABLE3_TITLES[table]}, industrial datasets, {_setting(config).upper()}, AUROC (%)",
-            notes=notes)
+            notes=notes + row_notes(config, labelled))
         full = _full_label(config, table, labelled)
+        ablations = [lb for lb, _ in labelled if paper_row(lb) != paper_row(full)]  # not variants of the full model
         built.checks = [
-            best_row_check(built, (level, full), [(level, lb) for lb, _ in labelled if lb != full], AVERAGE,
+            best_row_check(built, (level, full), [(level, lb) for lb in ablations], AVERAGE,
                            f"{full} has the highest Average {level} AUROC")
             for level in LEVEL_METRICS
         ]
@@ -269,10 +311,17 @@ def _case_label(case: int) -> str:
     return f"Case {case}"
 
 
+CASE_CONFLICT_NOTE = (
+    "Appendix C's text calls Case 1 a transition from low- to high-level semantics and Case 2 one from small to "
+    "large spatial focus, the reverse of Table 6's words (Case 1: very small ... very large region of; Case 2: "
+    "low ... high level feature of). The rows follow Table 6, whose caption says it lists the prompts behind "
+    "Table 5's results (stage_case uses Table 6's numbering).")
+
+
 def _stage_words_notes(reference: pd.DataFrame) -> list[str]:
     stages = [c for c in reference.columns if str(c).startswith("stage")]
     return [f"Case {row['case']} stage words (stages 1-4, paper Table 6): " + " / ".join(str(row[s]) for s in stages)
-            for _, row in reference.iterrows()]
+            for _, row in reference.iterrows()] + [CASE_CONFLICT_NOTE]
 
 
 def _table5(config: Config, runs: Sequence[Mapping[str, Any]], reference: pd.DataFrame) -> ClaimTable:

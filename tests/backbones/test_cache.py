@@ -300,3 +300,16 @@ def test_backbone_namespace_tracks_spec_taps_weights_and_options(tmp_path):
     cache = FeatureCache(tmp_path, backbone_namespace(spec, taps=[1, 2]))
     assert cache.folder.name.startswith("tiny-vit-demo-")
     assert Path(cache.folder / NAMESPACE_FILE).is_file()
+
+
+def test_backbone_namespace_tracks_the_feature_code_and_the_callers_module(monkeypatch):
+    from siad import code_hash
+
+    spec = get_backbone_spec("tiny-vit-demo")
+    base = namespace_digest(backbone_namespace(spec, seed=0, code_modules=("baselines.anovl",)))
+    assert base != namespace_digest(backbone_namespace(spec, seed=0))  # the caller's module counts
+    real = code_hash.module_fingerprint
+    for edited in ("siad.backbones.features", "siad.data.imageio", "baselines.anovl"):
+        monkeypatch.setattr(code_hash, "module_fingerprint", lambda name, e=edited: real(name) + ("x" if name == e
+                                                                                                  else ""))
+        assert namespace_digest(backbone_namespace(spec, seed=0, code_modules=("baselines.anovl",))) != base, edited

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from siad.data.loading import AnomalyDataset
+from siad.data.pseudo import CutPastePoisson, PseudoAnomaly
 from siad.errors import ConfigError, DataError, MissingWeightsError
-from siad.llm import parse_answer
+from siad.llm import parse_answer, patch_answer, patch_words
 from siad.methods import build_method
 from siad.methods.llm_detector import warmup_decay_factor
 
@@ -39,25 +41,45 @@ def test_prediction_is_deterministic(agpt, llm_batches):
     assert torch.equal(a.maps, b.maps) and a.answers == b.answers and torch.equal(a.p_yes, b.p_yes)
 
 
-def test_training_batch_is_normal_then_pseudo_with_matching_answers(agpt, llm_batches):
+def test_training_batch_is_normal_then_pseudo_with_answers_from_the_pasted_patches(agpt, llm_batches, monkeypatch):
+    made = []
+    original = CutPastePoisson.generate
+
+    def recording(self, *args):
+        made.append(original(self, *args))
+        return made[-1]
+
+    monkeypatch.setattr(CutPastePoisson, "generate", recording)
     batch = llm_batches.train(agpt, n=3)
     assert batch["image"].shape == (6, 3, 112, 112) and batch["mask"].shape == (6, 224, 224)
-    # normal half empty; AnomalyGPT's soft label binarised at 0.3 can empty a faint paste (answer "No" then)
+    # normal half empty; AnomalyGPT's soft label binarised at 0.3 may leave a faint paste with few or no pixels
     assert batch["mask"][:3].sum() == 0 and batch["mask"][3:].sum() > 0
-    for mask, answer in zip(batch["mask"], batch["answers"], strict=True):
+    assert batch["answers"][:3] == ["No, there is no anomaly in the image."] * 3  # released wording
+    assert len(made) == 3
+    for answer, pseudo in zip(batch["answers"][3:], made, strict=True):
+        # released reading: one anomaly per pasted patch, in paste order, whatever the binarised label shows
+        assert pseudo.boxes and answer == patch_answer(pseudo.boxes, (112, 112))
         parsed = parse_answer(answer)
-        assert parsed.verdict == ("yes" if mask.sum() > 0 else "no")
-        if mask.sum() > 0:  # the named cells hold mask pixels (AnomalyGPT: one word per region, box centre)
-            rows, cols = torch.nonzero(mask, as_tuple=True)
-            cells = {int(3 * r // 224) * 3 + int(3 * c // 224) for r, c in zip(rows, cols, strict=True)}
-            words = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom",
-                     "bottom right"]
-            assert {words.index(p) for p in parsed.positions} <= cells
-    assert batch["answers"][0] == "No, there is no anomaly in the image."  # released wording
+        assert parsed.verdict == "yes"
+        assert parsed.positions == list(dict.fromkeys(patch_words(pseudo.boxes, (112, 112))))
 
 
+def _one_patch_split_in_two(self, image, source, rng):
+    """A pasted patch (rows 40–60, columns 10–90 of 112) whose label crosses the threshold in two separate places."""
+    mask = np.zeros(image.shape[:2], np.float32)
+    mask[40:60, 10:30] = mask[40:60, 70:90] = 0.9
+    return PseudoAnomaly(image.copy(), mask, ((40, 60, 10, 90),))
 
 
+def test_a_patch_split_by_the_label_threshold_is_one_anomaly_as_released(tiny_llm_params, llm_batches, monkeypatch):
+    monkeypatch.setattr(CutPastePoisson, "generate", _one_patch_split_in_two)
+    released = build_method("anomalygpt", tiny_llm_params, seed=0)
+    assert released.params["answer_regions"] == "patches"  # the default
+    assert llm_batches.train(released, n=2)["answers"][2:] == [
+        "Yes, there is an anomaly in the image, at the center of the image."] * 2
+    regions = build_method("anomalygpt", {**tiny_llm_params, "answer_regions": "components"}, seed=0)
+    assert llm_batches.train(regions, n=2)["answers"][2:] == [
+        "Yes, there are 2 anomalies in the image, they are at the left and right of the image."] * 2
 
 
 def test_fit_save_load_round_trip(tiny_llm_params, mvtec_uzad_train, tmp_path, llm_batches):

@@ -95,3 +95,23 @@ def test_present_data_is_not_downloaded(btad_root: Path, tmp_path: Path, monkeyp
 def test_unknown_name(tmp_path: Path) -> None:
     with pytest.raises(UnknownNameError, match="kolektor"):
         prepare_dataset("kolektor", tmp_path, tmp_path / "meta.json")
+
+
+def test_an_edited_mask_changes_the_index_content(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from siad.data.synthetic import write_standin
+
+    root = tmp_path / "mvtec"
+    write_standin("mvtec", root, seed=0, classes=["bottle"], size=32)
+    before = prepare_dataset("mvtec", root, tmp_path / "a.json", verify_counts=False, classes=["bottle"])
+    record = next(r for r in before["test"]["bottle"] if r["mask_path"])
+    assert len(record["mask_sha256"]) == 64
+    mask = np.array(Image.open(root / record["mask_path"]))
+    mask[0, 0] = 255 - mask[0, 0]
+    Image.fromarray(mask).save(root / record["mask_path"])
+    after = prepare_dataset("mvtec", root, tmp_path / "b.json", verify_counts=False, classes=["bottle"])
+    edited = next(r for r in after["test"]["bottle"] if r["img_path"] == record["img_path"])
+    assert edited["mask_sha256"] != record["mask_sha256"] and edited["sha256"] == record["sha256"]
+    assert (tmp_path / "a.json").read_bytes() != (tmp_path / "b.json").read_bytes()

@@ -63,6 +63,27 @@ def test_output_differs_from_input_only_inside_a_nonempty_binary_mask(params: Pa
         assert changed.any(), f"seed {seed}: nothing was pasted"
 
 
+def test_generate_returns_the_pasted_patches_boxes_in_paste_order() -> None:
+    """AnomalyGPT's answers count and place anomalies by pasted patch (NSA's label centres), so the generator
+    returns each patch's rectangle in paste order; calling it gives the same image and mask."""
+    generator = CutPastePoisson(PatchParams())  # 2 patches: the second with probability 0.5
+    first_only = CutPastePoisson(dataclasses.replace(PatchParams(), num_patches=1))
+    counts = set()
+    for seed in range(20):
+        result = generator.generate(IMAGE, SOURCE, np.random.default_rng(seed))
+        out, mask = generator(IMAGE, SOURCE, np.random.default_rng(seed))
+        assert np.array_equal(out, result.image) and np.array_equal(mask, result.mask)
+        counts.add(len(result.boxes))
+        # the first patch is pasted first: with the same generator state it is the single patch of a 1-patch run
+        assert result.boxes[0] == first_only.generate(IMAGE, SOURCE, np.random.default_rng(seed)).boxes[0]
+        covered = np.zeros(mask.shape, dtype=bool)
+        for r0, r1, c0, c1 in result.boxes:
+            covered[r0:r1, c0:c1] = True
+            assert mask[r0 + 1 : r1 - 1, c0 + 1 : c1 - 1].all()  # no background model: the box inside its frame
+        assert not np.any((mask > 0) & ~covered)
+    assert counts == {1, 2}
+
+
 def test_raw_seamless_clone_changes_only_the_rectangle_but_spills_outside_irregular_masks() -> None:
     """Pins what cv2.seamlessClone does: inside the box of its mask only; for a non-rectangular
     mask also outside the mask (hence the generator composites within the pasted region)."""

@@ -245,7 +245,7 @@ def test_llm_answers_reach_metrics_and_predictions(workspace, mvtec_model):
 
 
 def test_per_dataset_normal_images_override_the_default():
-    from siad.engine.runs import training_normal_images
+    from siad.config import training_normal_images
 
     config = {"training": {"normal_images": "train", "normal_images_per_dataset": {"br35h": "all"}}}
     assert training_normal_images(config, "br35h") == "all"
@@ -409,7 +409,7 @@ def test_metrics_are_stamped_with_the_run_specification(workspace):
 def test_a_job_refuses_a_plan_made_under_another_configuration(workspace):
     tmp, config, metas = workspace
     keys, _ = _group(config, tmp / "planned")
-    planned = {keys[0]: resolve_run_spec(config, keys[0], metas).config_digest}
+    planned = {keys[0]: resolve_run_spec(config, keys[0], metas).planned_digest}
     changed = copy.deepcopy(config)
     changed["seed"] = 11
     with pytest.raises(ConfigError, match="changed after the workflow planned it"):

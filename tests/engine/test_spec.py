@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from siad import code_hash
 from siad.engine import spec as spec_module
 from siad.engine.protocol import RunKey
 from siad.engine.spec import resolve_run_spec, spec_differences
@@ -34,7 +35,7 @@ def metas(tmp_path):
 
 def digests(config, metas, key=KEY):
     spec = resolve_run_spec(config, key, metas)
-    return spec.config_digest, spec.training_digest, spec.digest
+    return spec.planned_digest, spec.training_digest, spec.digest
 
 
 def test_resolved_params_overlay_class_defaults_config_and_variant(config, metas):
@@ -59,7 +60,7 @@ def test_resolved_params_overlay_class_defaults_config_and_variant(config, metas
     (lambda c: c["evaluation"].update(batch_size=4), False),
     (lambda c: c["datasets"]["visa"].update(classes=["candle"]), False),
 ])
-def test_each_input_changes_the_config_digest_and_only_training_inputs_the_fingerprint(
+def test_each_input_changes_the_planned_digest_and_only_training_inputs_the_fingerprint(
         config, metas, mutate, training_changes):
     before = digests(config, metas)
     changed = copy.deepcopy(config)
@@ -93,7 +94,7 @@ def test_dataset_content_changes_the_stamp_but_not_the_planned_digest(config, me
     before = resolve_run_spec(config, KEY, metas)
     metas["visa"].write_text(json.dumps({"test": {"visa": [{"img_path": "x.png"}]}}))
     after = resolve_run_spec(config, KEY, metas)
-    assert after.digest != before.digest and after.config_digest == before.config_digest
+    assert after.digest != before.digest and after.planned_digest == before.planned_digest
     assert after.training_digest == before.training_digest  # the target is no training input
     metas["mvtec"].write_text("{}")
     assert resolve_run_spec(config, KEY, metas).training_digest != before.training_digest
@@ -101,9 +102,9 @@ def test_dataset_content_changes_the_stamp_but_not_the_planned_digest(config, me
 
 def test_a_data_option_changes_exactly_the_runs_of_the_datasets_it_shapes(config, metas):
     medical = RunKey("uzad", "clip", "default", "none", "headct")
-    before = [resolve_run_spec(config, k, metas).config_digest for k in (KEY, medical)]
+    before = [resolve_run_spec(config, k, metas).planned_digest for k in (KEY, medical)]
     config["data"]["options"]["medical_protocol"] = "dra_75_25"
-    after = [resolve_run_spec(config, k, metas).config_digest for k in (KEY, medical)]
+    after = [resolve_run_spec(config, k, metas).planned_digest for k in (KEY, medical)]
     assert after[0] == before[0] and after[1] != before[1]
 
 
@@ -112,15 +113,63 @@ def test_training_free_runs_have_no_training_part(config, metas):
     assert spec.training is None and set(spec.datasets) == {"visa"}
 
 
-def test_code_hash_follows_the_method_modules(monkeypatch):
-    closure = spec_module.module_closure("baselines.anomalygpt")
-    assert {"baselines.anomalygpt", "siad.methods.llm_detector", "siad.methods.base"} <= closure
+def test_code_hash_follows_the_method_modules_and_their_data_files(monkeypatch):
+    closure = code_hash.module_closure("baselines.anomalygpt")
+    assert {"baselines.anomalygpt", "siad.methods.llm_detector", "siad.methods.base", "siad.llm.loader"} <= closure
     assert not any(m.startswith(("siad.report", "siad.engine", "siad.plan")) for m in closure)
-    before = spec_module.modules_hash(("baselines.anomalygpt",))
-    source = spec_module._module_source("siad.methods.llm_detector")
-    monkeypatch.setattr(spec_module, "_module_source",
-                        lambda name: source + b"# edited" if name == "siad.methods.llm_detector" else b"")
-    assert spec_module.modules_hash(("baselines.anomalygpt",)) != before
+    before = code_hash.modules_hash(("baselines.anomalygpt",))
+    real = code_hash.module_fingerprint
+    monkeypatch.setattr(code_hash, "module_fingerprint",
+                        lambda name: real(name) + ("edited" if name == "siad.methods.llm_detector" else ""))
+    assert code_hash.modules_hash(("baselines.anomalygpt",)) != before
+    monkeypatch.setattr(code_hash, "module_fingerprint", real)
+    monkeypatch.setattr(code_hash, "package_data_hash", lambda package, folders: package + "-edited")
+    assert code_hash.modules_hash(("baselines.anomalygpt",)) != before  # the descriptions / tokenizer JSON
+
+
+def test_comments_and_docstrings_do_not_count_but_statements_do(tmp_path, monkeypatch):
+    module = tmp_path / "module.py"
+    monkeypatch.setattr(code_hash, "module_file", lambda name: module)
+
+    def fingerprint(text):
+        module.write_text(text)
+        code_hash.module_fingerprint.cache_clear()
+        return code_hash.module_fingerprint("siad.fake")
+
+    base = fingerprint('"""Doc."""\n\ndef f(x):\n    """What."""\n    return x + 1\n')
+    assert fingerprint('"""Other doc."""\n# a comment\ndef f(x):\n    return x + 1  # same\n') == base
+    assert fingerprint('"""Doc."""\n\ndef f(x):\n    return x + 2\n') != base
+    code_hash.module_fingerprint.cache_clear()
+
+
+def test_package_data_globs_are_all_hashed():
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["siad"]
+    folders = {("siad." + g.split("/")[0], g.split("/")[1]) for g in globs}
+    hashed = {(package, folder) for package, names in code_hash.PACKAGE_DATA.items() for folder in names}
+    assert folders == hashed
+
+
+def test_every_module_the_run_loop_reaches_is_hashed_or_exempt_with_a_reason():
+    from siad.engine.spec import EVALUATION_MODULES, UNHASHED_MODULES, evaluation_code_modules
+
+    method_side = ("siad.methods", "siad.backbones", "siad.prompts", "siad.llm")
+    unaccounted = {m for m in evaluation_code_modules()
+                   if m not in EVALUATION_MODULES and not m.startswith(method_side)
+                   and not any(m == u or m.startswith(u + ".") for u in UNHASHED_MODULES if u != "siad")
+                   and m != "siad"}
+    assert unaccounted == set()
+
+
+def test_a_replaced_input_file_changes_the_specification(config, metas, tmp_path):
+    checkpoint = tmp_path / "weights.pt"
+    checkpoint.write_bytes(b"one")
+    config["methods"]["anomalygpt"]["params"]["checkpoint"] = str(checkpoint)
+    before = resolve_run_spec(config, KEY, metas).training_digest
+    checkpoint.write_bytes(b"other weights")
+    assert resolve_run_spec(config, KEY, metas).training_digest != before
 
 
 def test_spec_differences_names_the_changed_keys(config, metas):

@@ -3,7 +3,16 @@ import pytest
 import torch
 
 from siad.errors import ConfigError
-from siad.llm.answers import POSITION_WORDS, ParsedAnswer, parse_answer, position_words, target_answer
+from siad.llm.answers import (
+    POSITION_WORDS,
+    ParsedAnswer,
+    anomalygpt_sentence,
+    parse_answer,
+    patch_answer,
+    patch_words,
+    position_words,
+    target_answer,
+)
 
 SIZE = 224
 CENTRES = (37, 112, 187)  # centre pixel of each third of 224 (0–74, 75–149, 150–223)
@@ -98,3 +107,41 @@ def test_parse_round_trips_every_target():
         for style in ("siad", "anomalygpt"):
             parsed = parse_answer(target_answer(_mask((r - 5, r + 5, c - 5, c + 5)), style=style))
             assert parsed == ParsedAnswer("yes", [POSITION_WORDS[cell]])
+
+
+def test_patch_words_follow_paste_order_not_raster_order():
+    boxes = ((180, 200, 180, 200), (10, 30, 10, 30))  # pasted bottom right first, then top left
+    mask = _mask(*boxes)
+    assert patch_words(boxes, (SIZE, SIZE)) == ["bottom right", "top left"]
+    assert position_words(mask, mode="anomalygpt") == ["top left", "bottom right"]  # regions: raster order
+    assert patch_answer(boxes, (SIZE, SIZE)) == (
+        "Yes, there are 2 anomalies in the image, they are at the bottom right and top left of the image."
+    )
+    assert patch_answer((), (SIZE, SIZE)) == "No, there is no anomaly in the image."
+
+
+def test_patch_centre_uses_the_released_cell_rule():
+    # centre = (min + max) / 2 with max exclusive; "top" while centre / side <= 1/3 (both thirds inclusive above)
+    assert patch_words([(0, 149, 0, 10)], (SIZE, SIZE)) == ["top left"]  # centre row 74.5 ≤ 74.67
+    assert patch_words([(0, 150, 0, 10)], (SIZE, SIZE)) == ["left"]  # 75.0
+    assert patch_words([(100, 120, 190, 210)], (SIZE, SIZE)) == ["right"]
+    assert patch_words([(100, 120, 190, 210)], (SIZE, 448)) == ["center"]  # centres are read in the image's frame
+
+
+def test_union_box_reproduces_the_released_second_centre():
+    boxes = ((10, 30, 10, 30), (190, 210, 190, 210))  # the union box of both is centred in the middle
+    assert patch_words(boxes, (SIZE, SIZE)) == ["top left", "bottom right"]
+    assert patch_words(boxes, (SIZE, SIZE), union_box=True) == ["top left", "center"]
+
+
+def test_three_anomalies_give_the_released_unfinished_sentence():
+    assert anomalygpt_sentence(["top left", "bottom", "center"]) == (
+        "Yes, there are 3 anomalies in the image, they are at the top left, bottom"
+    )
+    same = "Yes, there are {} anomalies in the image, they are at the left"
+    assert anomalygpt_sentence(["left", "left", "center"]) == same.format(3)
+    assert anomalygpt_sentence(["left", "left"]) == same.format(2) + " of the image."
+    three_regions = _mask((10, 20, 10, 20), (100, 110, 100, 110), (200, 210, 200, 210))
+    assert target_answer(three_regions, style="anomalygpt") == (
+        "Yes, there are 3 anomalies in the image, they are at the top left, center"
+    )

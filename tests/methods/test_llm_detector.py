@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
+from siad.data.loading import AnomalyDataset
 from siad.methods import build_method
 
 METHODS = ["anomalygpt", "siad_llm"]
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "config" / "demo.yaml"
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -36,3 +41,24 @@ def test_gradients_reach_only_the_trainable_modules(name, tiny_llm_params, llm_b
     assert all(p.grad is None and not p.requires_grad for p in frozen)
     for module_name, module in method.trainable.items():
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters()), module_name
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_demo_schedule_moves_the_weights_on_the_smallest_demo_source(name, mvtec_uzad_train):
+    """The demo's medical sources train on their normal test images (``standin.n_test_normal``, 4): with the demo
+    profile's parameters every LLM method must take at least two optimiser steps there and change every trained
+    tensor. (At the released batch size one step would run at the log warm-up's learning-rate factor 0 and leave
+    AnomalyGPT's weights as initialised.)"""
+    config = yaml.safe_load(DEMO_CONFIG.read_text())
+    params = {**config["methods"][name]["params"], "feature_cache": None, "progress": False}
+    root, meta = mvtec_uzad_train
+    records = sorted((r for rs in meta["train"].values() for r in rs), key=lambda r: r["img_path"])
+    records = records[: config["data"]["standin"]["n_test_normal"]]
+    subset = {"train": {c: [r for r in records if r["cls_name"] == c] for c in {r["cls_name"] for r in records}}}
+    method = build_method(name, params, seed=0)
+    data = AnomalyDataset(root, subset, split="train", transform=method.transform, name="mvtec")
+    before = {k: v.clone() for k, v in method.trainable.state_dict().items()}
+    method.fit(data, "uzad")
+    assert len(method.loss_history) >= 2
+    after = method.trainable.state_dict()
+    assert [k for k in before if torch.equal(before[k], after[k])] == []

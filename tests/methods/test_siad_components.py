@@ -13,6 +13,7 @@ from siad.errors import ConfigError
 from siad.methods.llm_components import ConvPromptLearner
 from siad.methods.siad_components import (
     STAGE_CASES,
+    BasePrompts,
     PatchPromptEmbedder,
     StageAdapter,
     StageEnhancement,
@@ -332,3 +333,13 @@ def test_parameter_counts_at_paper_sizes(tower) -> None:
     patch = 4 * 16 * 16
     pem_expected = (patch * llm + llm) + (llm * llm + llm) + 9 * llm  # MLP 1024→4096→4096 + 9 base prompts
     assert _n_params(PatchPromptEmbedder(llm)) == pem_expected  # 21,016,576
+
+
+def test_base_prompts_alone_are_seeded_and_repeated_for_the_batch():
+    prompts = BasePrompts(32, seed=3)
+    out = prompts(4)
+    assert out.shape == (4, 9, 32) and all(torch.equal(out[i], prompts.base_prompts) for i in range(4))
+    assert torch.equal(BasePrompts(32, seed=3).base_prompts, prompts.base_prompts)
+    assert sum(p.numel() for p in BasePrompts(4096).parameters()) == 9 * 4096  # what strict w/o PEM keeps
+    with pytest.raises(ConfigError, match="n_base"):
+        BasePrompts(32, n_base=0)

@@ -19,6 +19,11 @@ VARIANTS = {
     "wo_em": ({"sem": False, "pem": False}, {"decoder", "stage_prompts", "adapter", "prompt_learner"}),
     "wo_sem": ({"sem": False}, {"decoder", "stage_prompts", "adapter", "pem"}),
     "wo_pem": ({"pem": False}, {"decoder", "stage_prompts", "adapter", "sem", "prompt_learner"}),
+    "wo_pem_strict": ({"pem": False, "pem_substitute": "none"}, {"decoder", "stage_prompts", "adapter", "sem",
+                                                                 "base_prompts"}),
+    "wo_em_strict": ({"sem": False, "pem": False, "pem_substitute": "none"}, {"decoder", "stage_prompts", "adapter",
+                                                                              "base_prompts"}),
+    "si_teacher_forced": ({"train_response": "teacher"}, {"decoder", "stage_prompts", "adapter", "sem", "pem"}),
     "wo_adapter": ({"adapter_lambda": 0.0}, {"decoder", "stage_prompts", "sem", "pem"}),
     "lambda05": ({"adapter_lambda": 0.5}, {"decoder", "stage_prompts", "adapter", "sem", "pem"}),
     "case1": ({"stage_case": 1}, {"decoder", "stage_prompts", "adapter", "sem", "pem"}),
@@ -113,6 +118,8 @@ def test_parameter_counts_drop_by_exactly_the_removed_module(tiny_llm_params, fu
     assert _count(wo_sem.trainable) == total - sizes["sem"]
     wo_pem = build_method("siad_llm", {**tiny_llm_params, "pem": False}, seed=0)
     assert _count(wo_pem.trainable) == total - sizes["pem"] + _count(wo_pem.trainable["prompt_learner"])
+    strict = build_method("siad_llm", {**tiny_llm_params, "pem": False, "pem_substitute": "none"}, seed=0)
+    assert _count(strict.trainable) == total - sizes["pem"] + 9 * strict.llm_dim  # the base prompts stay
     # λ and the stage words change no parameter count; w/o SP keeps the (shared) context vectors
     for overrides in ({"adapter_lambda": 0.5}, {"stage_case": 1}, {"stage_prompts": False}):
         assert _count(build_method("siad_llm", {**tiny_llm_params, **overrides}, seed=0).trainable) == total
@@ -134,3 +141,106 @@ def test_bad_ablation_parameters_are_refused(tiny_llm_params):
         build_method("siad_llm", {**tiny_llm_params, "learnable_context": False})
     with pytest.raises(ConfigError, match="few_shot_k"):
         build_method("siad_llm", {**tiny_llm_params, "few_shot_k": 1})
+    with pytest.raises(ConfigError, match="pem_substitute"):
+        build_method("siad_llm", {**tiny_llm_params, "pem_substitute": "none"})  # PEM is on: nothing to replace
+    with pytest.raises(ConfigError, match="pass_weights"):
+        build_method("siad_llm", {**tiny_llm_params, "self_improvement": False, "pass_weights": [0.0, 1.0]})
+
+
+# -- training: the response fed back (Algorithm 1) and the loss weights ---------------------------------
+
+
+@pytest.fixture
+def refined_spy(monkeypatch):
+    """Wraps ``method.refined_pass`` to record the responses and the first pass it is given."""
+
+    def spy(method) -> dict:
+        seen: dict = {}
+        original = method.refined_pass
+
+        def refined_pass(tokens, first, responses):
+            seen.update(responses=list(responses), first=first)
+            return original(tokens, first, responses)
+
+        monkeypatch.setattr(method, "refined_pass", refined_pass)
+        return seen
+
+    return spy
+
+
+def test_training_feeds_back_the_answer_generated_from_the_first_pass(full, llm_batches, refined_spy):
+    assert full.params["train_response"] == "generated"  # Algorithm 1 is the default
+    batch = llm_batches.train(full)
+    seen = refined_spy(full)
+    full.trainable.train()
+    full.training_loss(batch)
+    embedding = full.encode_images(batch["image"])[1]
+    generated, _ = full.judge(embedding, seen["first"].prompts.detach(), batch["cls_name"])
+    assert seen["responses"] == generated  # greedy: the same generation again
+    assert seen["responses"] != batch["answers"]  # the random LLM does not say the target answers
+
+
+def test_the_generation_in_training_gets_no_gradient(full, llm_batches, monkeypatch):
+    given = {}
+
+    def judge(embedding, prompts, cls_names):
+        given.update(requires_grad=prompts.requires_grad, grad_enabled=torch.is_grad_enabled())
+        return ["No, there are no anomalies in the image."] * len(cls_names), torch.full((len(cls_names),), 0.5)
+
+    monkeypatch.setattr(full, "judge", judge)
+    full.trainable.train()
+    full.training_loss(llm_batches.train(full))
+    assert given == {"requires_grad": False, "grad_enabled": True}  # detached prompts (judge adds no_grad itself)
+
+
+def test_teacher_forcing_feeds_back_the_target_answer(tiny_llm_params, llm_batches, refined_spy, monkeypatch):
+    method = build_method("siad_llm", {**tiny_llm_params, "train_response": "teacher"}, seed=0)
+    monkeypatch.setattr(method, "judge", lambda *args: pytest.fail("teacher forcing generates nothing in training"))
+    batch = llm_batches.train(method)
+    seen = refined_spy(method)
+    method.trainable.train()
+    method.training_loss(batch)
+    assert seen["responses"] == batch["answers"]
+
+
+@pytest.mark.parametrize(("weights", "focal", "dice"), [([0.5, 0.5], 2.0, 20.0), ([0.25, 0.75], 2.5, 25.0)])
+def test_pass_weights_split_the_pixel_loss_and_removing_si_keeps_its_total(
+    weights, focal, dice, tiny_llm_params, llm_batches, monkeypatch
+):
+    """First pass focal 1 / dice 10, refined pass 3 / 30: with SI the pixel terms are the weighted mean of the passes;
+    w/o SI the first pass alone, with the same total weight α, β (the ablation removes only the refined pass)."""
+    for si in (True, False):
+        method = build_method("siad_llm", {**tiny_llm_params, "self_improvement": si, "pass_weights": weights,
+                                           "train_response": "teacher"}, seed=0)
+        values = iter([(torch.tensor(1.0), torch.tensor(10.0)), (torch.tensor(3.0), torch.tensor(30.0))])
+        monkeypatch.setattr(method, "pixel_losses", lambda probs, target, values=values: next(values))
+        method.trainable.train()
+        loss, parts = method.training_loss(llm_batches.train(method))
+        expected = (focal, dice) if si else (1.0, 10.0)
+        assert (parts["focal"], parts["dice"]) == pytest.approx(expected)
+        assert float(loss.detach()) == pytest.approx(expected[0] + expected[1] + parts["ce"], rel=1e-5)
+
+
+def test_without_si_the_loss_is_the_full_loss_minus_the_refined_pass(tiny_llm_params, full, llm_batches, monkeypatch):
+    """A refined pass that changes nothing: the full model's loss must then equal the w/o SI model's (before the
+    per-pass weights it counted focal and dice twice)."""
+    wo_si = build_method("siad_llm", {**tiny_llm_params, "self_improvement": False}, seed=0)
+    wo_si.trainable.load_state_dict(full.trainable.state_dict())
+    monkeypatch.setattr(full, "refined_pass", lambda tokens, first, responses: first)
+    monkeypatch.setattr(full, "judge", lambda e, p, c: (["R"] * len(c), None))
+    batch = llm_batches.train(full)
+    full.trainable.train()
+    wo_si.trainable.train()
+    (loss_full, parts_full), (loss_wo, parts_wo) = full.training_loss(batch), wo_si.training_loss(batch)
+    assert parts_full == pytest.approx(parts_wo) and float(loss_full.detach()) == pytest.approx(float(loss_wo.detach()))
+
+
+def test_strict_wo_pem_prompts_are_the_base_prompts_whatever_the_map(tiny_llm_params, llm_batches):
+    method = build_method("siad_llm", {**tiny_llm_params, "pem": False, "pem_substitute": "none"}, seed=0)
+    probs = torch.rand(2, 4, 2, 224, 224)
+    a = method.prompt_embeddings(probs, probs[:, :, 1].mean(1))
+    b = method.prompt_embeddings(1 - probs, (1 - probs[:, :, 1]).mean(1))
+    assert a.shape == (2, 9, method.llm_dim) and torch.equal(a, b)
+    assert torch.equal(a[0], method.trainable["base_prompts"].base_prompts)
+    out = method.predict_batch(llm_batches.test(method, n=2))
+    assert len(out.answers) == 2 and torch.isfinite(out.maps).all()

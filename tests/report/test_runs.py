@@ -33,7 +33,7 @@ def test_nan_replicates_are_accepted(tmp_path: Path, make_run: Any, write_runs: 
 def test_invalid_json_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "metrics.json"
     path.write_text("{not json", encoding="utf-8")
-    with pytest.raises(DataError, match=r"metrics.json: not valid JSON.*re-run"):
+    with pytest.raises(DataError, match=r"metrics.json: not valid JSON.*rerun the job"):
         load_runs([path])
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
+import yaml
 
-from siad.config import validate_config
 from siad.errors import ConfigError
+from siad.plan import validate_workflow_config
 from siad.report.paper import PAPER_TABLES, render_report
 from siad.report.reference import load_reference
 from siad.report.render import render_latex, render_markdown
@@ -111,6 +113,7 @@ def test_table5_rows_are_cases_with_claims_and_case3_must_be_best(llm_config, ma
     assert image.verdict == HOLDS and pixel.verdict == FAILS and pixel.detail.endswith("not below Case 3: Case 2")
     words = "very small region of / small region of / large region of / very large region of"
     assert any(n.startswith("Case 1 stage words") and n.endswith(words) for n in table.notes)
+    assert any(n.startswith("Appendix C's text calls Case 1") and "follow Table 6" in n for n in table.notes)
     assert {k.target for k in PAPER_TABLES.get("siad_table5_stage_prompts").runs(llm_config)} == {"mvtec"}
 
 
@@ -149,7 +152,60 @@ def test_claims_check_lists_the_ordering_claims(llm_config, make_run, tmp_path, 
 def test_config_validation_names_the_report_key(llm_config, mutate, expected):
     llm_config["report"]["tables"] += ["siad_table3a_si_sp", "siad_table3b_encoder", "siad_table4_lambda",
                                        "siad_table5_stage_prompts", "llm_judgement"]
-    validate_config(llm_config)  # the unmutated config is valid
+    validate_workflow_config(llm_config)  # the unmutated config is valid
     mutate(llm_config["report"])
     with pytest.raises(ConfigError, match=expected):
-        validate_config(llm_config)
+        validate_workflow_config(llm_config)
+
+
+def _siad_rows(config: dict[str, Any], table: str) -> dict[str, str]:
+    """Point the ablation tables at the real siad_llm variants of the demo profile (its resolved parameters)."""
+    config["report"]["siad_ablations"]["method"] = "siad_llm"
+    return DEMO_ABLATIONS[table]
+
+
+DEMO_ABLATIONS = yaml.safe_load((REFERENCES.parents[0] / "demo.yaml").read_text())["report"]["siad_ablations"]
+
+
+def test_table3b_strict_rows_show_the_paper_rows_claims_and_the_notes_say_what_replaces_pem(llm_config, make_run):
+    rows = _siad_rows(llm_config, "table3b")
+    llm_config["report"]["siad_ablations"]["table3b"] = rows
+    assert {"w/o PEM (strict)", "w/o EM (strict)"} <= set(rows)
+    runs = [make_run("siad_llm", t, 0.6, 0.8, variant=v, seed=k)
+            for k, v in enumerate(rows.values()) for t in INDUSTRIAL]
+    table = _build("siad_table3b_encoder", llm_config, runs)
+    assert table.cell(("image", "w/o PEM (strict)"), "MVTecAD").claimed == pytest.approx(69.8)  # the w/o PEM claim
+    assert table.cell(("pixel", "w/o EM (strict)"), AVERAGE).claimed == pytest.approx(87.7)
+    notes = "\n".join(table.notes)
+    assert "w/o PEM: PEM replaced by AnomalyGPT's convolutional prompt learner" in notes
+    assert "w/o EM: PEM replaced by AnomalyGPT's convolutional prompt learner" in notes
+    assert "w/o PEM (strict): PEM removed with nothing in its place (strict)" in notes
+    assert "w/o EM (strict): PEM removed with nothing in its place" in notes
+    assert "no image-level row" not in notes  # every label found its paper row
+
+
+def test_table3a_teacher_forced_full_is_not_an_ablation_the_full_model_must_beat(llm_config, make_run):
+    rows = _siad_rows(llm_config, "table3a")
+    llm_config["report"]["siad_ablations"]["table3a"] = rows
+    values = {"wo_si": (0.70, 0.85), "wo_sp": (0.69, 0.86), "default": (0.73, 0.90), "si_teacher_forced": (0.80, 0.95)}
+    runs = [make_run("siad_llm", t, image, pixel, variant=v, seed=k)
+            for k, (v, (image, pixel)) in enumerate(values.items()) for t in INDUSTRIAL]
+    table = _build("siad_table3a_si_sp", llm_config, runs)
+    assert table.cell(("image", "Full (teacher-forced R)"), "MVTecAD").claimed == pytest.approx(72.8)  # Full's
+    assert [c.verdict for c in table.checks] == [HOLDS, HOLDS]  # compared with w/o SI and w/o SP only
+    notes = "\n".join(table.notes)
+    assert "Full (teacher-forced R): trained with the teacher-forced target answer" in notes
+    assert "w/o SI: self-improvement removed: one pass, whose focal and dice terms carry the whole pixel-loss" in notes
+
+
+def test_table7_has_the_siad_llm_row_from_its_table1_runs(llm_config, make_run):
+    llm_config["report"]["table7"] = {"methods": ["anovl", "siad_llm"]}
+    keys = PAPER_TABLES.get("siad_table7_training_free").runs(llm_config)
+    siad = {(k.source, k.target) for k in keys if k.method == "siad_llm"}
+    assert siad == {("visa", "mvtec"), *{("mvtec", t) for t in INDUSTRIAL[1:]}}  # the protocol's weights
+    assert {k.variant for k in keys} == {"default"}
+    runs = [make_run("siad_llm", t, 0.7, 0.9, seed=k) for k, t in enumerate(INDUSTRIAL)]
+    table = PAPER_TABLES.get("siad_table7_training_free").build(llm_config, runs, pd.DataFrame())
+    assert table.cell(("SIAD-LLM",), "MVTecAD").reproduced == pytest.approx(90.0)
+    assert table.cell(("SIAD-LLM",), AVERAGE).claimed is None
+    assert any(n.startswith("SIAD-LLM: trained under UZAD") for n in table.notes)

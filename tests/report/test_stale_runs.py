@@ -33,7 +33,7 @@ def stamped_run(config, key=KEY):
 
 
 def test_a_current_run_passes(config):
-    assert stale_runs(config, [stamped_run(config)]) == []
+    assert stale_runs(config, [stamped_run(config)]) == {}
 
 
 @pytest.mark.parametrize(("mutate", "changed"), [
@@ -47,14 +47,27 @@ def test_a_run_of_another_specification_is_refused_naming_the_change_and_the_com
     run = stamped_run(config)
     config = copy.deepcopy(config)
     mutate(config, tmp_path)
-    lines = stale_runs(config, [run])
-    assert len(lines) == 1 and "results/visa.json" in lines[0] and changed in lines[0]
-    assert "--forcerun run_uzad_anomalygpt_mvtec" in lines[0]
-    with pytest.raises(DataError, match="1 run\\(s\\) are stale"):
+    stale = stale_runs(config, [run])
+    assert list(stale) == ["run_uzad_anomalygpt_mvtec"]
+    assert len(stale["run_uzad_anomalygpt_mvtec"]) == 1
+    line = stale["run_uzad_anomalygpt_mvtec"][0]
+    assert "results/visa.json" in line and changed in line
+    with pytest.raises(DataError, match="1 run\\(s\\) were computed under another") as err:
         refuse_stale_runs(config, [run])
+    assert "--forcerun run_uzad_anomalygpt_mvtec (plus" in str(err.value)
+
+
+def test_stale_runs_of_several_jobs_get_one_command(config):
+    runs = [stamped_run(config), stamped_run(config, RunKey("uzad", "clip", "default", "none", "visa"))]
+    config["seed"] = 5
+    with pytest.raises(DataError, match="2 run") as err:
+        refuse_stale_runs(config, runs)
+    assert "--forcerun run_uzad_anomalygpt_mvtec run_uzad_clip_none (plus" in str(err.value)
 
 
 def test_a_run_without_a_stamp_is_refused(config):
     run = stamped_run(config)
     del run["spec"]
-    assert "(no stamp)" in stale_runs(config, [run])[0]
+    assert "(no specification stamp)" in stale_runs(config, [run])["run_uzad_anomalygpt_mvtec"][0]
+    run["spec"] = {"digest": "x", "spec": "not a mapping"}
+    assert "(no specification stamp)" in stale_runs(config, [run])["run_uzad_anomalygpt_mvtec"][0]

@@ -5,7 +5,7 @@ from snakemake.exceptions import WorkflowError
 
 from siad.config import dataset_root, results_root, tables_root
 from siad.errors import SiadError
-from siad.data.folder_state import dataset_state_param
+from siad.data.folder_state import dataset_state_param, standin_state_param
 from siad.plan import build_plan, prepare_params, standin_params, validate_workflow_config
 from siad.report.figures import figure4_outputs, figure4_runs
 from siad.report.paper import PAPER_TABLES, required_runs

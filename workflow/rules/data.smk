@@ -8,10 +8,11 @@
 
 rule synthesize_standin:
     output:
-        touch(f"{RESULTS}/datasets/{{dataset}}/standin.done"),
+        done=f"{RESULTS}/datasets/{{dataset}}/standin.done",
     params:
         root=lambda wc: str(dataset_root(config, wc.dataset)),
         spec=lambda wc: standin_params(config, wc.dataset),
+        state=lambda wc: standin_state_param(config, wc.dataset, f"{RESULTS}/datasets/{wc.dataset}/standin.done"),
     log:
         f"{RESULTS}/logs/synthesize_standin/{{dataset}}.log",
     conda:

@@ -10,12 +10,14 @@ if TYPE_CHECKING:
 
 
 def main(smk) -> None:
+    from siad.data.folder_state import record_standin
     from siad.data.synthetic import write_standin
 
     name = smk.wildcards.dataset
     options = smk.config["data"].get("standin", {})
     classes = smk.config["datasets"][name].get("classes")
     write_standin(name, Path(smk.params.root), seed=int(smk.config["seed"]), classes=classes, **options)
+    record_standin(Path(smk.output.done), smk.params.state)  # lets the next start-up notice a deleted folder
 
 
 run_step(main, snakemake)  # noqa: F821 (injected by Snakemake)
