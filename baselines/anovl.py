@@ -297,7 +297,9 @@ class AnoVL(BackboneMethod):
             global_features, tokens = self.encode_image(images[list(positions)])
             return {"global": global_features, "tokens": tokens}
 
-        cached = self._cache.get_or_compute(list(files), compute, fingerprints=[file_fingerprint(f) for f in files])
+        # content, not size and mtime: an image edited in place must never be served its old features
+        fingerprints = [file_fingerprint(f, content=True) for f in files]
+        cached = self._cache.get_or_compute(list(files), compute, fingerprints=fingerprints)
         return cached["global"].to(self.device), cached["tokens"].to(self.device)
 
     @torch.no_grad()

@@ -32,6 +32,7 @@ def validate_config(config: Mapping[str, Any], schema_path: str | Path = SCHEMA_
         ConfigError: with the path of the offending key and what is expected.
     """
     config = coerce_booleans(config)
+    config = coerce_numbers(config, load_schema(schema_path))
     check_finite_numbers(config)  # NaN passes every schema bound (comparisons with NaN are false)
     validator = jsonschema.Draft202012Validator(load_schema(schema_path))
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
@@ -63,6 +64,77 @@ def coerce_booleans(config: Mapping[str, Any]) -> dict[str, Any]:
         if section is not None and leaf in section:
             section[leaf] = parse_bool(section[leaf], key)
     return config
+
+
+def coerce_numbers(config: Mapping[str, Any], schema: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``config`` whose numbers given as text are numbers: where the schema says ``integer`` or
+    ``number``, and in method parameters whose rule is a number (``Method.param_rules``).
+
+    Snakemake reads nested ``--config`` values as text (``--config evaluation='{n_bootstrap: 30}'`` gives
+    ``"30"``), and YAML reads ``1e-3`` without a dot as text. Text that is no number is left for the schema and
+    the parameter rules to refuse, naming the key.
+    """
+    config = _coerce_by_schema(config, schema)
+    methods = config.get("methods")
+    if isinstance(methods, Mapping):
+        config["methods"] = {name: _coerce_method(name, entry) for name, entry in methods.items()}
+    return config
+
+
+def _coerce_by_schema(value: Any, schema: Mapping[str, Any]) -> Any:
+    kind = schema.get("type")
+    kinds = kind if isinstance(kind, list) else [kind]
+    if isinstance(value, str) and ("integer" in kinds or "number" in kinds):
+        return _number(value, integer="number" not in kinds)
+    if isinstance(value, Mapping):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        return {k: _coerce_by_schema(v, props.get(k, extra if isinstance(extra, Mapping) else {}))
+                for k, v in value.items()}
+    if isinstance(value, list) and isinstance(schema.get("items"), Mapping):
+        return [_coerce_by_schema(v, schema["items"]) for v in value]
+    for alternative in schema.get("oneOf", []) + schema.get("anyOf", []):
+        coerced = _coerce_by_schema(value, alternative)
+        if coerced is not value:
+            return coerced
+    return value
+
+
+def _coerce_method(name: str, entry: Any) -> Any:
+    from siad.errors import UnknownNameError
+    from siad.methods import get_method_class
+    from siad.methods.base import Number
+
+    try:
+        rules = get_method_class(name).param_rules
+    except UnknownNameError:
+        return entry  # reported by the name checks
+    if not isinstance(entry, Mapping):
+        return entry
+
+    def coerce(params: Any) -> Any:
+        if not isinstance(params, Mapping):
+            return params
+        return {k: _number(v, integer=rules[k].integer) if isinstance(v, str) and isinstance(rules.get(k), Number)
+                else v for k, v in params.items()}
+
+    entry = dict(entry)
+    if "params" in entry:
+        entry["params"] = coerce(entry["params"])
+    if isinstance(entry.get("variants"), Mapping):
+        entry["variants"] = {v: coerce(p) for v, p in entry["variants"].items()}
+    return entry
+
+
+def _number(text: str, *, integer: bool) -> Any:
+    """``text`` as an int (``integer``) or a float, or unchanged when it is no such number."""
+    try:
+        number = float(text.strip())
+    except ValueError:
+        return text
+    if integer:
+        return int(number) if number.is_integer() else text
+    return number
 
 
 def _check_names(config: Mapping[str, Any]) -> None:

@@ -343,6 +343,7 @@ def setup_logging(log_path: str | None) -> str | None:
             log_path = None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers,
                         force=True)
+    logging.captureWarnings(True)  # Python warnings (e.g. a recomputed cache entry) reach the job log too
     if problem:
         log.warning("cannot write the log file: %s; logging to stderr only", problem)
     return log_path

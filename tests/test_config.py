@@ -112,3 +112,18 @@ def test_non_finite_numbers_are_refused_naming_the_key():
     config["methods"]["anomalygpt"]["params"]["lr"] = float("nan")
     with pytest.raises(ConfigError, match="methods.anomalygpt.params.lr"):
         validate_workflow_config(config)
+
+
+def test_numbers_given_as_text_become_numbers_where_the_schema_or_the_parameter_rule_wants_one():
+    config = load("demo.yaml")
+    config["evaluation"] = {**config["evaluation"], "n_bootstrap": "30", "aupro_limit": "0.05", "size": "32"}
+    config["methods"]["anomalygpt"]["params"].update(lr="1e-3", epochs="2")
+    checked = validate_workflow_config(config)
+    assert checked["evaluation"]["n_bootstrap"] == 30 and checked["evaluation"]["aupro_limit"] == 0.05
+    assert checked["evaluation"]["size"] == 32
+    assert checked["methods"]["anomalygpt"]["params"]["lr"] == 0.001
+    assert checked["methods"]["anomalygpt"]["params"]["epochs"] == 2
+    assert checked["methods"]["anomalygpt"]["params"]["backbone"] == "tiny-vit-h14-demo"  # text stays text
+    config["evaluation"]["n_bootstrap"] = "thirty"
+    with pytest.raises(ConfigError, match="evaluation/n_bootstrap"):
+        validate_workflow_config(config)

@@ -24,6 +24,7 @@ Conventions (fixed here so every method sees the same data):
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -92,10 +93,30 @@ def to_rgb(image: Image.Image, path: Path) -> Image.Image:
     return image.convert("RGB")
 
 
-def read_image(path: Path) -> Image.Image:
-    """The image at ``path`` as upright 8-bit RGB (see the module docstring for the conversions)."""
-    with open_checked(Path(path)) as image:
-        return to_rgb(image, Path(path))
+def read_image(path: Path, expected_sha256: str | None = None) -> Image.Image:
+    """The image at ``path`` as upright 8-bit RGB (see the module docstring for the conversions).
+
+    ``expected_sha256``: the file's SHA-256 recorded in the dataset index; a file that no longer has it was
+    changed after preparation (its numbers would not be those of the index the run is stamped with): DataError.
+    """
+    path = Path(path)
+    with open_checked(path, read_verified(path, expected_sha256)) as image:
+        return to_rgb(image, path)
+
+
+def read_verified(path: Path, expected_sha256: str | None) -> bytes | None:
+    """The bytes of ``path`` checked against ``expected_sha256`` (None: no check, and nothing read here)."""
+    if not expected_sha256:
+        return None
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ImageFileError(path, f"cannot be read ({err.strerror or err})") from None
+    if hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise DataError(f"{path}: changed since the dataset was prepared (its SHA-256 is not the one in meta.json); "
+                        "prepare the dataset again: snakemake --cores 1 all --forcerun prepare_dataset "
+                        "(plus your --configfile)")
+    return data
 
 
 def mask_array(mask: Image.Image) -> np.ndarray:
@@ -106,14 +127,16 @@ def mask_array(mask: Image.Image) -> np.ndarray:
     return arr != 0 if arr.ndim == 2 else (arr[..., colour] != 0).any(axis=-1)
 
 
-def read_mask(path: Path, expected_size: tuple[int, int] | None = None) -> np.ndarray:
+def read_mask(path: Path, expected_size: tuple[int, int] | None = None,
+              expected_sha256: str | None = None) -> np.ndarray:
     """Boolean ``H x W`` mask (any non-zero value is anomalous).
 
     Args:
         expected_size: ``(height, width)`` of the image the mask belongs to; a different size raises.
+        expected_sha256: the mask file's SHA-256 in the dataset index (see :func:`read_image`).
     """
     path = Path(path)
-    with open_checked(path) as mask:
+    with open_checked(path, read_verified(path, expected_sha256)) as mask:
         binary = mask_array(mask)
     check_mask_size(binary.shape, expected_size, path)
     return binary

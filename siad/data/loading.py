@@ -94,11 +94,11 @@ class AnomalyDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rec = self.records[index]
-        image = read_image(self.root / rec["img_path"])
+        image = read_image(self.root / rec["img_path"], rec.get("sha256"))  # the index's content, or an error
         native = (image.height, image.width)
         size = self.mask_size or native
         if rec["mask_path"]:
-            mask = resize_mask(read_mask(self.root / rec["mask_path"], native), size)
+            mask = resize_mask(read_mask(self.root / rec["mask_path"], native, rec.get("mask_sha256")), size)
         else:
             mask = np.zeros(size, dtype=bool)
         return {

@@ -25,7 +25,7 @@ from siad.data.records import load_meta
 from siad.data.registry import get_dataset
 from siad.engine.evaluate import evaluate_predictions, predict_dataset, save_predictions
 from siad.engine.protocol import NO_SOURCE, RunKey, check_no_leakage
-from siad.engine.spec import RunSpec, file_sha256, resolve_run_spec
+from siad.engine.spec import RunSpec, file_sha256, resolve_run_spec, results_digest
 from siad.errors import ConfigError, DataError, LeakageError
 from siad.methods import Method, build_method
 from siad.runtime import seed_everything
@@ -251,7 +251,8 @@ def _evaluate_target(
         "seed": spec.seed,
     }
     body["near_duplicates"] = [list(pair) for pair in near_duplicates]
-    body["spec"] = spec.stamp()
+    body = json.loads(json.dumps(body, default=_jsonable))  # as a reader will see it
+    body["spec"] = {**spec.stamp(), "results_digest": results_digest(body)}
     for warning in body.get("warnings", []):
         log.warning(warning)
     save_predictions(preds, predictions_path)
@@ -362,9 +363,12 @@ def trained_model_is_current(spec: RunSpec, model_dir: Path) -> bool:
     if not info_path.is_file():
         return False
     try:
-        info = _trained_info(model_dir)
-    except DataError as err:
-        log.warning("%s; training again", err)
+        info = json.loads(info_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        log.warning("%s: unreadable model record (%s); training again", info_path, err)
+        return False
+    if not isinstance(info, dict) or not isinstance(info.get("weights"), str):
+        log.warning("%s: not a model record of this suite; training again", info_path)
         return False
     if info.get("fingerprint") != spec.training_digest:
         log.info("the model in %s was trained under another specification; training again", model_dir)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,7 @@ class RunSpec:
     training: Mapping[str, Any] | None  # None for training-free methods; else which source images it trains on
     evaluation: Mapping[str, Any]  # evaluation grid, batch size, bootstrap size, AU-PRO limit
     datasets: Mapping[str, str | None]  # dataset -> SHA-256 of its meta.json (None: not prepared yet)
+    training_images: str | None  # digest of the training records the source index gives this run (None: none)
     version: str  # the suite's package version
     code: Mapping[str, str]  # "method" / "training" / "evaluation" -> hash of the source modules involved
 
@@ -98,21 +100,22 @@ class RunSpec:
             "params": dict(self.params), "inputs": dict(self.inputs), "seed": self.seed, "device": self.device,
             "data": dict(self.data), "training": None if self.training is None else dict(self.training),
             "evaluation": dict(self.evaluation), "datasets": dict(self.datasets),
-            "version": self.version, "code": dict(self.code),
+            "training_images": self.training_images, "version": self.version, "code": dict(self.code),
         }
 
     def config_identity(self) -> dict[str, Any]:
         """:meth:`identity` without the dataset content fingerprints (known before any job runs)."""
-        return {k: v for k, v in self.identity().items() if k != "datasets"}
+        return {k: v for k, v in self.identity().items() if k not in ("datasets", "training_images")}
 
     def training_identity(self) -> dict[str, Any]:
-        """What a trained model depends on: no target, no evaluation settings, no evaluation code."""
+        """What a trained model depends on: no target, no evaluation settings, no evaluation code, and of the source
+        index only the records it trains on (a changed test image of the source retrains nothing)."""
         key = self.key
         return {
             "run": {"setting": key.setting, "method": key.method, "variant": key.variant, "source": key.source},
             "params": dict(self.params), "inputs": dict(self.inputs), "seed": self.seed, "device": self.device,
             "data": {key.source: self.data.get(key.source)}, "training": self.training,
-            "datasets": {key.source: self.datasets.get(key.source)}, "version": self.version,
+            "training_images": self.training_images, "version": self.version,
             "code": {"method": self.code["method"], "training": self.code.get("training")},
         }
 
@@ -197,6 +200,8 @@ def resolve_run_spec(
                     "n_bootstrap": int(evaluation["n_bootstrap"]),
                     "aupro_limit": float(evaluation.get("aupro_limit", 0.3))},
         datasets={name: file_sha256(path) for name, path in paths.items()},
+        training_images=None if training is None else training_images_digest(
+            paths[key.source], key.setting, training["normal_images"], config["datasets"][key.source].get("classes")),
         version=siad.__version__,
         code={"method": method_code_hash(cls), "evaluation": modules_hash(EVALUATION_MODULES, transitive=False),
               **({} if training is None else {"training": modules_hash(TRAINING_MODULES, transitive=False)})},
@@ -235,3 +240,37 @@ def method_code_hash(cls: type) -> str:
 def evaluation_code_modules() -> frozenset[str]:
     """Every project module the run loop reaches (what :data:`EVALUATION_MODULES` must account for)."""
     return module_closure("siad.engine.runs")
+
+
+#: Keys of a metrics.json body that :func:`results_digest` leaves out: the stamp itself, and what a reader adds.
+UNDIGESTED_KEYS = ("spec", "_source")
+
+
+def results_digest(body: Mapping[str, Any]) -> str:
+    """SHA-256 of a metrics.json body's numbers and labels (everything but :data:`UNDIGESTED_KEYS`), as written.
+
+    Stamped beside the specification digest, so the report can tell a file edited by hand from one the
+    evaluation wrote. ``body`` must be what JSON gives back (the writer round-trips it first).
+    """
+    return json_digest({k: v for k, v in body.items() if k not in UNDIGESTED_KEYS})
+
+
+def training_images_digest(meta_path: Path, setting: str, normal_images: str, classes: Any) -> str | None:
+    """Digest of the records a model trained on the index at ``meta_path`` sees (None: no index yet)."""
+    try:
+        stat = Path(meta_path).stat()
+    except FileNotFoundError:
+        return None
+    return _training_images_digest(str(meta_path), stat.st_mtime_ns, stat.st_size, setting, normal_images,
+                                   tuple(sorted(classes)) if classes else None)
+
+
+@cache
+def _training_images_digest(path: str, mtime_ns: int, size: int, setting: str, normal_images: str,
+                            classes: tuple[str, ...] | None) -> str:
+    from siad.engine.runs import training_meta
+
+    train = training_meta(json.loads(Path(path).read_text()), setting, normal_images)["train"]
+    fields = ("img_path", "sha256", "mask_path", "mask_sha256", "anomaly")
+    return json_digest({cls: [[r.get(f) for f in fields] for r in records] for cls, records in sorted(train.items())
+                        if classes is None or cls in classes})

@@ -114,7 +114,7 @@ class Number(ParamRule):
         kinds = (int,) if self.integer else (int, float)
         fix = f"use {self.describe()}" + (" or null" if self.optional else "")
         if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
-            return fix + (" (YAML reads 1e-3 without a dot as text: write 1.0e-3)" if isinstance(value, str) else "")
+            return fix + (" (YAML reads 1e-3 without a dot as text: write 1.0e-3)" if _numeric_text(value) else "")
         too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
         too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
         return fix if too_low or too_high else None
@@ -130,6 +130,15 @@ class Number(ParamRule):
         if self.high is not None:
             return f"{kind} {'<' if self.high_open else '≤'} {self.high:g}"
         return kind
+
+
+def _numeric_text(value: Any) -> bool:
+    """Whether ``value`` is text that reads as a number (e.g. YAML's ``1e-3``, which PyYAML leaves a string)."""
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, str)
 
 
 @dataclass(frozen=True)

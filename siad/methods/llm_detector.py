@@ -328,7 +328,9 @@ class LlmDetector(BackboneMethod):
             stages, embedding = self.encode_images(images[list(positions)])
             return {"stages": torch.stack(stages, dim=1), "embedding": embedding}
 
-        cached = self._cache.get_or_compute(list(files), compute, fingerprints=[file_fingerprint(f) for f in files])
+        # content, not size and mtime: an image edited in place must never be served its old features
+        fingerprints = [file_fingerprint(f, content=True) for f in files]
+        cached = self._cache.get_or_compute(list(files), compute, fingerprints=fingerprints)
         stages = cached["stages"].to(self.device, torch.float32)
         return list(stages.unbind(dim=1)), cached["embedding"].to(self.device, torch.float32)
 

@@ -15,6 +15,9 @@ import pandas as pd
 
 from siad.errors import DataError
 
+#: The column of a paper table that averages its dataset columns.
+AVERAGE = "Average"
+
 _FIX = "copy the file from shared/reference/ into config/reference/ again"
 
 
@@ -81,4 +84,19 @@ def reference_claims(
         raise DataError(f"{source}: {len(rows)} rows match {dict(match)}; keep exactly one per row key")
     row = rows.iloc[0]
     where = f"{source} row {dict(match)}"
-    return {c: _as_claim(row[c], f"{where}, column {c}") if c in reference.columns else None for c in columns}
+    claims = {c: _as_claim(row[c], f"{where}, column {c}") if c in reference.columns else None for c in columns}
+    if AVERAGE in claims and average_outside(reference, match, columns, row):
+        claims[AVERAGE] = None  # the paper averages datasets this table does not show: not comparable
+    return claims
+
+
+def average_outside(reference: pd.DataFrame, match: Mapping[str, object], columns: Sequence[str],
+                    row: pd.Series | None = None) -> list[str]:
+    """The reference's dataset columns with a claimed value that ``columns`` lacks: the datasets the paper's
+    Average covers beyond the table's (non-empty: the claimed Average is not comparable with the reproduced one).
+
+    ``row``: the matching reference row (None: any row with a value counts).
+    """
+    data_columns = [c for c in reference.columns if c not in match and c != AVERAGE and c not in columns]
+    frame = reference if row is None else row.to_frame().T
+    return [c for c in data_columns if pd.to_numeric(frame[c], errors="coerce").notna().any()]

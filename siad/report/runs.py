@@ -38,7 +38,18 @@ def _is_number(value: object) -> bool:
 
 
 def _fail(source: str, problem: str) -> DataError:
-    return DataError(f"{source}: {problem}; {_REGENERATE}")
+    return DataError(f"{source}: {problem}; {_refresh(source)}")
+
+
+def _refresh(source: str | Path) -> str:
+    """How to rewrite the metrics file ``source``: its job, named from the run layout when the path follows it
+    (``.../<setting>/<method>/<variant>/<source>/<target>/metrics.json``)."""
+    parts = Path(source).parts
+    if len(parts) >= 6 and parts[-1] == "metrics.json":
+        setting, method, _, train_source, _ = parts[-6:-1]
+        return (f"rerun the job that writes it: `snakemake --cores 1 all --forcerun run_{setting}_{method}_"
+                f"{train_source}` (plus your --configfile)")
+    return _REGENERATE
 
 
 def _check_run_section(ident: object, source: str) -> None:
@@ -103,11 +114,11 @@ def load_runs(paths: Sequence[Path]) -> list[dict[str, Any]]:
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise DataError(f"{path}: cannot read metrics file ({exc}); {_REGENERATE}") from exc
+            raise DataError(f"{path}: cannot read metrics file ({exc}); {_refresh(path)}") from exc
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON ({exc}); {_REGENERATE}") from exc
+            raise DataError(f"{path}: not valid JSON ({exc}); {_refresh(path)}") from exc
         run = validate_run(obj, str(path))
         run[SOURCE_KEY] = str(path)
         runs.append(run)
@@ -166,7 +177,7 @@ def stale_runs(config: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> 
     """
     from siad.engine.protocol import RunKey
     from siad.engine.runs import RunGroup
-    from siad.engine.spec import resolve_run_spec, spec_differences
+    from siad.engine.spec import resolve_run_spec, results_digest, spec_differences
 
     stale: dict[str, list[str]] = {}
     for run in runs:
@@ -174,12 +185,15 @@ def stale_runs(config: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> 
         key = RunKey(ident["setting"], ident["method"], ident["variant"], ident["source"], ident["target"])
         expected = resolve_run_spec(config, key)
         stamp = run.get("spec") if isinstance(run.get("spec"), Mapping) else {}
+        rule = RunGroup(key.setting, key.method, key.source, (key,)).rule_name
         if stamp.get("digest") == expected.digest:
+            if stamp.get("results_digest") != results_digest(run):
+                stale.setdefault(rule, []).append(
+                    f"{run_label(run)} (its numbers differ from those the evaluation wrote: edited after the run?)")
             continue
         recorded = stamp.get("spec")
         changed = (spec_differences(expected.identity(), recorded) if isinstance(recorded, Mapping)
                    else ["(no specification stamp)"])
-        rule = RunGroup(key.setting, key.method, key.source, (key,)).rule_name
         shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
         why = f"changed: {shown}" if shown else "its stamp does not match the specification it records (edited?)"
         stale.setdefault(rule, []).append(f"{run_label(run)} ({why})")

@@ -53,7 +53,15 @@ from siad.report.paper import (
 )
 from siad.report.reference import reference_claims
 from siad.report.render import DASH
-from siad.report.tables import AVERAGE, LEVEL_METRICS, ClaimTable, ColumnSpec, RowSpec, build_claim_table
+from siad.report.tables import (
+    AVERAGE,
+    LEVEL_METRICS,
+    ClaimTable,
+    ColumnSpec,
+    RowSpec,
+    average_scope_notes,
+    build_claim_table,
+)
 
 SECTION = "siad_ablations"
 LAMBDA_PARAM = "adapter_lambda"
@@ -228,7 +236,7 @@ def _table3(table: str) -> Callable[[Config, Sequence[Mapping[str, Any]], pd.Dat
         labelled = labelled_variants(config, table)
         columns = _dataset_columns(config)
         wanted = [c.name for c in columns] + [AVERAGE]
-        notes = []
+        notes = average_scope_notes(reference, wanted, ("table", "variant", "level"))
 
         def claims(level: str, label: str) -> Mapping[str, float | None] | None:
             found = reference_claims(reference, {"table": reference_table, "variant": paper_row(label),

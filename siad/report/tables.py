@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from siad.errors import ConfigError, DataError
-from siad.report.reference import reference_claims
+from siad.report.reference import AVERAGE, average_outside, reference_claims
 from siad.report.runs import ci_value, confidence, demo_flag, matching_runs, mean_value, run_label
 
 OK = "ok"
@@ -34,7 +34,6 @@ RowKey = tuple[str, ...]
 
 #: Paper tables 1 and 2: row level -> metrics.json metric.
 LEVEL_METRICS: dict[str, str] = {"image": "image_auroc", "pixel": "pixel_auroc"}
-AVERAGE = "Average"
 
 
 @dataclass(frozen=True)
@@ -308,10 +307,23 @@ def _check_names(medical: set[str], datasets: Mapping[str, str]) -> None:
         )
 
 
-def _reference_notes(reference: pd.DataFrame, datasets: Mapping[str, str], average: bool) -> list[str]:
+def _reference_notes(reference: pd.DataFrame, datasets: Mapping[str, str], average: bool,
+                     keys: Sequence[str] = ("level", "method")) -> list[str]:
     source = reference.attrs.get("source", "reference table")
     wanted = list(datasets.values()) + ([AVERAGE] if average else [])
-    return [f"{source}: no column {c!r}; its claims show as n/a" for c in wanted if c not in reference.columns]
+    notes = [f"{source}: no column {c!r}; its claims show as n/a" for c in wanted if c not in reference.columns]
+    return notes + average_scope_notes(reference, wanted, keys) if average else notes
+
+
+def average_scope_notes(reference: pd.DataFrame, columns: Sequence[str], keys: Sequence[str]) -> list[str]:
+    """A note when the paper's Average covers datasets the table does not show (its claim is then n/a)."""
+    if reference.empty or AVERAGE not in reference.columns:
+        return []
+    outside = average_outside(reference, dict.fromkeys(keys), columns)
+    if not outside:
+        return []
+    return [f"The paper's Average also covers {', '.join(outside)}, which this table does not show: the claimed "
+            "Average is shown as n/a and not checked (the reproduced Average is over the columns shown)."]
 
 
 def dataset_rows(

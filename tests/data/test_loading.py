@@ -132,3 +132,31 @@ def test_mask_of_wrong_size_is_reported_on_access(mvtec_root: Path, layouts) -> 
     layouts.write_mask(mvtec_root / data.records[index]["mask_path"], 3, size=(12, 16))
     with pytest.raises(DataError, match=data.records[index]["mask_path"]):
         data[index]
+
+
+def test_an_image_or_mask_changed_after_preparation_is_refused(tmp_path):
+    import os
+    import shutil
+
+    from siad.data.loading import AnomalyDataset
+    from siad.data.prepare import prepare_dataset
+    from siad.data.synthetic import write_standin
+    from siad.errors import DataError
+
+    root = tmp_path / "mvtec"
+    write_standin("mvtec", root, seed=0, classes=["bottle"], size=32)
+    meta = prepare_dataset("mvtec", root, tmp_path / "meta.json", verify_counts=False, classes=["bottle"])
+    dataset = AnomalyDataset(root, meta, split="test", name="mvtec")
+    records = dataset.records
+    with_mask = next(i for i, r in enumerate(records) if r["mask_path"])
+    other = next(i for i, r in enumerate(records) if i != with_mask)
+    dataset[with_mask]  # unchanged: loads
+    stat = (root / records[other]["img_path"]).stat()
+    shutil.copyfile(root / records[with_mask]["img_path"], root / records[other]["img_path"])
+    os.utime(root / records[other]["img_path"], ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime, new bytes
+    with pytest.raises(DataError, match="changed since the dataset was prepared"):
+        dataset[other]
+    mask = root / records[with_mask]["mask_path"]
+    mask.write_bytes(mask.read_bytes() + b"\0")
+    with pytest.raises(DataError, match="changed since the dataset was prepared"):
+        dataset[with_mask]

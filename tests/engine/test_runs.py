@@ -20,7 +20,7 @@ from siad.engine import runs
 from siad.engine.evaluate import load_maps
 from siad.engine.protocol import RunKey
 from siad.engine.runs import evaluate_run, evaluate_runs, fit_run, training_meta
-from siad.engine.spec import resolve_run_spec
+from siad.engine.spec import resolve_run_spec, results_digest
 from siad.errors import ConfigError, DataError, LeakageError
 from siad.methods import METHODS, Method
 from siad.methods.base import MethodOutput
@@ -401,9 +401,11 @@ def test_metrics_are_stamped_with_the_run_specification(workspace):
     keys, _ = _group(config, tmp / "stamp", targets=("visa", "headct"))
     runs.run_group(config, keys, meta_paths=metas, results_root=tmp / "stamp", progress=False)
     for key in keys:
-        stamp = json.loads((key.run_dir(tmp / "stamp") / "metrics.json").read_text())["spec"]
+        written = json.loads((key.run_dir(tmp / "stamp") / "metrics.json").read_text())
+        stamp = written["spec"]
         expected = resolve_run_spec(config, key, metas)
         assert stamp["digest"] == expected.digest and stamp["spec"] == json.loads(json.dumps(expected.identity()))
+        assert stamp["results_digest"] == results_digest(written)  # the numbers as written, NaN and all
 
 
 def test_a_job_refuses_a_plan_made_under_another_configuration(workspace):

@@ -96,7 +96,12 @@ def test_dataset_content_changes_the_stamp_but_not_the_planned_digest(config, me
     after = resolve_run_spec(config, KEY, metas)
     assert after.digest != before.digest and after.planned_digest == before.planned_digest
     assert after.training_digest == before.training_digest  # the target is no training input
-    metas["mvtec"].write_text("{}")
+    record = {"img_path": "bottle/test/good/000.png", "mask_path": "", "anomaly": 0, "sha256": "a" * 64}
+    metas["mvtec"].write_text(json.dumps({"test": {"bottle": [record]}, "train": {}}))
+    source_test_changed = resolve_run_spec(config, KEY, metas)
+    assert source_test_changed.digest != before.digest  # the stamp sees every index change
+    assert source_test_changed.training_digest == before.training_digest  # uzad trains on the train split only
+    metas["mvtec"].write_text(json.dumps({"test": {}, "train": {"bottle": [record]}}))
     assert resolve_run_spec(config, KEY, metas).training_digest != before.training_digest
 
 

@@ -106,6 +106,8 @@ def test_a_bad_variant_value_stops_the_config_validation_at_start_up(profile, no
     config["methods"]["siad_llm"]["variants"]["wo_si"]["epochs"] = 0
     with pytest.raises(ConfigError, match=r"methods/siad_llm/params/epochs: 0 is not accepted; use an integer ≥ 1"):
         validate_config(config)
-    config["methods"]["siad_llm"]["variants"]["wo_si"].update(epochs=1, lr="1e-3")  # PyYAML: text, not a number
-    with pytest.raises(ConfigError, match=r"methods/siad_llm/params/lr: '1e-3' is not accepted.*write 1.0e-3"):
+    config["methods"]["siad_llm"]["variants"]["wo_si"].update(epochs=1, lr="1e-3")  # PyYAML: text, read as 0.001
+    assert validate_config(config)["methods"]["siad_llm"]["variants"]["wo_si"]["lr"] == 0.001
+    config["methods"]["siad_llm"]["variants"]["wo_si"]["lr"] = "fast"
+    with pytest.raises(ConfigError, match=r"methods/siad_llm/params/lr: 'fast' is not accepted"):
         validate_config(config)

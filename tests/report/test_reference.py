@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from siad.errors import DataError
-from siad.report.reference import load_reference, reference_claims
+from siad.report.reference import average_outside, load_reference, reference_claims
 
 
 def test_comments_kept_and_body_parsed(reference: pd.DataFrame, reference_path: Path) -> None:
@@ -25,8 +25,16 @@ def test_empty_cells_are_nan_and_claims_none(reference: pd.DataFrame) -> None:
     assert math.isnan(reference.loc[1, "VisA"])
     claims = reference_claims(reference, {"level": "image", "method": "SIAD-LLM"}, ["MVTecAD", "VisA", "Nope"])
     assert claims == {"MVTecAD": 72.8, "VisA": None, "Nope": None}
-    pixel = reference_claims(reference, {"level": "pixel", "method": "CLIP"}, ["HeadCT", "Average"])
-    assert pixel == {"HeadCT": None, "Average": 50.7}
+    industrial = ["MVTecAD", "VisA", "MPDD", "DTD", "SDD", "BTAD"]
+    pixel = reference_claims(reference, {"level": "pixel", "method": "CLIP"}, [*industrial, "HeadCT", "Average"])
+    assert pixel["HeadCT"] is None and pixel["Average"] == 50.7
+
+
+def test_an_average_over_datasets_the_table_does_not_show_is_not_claimed(reference: pd.DataFrame) -> None:
+    subset = reference_claims(reference, {"level": "pixel", "method": "CLIP"}, ["VisA", "SDD", "Average"])
+    assert subset["VisA"] is not None and subset["Average"] is None
+    outside = average_outside(reference, {"level": None, "method": None}, ["VisA", "SDD", "Average"])
+    assert "MVTecAD" in outside and not {"VisA", "SDD", "Average", "level", "method"} & set(outside)
 
 
 def test_unknown_row_gives_none(reference: pd.DataFrame) -> None:
@@ -70,5 +78,7 @@ def test_missing_file_and_comment_only_file_fail(tmp_path: Path) -> None:
 def test_shipped_table1_reference_parses() -> None:
     path = Path(__file__).resolve().parents[2] / "config" / "reference" / "siad_table1_uzad.csv"
     ref = load_reference(path)
-    claims = reference_claims(ref, {"level": "pixel", "method": "SIAD-LLM"}, ["MVTecAD", "BrainMRI", "Average"])
-    assert claims == {"MVTecAD": 86.0, "BrainMRI": None, "Average": 90.0}
+    columns = ["MVTecAD", "VisA", "MPDD", "DTD", "SDD", "BTAD", "BrainMRI", "Average"]
+    claims = reference_claims(ref, {"level": "pixel", "method": "SIAD-LLM"}, columns)
+    assert (claims["MVTecAD"], claims["BrainMRI"], claims["Average"]) == (86.0, None, 90.0)
+    assert reference_claims(ref, {"level": "pixel", "method": "SIAD-LLM"}, ["MVTecAD", "Average"])["Average"] is None

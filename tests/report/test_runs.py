@@ -78,3 +78,11 @@ def test_demo_flag(make_run: Any) -> None:
     assert demo_flag([make_run("a", "b", 0.5, None, demo=False)]) is False
     with pytest.raises(DataError, match="demo and non-demo runs mixed"):
         demo_flag([make_run("a", "b", 0.5, None, demo=True), make_run("a", "c", 0.5, None, demo=False)])
+
+
+def test_a_broken_metrics_file_names_the_job_that_rewrites_it(tmp_path: Path) -> None:
+    path = tmp_path / "results" / "demo" / "uzad" / "clip" / "default" / "none" / "visa" / "metrics.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("{trunc", encoding="utf-8")
+    with pytest.raises(DataError, match="--forcerun run_uzad_clip_none`"):
+        load_runs([path])

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from siad.engine.protocol import RunKey
-from siad.engine.spec import resolve_run_spec
+from siad.engine.spec import resolve_run_spec, results_digest
 from siad.errors import DataError
 from siad.report.runs import refuse_stale_runs, stale_runs
 
@@ -29,7 +29,9 @@ def config(tmp_path, monkeypatch):
 def stamped_run(config, key=KEY):
     ident = {"setting": key.setting, "method": key.method, "variant": key.variant, "source": key.source,
              "target": key.target}
-    return {"run": ident, "spec": resolve_run_spec(config, key).stamp(), "_source": f"results/{key.target}.json"}
+    run = {"run": ident, "mean": {"image_auroc": 0.75}}
+    stamp = {**resolve_run_spec(config, key).stamp(), "results_digest": results_digest(run)}
+    return {**run, "spec": stamp, "_source": f"results/{key.target}.json"}
 
 
 def test_a_current_run_passes(config):
@@ -71,3 +73,10 @@ def test_a_run_without_a_stamp_is_refused(config):
     assert "(no specification stamp)" in stale_runs(config, [run])["run_uzad_anomalygpt_mvtec"][0]
     run["spec"] = {"digest": "x", "spec": "not a mapping"}
     assert "(no specification stamp)" in stale_runs(config, [run])["run_uzad_anomalygpt_mvtec"][0]
+
+
+def test_a_hand_edited_number_is_refused(config):
+    run = stamped_run(config)
+    run["mean"]["image_auroc"] = 0.123
+    lines = stale_runs(config, [run])["run_uzad_anomalygpt_mvtec"]
+    assert "edited after the run" in lines[0]

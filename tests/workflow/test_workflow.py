@@ -294,3 +294,11 @@ def test_the_report_refuses_a_stale_metrics_file(tiny_run):
     assert "uzad/clip/default/none/visa/metrics.json" in log and "stamp does not match" in log
     assert "--forcerun run_uzad_clip_none" in log
     assert not tables.exists() or tables.read_bytes() == before
+
+
+def test_booleans_from_the_command_line_are_read_as_booleans(tmp_path):
+    result = snakemake(tmp_path, "-n", "all", "--config", "data={verify_counts: false, download: false}")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    wrong = snakemake(tmp_path, "-n", "all", "--config", "data={verify_counts: perhaps}")
+    output = wrong.stdout + wrong.stderr
+    assert wrong.returncode != 0 and "data.verify_counts: 'perhaps' is not a boolean" in output
