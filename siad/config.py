@@ -25,8 +25,9 @@ def load_schema(path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
 
 
 def validate_config(config: Mapping[str, Any], schema_path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
-    """Validate ``config`` against the schema, then the names and the protocol; return it as a dict (booleans
-    given as text on the command line converted, see :func:`coerce_booleans`).
+    """Validate ``config`` against the schema, then the names, the protocol, the method parameters, the speed
+    section and the device; return it as a dict with booleans and numbers given as text converted
+    (:func:`coerce_booleans`, :func:`coerce_numbers`). Non-finite numbers are refused anywhere.
 
     Raises:
         ConfigError: with the path of the offending key and what is expected.
@@ -141,7 +142,7 @@ def _check_names(config: Mapping[str, Any]) -> None:
     from siad.data.registry import get_dataset
     from siad.engine.protocol import protocol_pairs
     from siad.methods import get_method_class
-    from siad.runtime import resolve_device
+    from siad.seeding import resolve_device
 
     try:
         for name, entry in config["datasets"].items():

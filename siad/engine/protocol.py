@@ -75,3 +75,23 @@ def check_no_leakage(trained_on: Iterable[str], target: str) -> None:
             f"refusing to evaluate on {target!r}: the model was trained on {sorted(seen)}. "
             "Zero-shot evaluation requires an unseen target; fix the protocol in the config."
         )
+
+
+def training_meta(meta: Mapping[str, Any], setting: str, normal_images: str = "train") -> dict[str, Any]:
+    """The auxiliary training data of ``setting`` as a one-split index (``train``).
+
+    uzad / pseudo: normal images only (``normal_images``: ``train`` = the train split, the SIAD
+    reading of "normal images of the auxiliary dataset"; ``all`` = normal images of train and test).
+    pseudo-anomalies are made from them by the method. zad: the auxiliary *test* split with its real
+    anomalies and masks, as AnomalyCLIP / AdaCLIP train.
+    """
+    if setting == "zad":
+        return {"train": {c: list(rs) for c, rs in meta["test"].items()}}
+    if normal_images not in ("train", "all"):
+        raise ConfigError(f"training.normal_images must be 'train' or 'all', not {normal_images!r}")
+    splits = ("train",) if normal_images == "train" else ("train", "test")
+    by_class: dict[str, list] = {}
+    for split in splits:
+        for cls, records in meta.get(split, {}).items():
+            by_class.setdefault(cls, []).extend(r for r in records if not r["anomaly"])
+    return {"train": {c: rs for c, rs in by_class.items() if rs}}

@@ -24,11 +24,11 @@ from siad.data.loading import AnomalyDataset
 from siad.data.records import load_meta
 from siad.data.registry import get_dataset
 from siad.engine.evaluate import evaluate_predictions, predict_dataset, save_predictions
-from siad.engine.protocol import NO_SOURCE, RunKey, check_no_leakage
+from siad.engine.protocol import NO_SOURCE, RunKey, check_no_leakage, training_meta
 from siad.engine.spec import RunSpec, file_sha256, resolve_run_spec, results_digest
 from siad.errors import ConfigError, DataError, LeakageError
 from siad.methods import Method, build_method
-from siad.runtime import seed_everything
+from siad.seeding import resolve_device, seed_everything
 
 log = logging.getLogger("siad")
 
@@ -36,18 +36,25 @@ MODEL_INFO = "model.json"
 WEIGHTS = "model.pt"
 
 
-def _trained_info(model_dir: Path) -> dict[str, Any]:
+def read_model_record(model_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``model_dir``'s ``model.json`` and None, or None and why it cannot be used (missing, unreadable, foreign)."""
     info_path = model_dir / MODEL_INFO
     if not info_path.is_file():
-        raise DataError(f"{info_path}: no trained model here; train it first (fit_run / the workflow's run job)")
+        return None, "no trained model here"
     try:
         info = json.loads(info_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"{info_path}: unreadable model record ({err}); delete {model_dir} and rerun the run job, "
-                        "which trains the model again") from None
+        return None, f"unreadable model record ({err})"
     if not isinstance(info, dict) or not isinstance(info.get("weights"), str) or "trained_on" not in info:
-        raise DataError(f"{info_path}: not a model record of this suite (no 'weights'/'trained_on'); delete "
-                        f"{model_dir} and rerun the run job")
+        return None, "not a model record of this suite (no 'weights'/'trained_on')"
+    return info, None
+
+
+def _trained_info(model_dir: Path) -> dict[str, Any]:
+    info, problem = read_model_record(model_dir)
+    if info is None:
+        raise DataError(f"{model_dir / MODEL_INFO}: {problem}; rerun the run job of this model, which trains it "
+                        "(again)")
     return info
 
 
@@ -131,7 +138,7 @@ def evaluate_runs(
         info = _trained_info(model_dir or Path("."))
     if method is None:
         method = build_method(group.method, method_params(config, group.method, group.variant),
-                              device=specs[0].device, seed=seed)
+                              device=resolve_device(specs[0].device), seed=seed)
         if group.source != NO_SOURCE:
             load_trained(method, model_dir or Path("."))
     trained_on = list(info.get("trained_on", []))
@@ -249,6 +256,7 @@ def _evaluate_target(
         "trained_on": trained_on,
         "eval_size": size,
         "seed": spec.seed,
+        "device": str(method.device),
     }
     body["near_duplicates"] = [list(pair) for pair in near_duplicates]
     body = json.loads(json.dumps(body, default=_jsonable))  # as a reader will see it
@@ -273,26 +281,6 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-def training_meta(meta: Mapping[str, Any], setting: str, normal_images: str = "train") -> dict[str, Any]:
-    """The auxiliary training data of ``setting`` as a one-split index (``train``).
-
-    uzad / pseudo: normal images only (``normal_images``: ``train`` = the train split, the SIAD
-    reading of "normal images of the auxiliary dataset"; ``all`` = normal images of train and test).
-    pseudo-anomalies are made from them by the method. zad: the auxiliary *test* split with its real
-    anomalies and masks, as AnomalyCLIP / AdaCLIP train.
-    """
-    if setting == "zad":
-        return {"train": {c: list(rs) for c, rs in meta["test"].items()}}
-    if normal_images not in ("train", "all"):
-        raise ConfigError(f"training.normal_images must be 'train' or 'all', not {normal_images!r}")
-    splits = ("train",) if normal_images == "train" else ("train", "test")
-    by_class: dict[str, list] = {}
-    for split in splits:
-        for cls, records in meta.get(split, {}).items():
-            by_class.setdefault(cls, []).extend(r for r in records if not r["anomaly"])
-    return {"train": {c: rs for c, rs in by_class.items() if rs}}
-
-
 def fit_run(
     config: Mapping[str, Any], setting: str, method_name: str, variant: str, source: str, *,
     meta_path: Path, model_dir: Path, spec: RunSpec | None = None,
@@ -308,7 +296,7 @@ def fit_run(
     if spec is None:
         spec = resolve_run_spec(config, RunKey(setting, method_name, variant, source, ""), {source: meta_path})
     seed_everything(spec.seed)
-    method = build_method(method_name, method_params(config, method_name, variant), device=spec.device,
+    method = build_method(method_name, method_params(config, method_name, variant), device=resolve_device(spec.device),
                           seed=spec.seed)
     root = dataset_root(config, source)
     normal_images = training_normal_images(config, source)
@@ -324,7 +312,7 @@ def fit_run(
     method.fit(dataset, setting)
     save_trained(method, model_dir, {
         "trained_on": [source], "setting": setting, "method": method_name, "variant": variant, "seed": spec.seed,
-        "random_init": method.random_init, "fingerprint": spec.training_digest,
+        "random_init": method.random_init, "device": str(method.device), "fingerprint": spec.training_digest,
         "training_spec": spec.training_identity(),
         "training_images": [_image_identity(r) for cls in dataset.classes for r in meta["train"][cls]],
     })
@@ -359,16 +347,10 @@ def trained_model_is_current(spec: RunSpec, model_dir: Path) -> bool:
     A record that does not parse, a fingerprint that differs, or weights whose SHA-256 differs from the recorded
     one mean "train again"; the last two cases are logged as warnings naming the file.
     """
-    info_path = model_dir / MODEL_INFO
-    if not info_path.is_file():
-        return False
-    try:
-        info = json.loads(info_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        log.warning("%s: unreadable model record (%s); training again", info_path, err)
-        return False
-    if not isinstance(info, dict) or not isinstance(info.get("weights"), str):
-        log.warning("%s: not a model record of this suite; training again", info_path)
+    info, problem = read_model_record(model_dir)
+    if info is None:
+        if (model_dir / MODEL_INFO).is_file():
+            log.warning("%s: %s; training again", model_dir / MODEL_INFO, problem)
         return False
     if info.get("fingerprint") != spec.training_digest:
         log.info("the model in %s was trained under another specification; training again", model_dir)

@@ -30,7 +30,7 @@ from siad.code_hash import json_digest, module_closure, modules_hash
 from siad.config import method_params, results_root, training_normal_images
 from siad.data.folder_state import folder_listing_digest
 from siad.data.hashing import sha256sum
-from siad.engine.protocol import NO_SOURCE, RunKey
+from siad.engine.protocol import NO_SOURCE, RunKey, training_meta
 
 #: Parameters that say where a cache lives or how progress is shown, not what is computed: left out of every digest.
 PLACEMENT_PARAMS = frozenset({"feature_cache", "progress"})
@@ -44,11 +44,11 @@ INPUT_FILE_PARAMS = ("checkpoint", "vicuna_dir", "pandagpt_delta", "sft_data", "
 #: converter would rerun every method. ``tests/engine/test_spec.py`` checks that every module the run loop reaches
 #: is here, in a method's own closure, or in :data:`UNHASHED_MODULES` with a reason.
 EVALUATION_MODULES = ("siad.engine.runs", "siad.engine.evaluate", "siad.engine.protocol", "siad.metrics",
-                      "siad.runtime", "siad.data.loading", "siad.data.imageio", "siad.data.records",
+                      "siad.seeding", "siad.data.loading", "siad.data.imageio", "siad.data.records",
                       "siad.data.registry", "siad.llm.answers")
 
 #: Modules whose code shapes every training run (the training glue, seeding, image and index loading).
-TRAINING_MODULES = ("siad.engine.runs", "siad.runtime", "siad.data.loading", "siad.data.imageio",
+TRAINING_MODULES = ("siad.engine.runs", "siad.seeding", "siad.data.loading", "siad.data.imageio",
                     "siad.data.records", "siad.data.registry")
 
 #: Modules the run loop reaches that cannot change a number, or whose effect is fingerprinted otherwise.
@@ -62,6 +62,7 @@ UNHASHED_MODULES = {
     "siad.data.hashing": "file hashes (fingerprints, not numbers)",
     "siad.data.flags": "boolean parsing of config values",
     "siad.yaml_check": "config file checks",
+    "siad.runtime": "job plumbing: logging and failure messages (seeding and the device are siad.seeding)",
     "siad.data.sources": "download locations; the prepared index's content is fingerprinted",
     "siad.data.converters": "converters shape meta.json, whose content is fingerprinted",
     "siad.data.duplicates": "the leakage guard: it refuses or reports, it changes no number",
@@ -80,7 +81,7 @@ class RunSpec:
     params: Mapping[str, Any]  # class defaults <- config params <- variant overrides (placement params dropped)
     inputs: Mapping[str, str]  # input-file param -> identity of the file(s) it names
     seed: int
-    device: str
+    device: str  # the config value (``auto`` stays ``auto``: the planning host and the job's may differ)
     data: Mapping[str, Any]  # per dataset of the run: its options (with defaults) and its class selection
     training: Mapping[str, Any] | None  # None for training-free methods; else which source images it trains on
     evaluation: Mapping[str, Any]  # evaluation grid, batch size, bootstrap size, AU-PRO limit
@@ -177,7 +178,6 @@ def resolve_run_spec(
     not exist yet has fingerprint None. An empty ``key.target`` resolves the training part only (for training).
     """
     from siad.methods import get_method_class
-    from siad.runtime import resolve_device
 
     cls = get_method_class(key.method)
     params = cls.resolve_params(method_params(config, key.method, key.variant))
@@ -193,7 +193,7 @@ def resolve_run_spec(
         params=_canonical({k: v for k, v in params.items() if k not in PLACEMENT_PARAMS}),
         inputs={k: input_file_identity(params[k]) for k in INPUT_FILE_PARAMS if params.get(k)},
         seed=int(config["seed"]),
-        device=resolve_device(config["device"]),
+        device=str(config["device"]),
         data={name: _dataset_choice(config, name) for name in names},
         training=training,
         evaluation={"size": evaluation["size"], "batch_size": int(evaluation["batch_size"]),
@@ -268,8 +268,6 @@ def training_images_digest(meta_path: Path, setting: str, normal_images: str, cl
 @cache
 def _training_images_digest(path: str, mtime_ns: int, size: int, setting: str, normal_images: str,
                             classes: tuple[str, ...] | None) -> str:
-    from siad.engine.runs import training_meta
-
     train = training_meta(json.loads(Path(path).read_text()), setting, normal_images)["train"]
     fields = ("img_path", "sha256", "mask_path", "mask_sha256", "anomaly")
     return json_digest({cls: [[r.get(f) for f in fields] for r in records] for cls, records in sorted(train.items())

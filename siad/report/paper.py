@@ -22,7 +22,7 @@ from siad.registry import Registry
 from siad.report.claims import claims_check
 from siad.report.reference import load_reference
 from siad.report.render import write_table, write_text_atomic
-from siad.report.runs import load_runs
+from siad.report.runs import load_runs, refuse_stale_runs
 from siad.report.tables import ClaimTable, ColumnSpec, RowSpec, build_claim_table, build_table1
 
 Config = Mapping[str, Any]
@@ -246,14 +246,19 @@ for _stem, _reference, _runs, _build in (
 
 
 def render_report(
-    config: Config, metrics_paths: Sequence[Path], out_dir: Path, reference_dir: Path
+    config: Config, metrics_paths: Sequence[Path], out_dir: Path, reference_dir: Path, *,
+    require_current: bool = True,
 ) -> list[Path]:
     """Write every configured table (md, tex, csv) and ``claims_check.md`` into ``out_dir``.
 
-    Every table is built before any file is written, so a failure (a bad metrics file, a missing claim) leaves
-    the previous tables as they were instead of a mix of new and old ones.
+    ``require_current``: refuse metrics files whose stamp differs from the run specification of ``config``,
+    the prepared indexes and the code (:func:`siad.report.runs.refuse_stale_runs`); False renders what it is
+    given (tests with hand-made metrics). Every table is built before any file is written, so a failure (a
+    stale or bad metrics file, a missing claim) leaves the previous tables as they were, not a mix.
     """
     runs = load_runs([Path(p) for p in metrics_paths])
+    if require_current:
+        refuse_stale_runs(config, runs)
     built: list[tuple[str, ClaimTable]] = []
     for name in config["report"]["tables"]:
         table = PAPER_TABLES.get(name)

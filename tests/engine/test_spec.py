@@ -183,3 +183,11 @@ def test_spec_differences_names_the_changed_keys(config, metas):
     config["methods"]["anomalygpt"]["params"]["epochs"] = 5
     b = resolve_run_spec(config, KEY, metas).identity()
     assert spec_differences(a, b) == ["params.epochs", "seed"]
+
+
+def test_the_device_is_specified_as_configured_so_every_host_plans_alike(config, metas):
+    config["device"] = "auto"
+    auto = resolve_run_spec(config, KEY, metas)
+    assert auto.device == "auto"
+    config["device"] = "cpu"
+    assert resolve_run_spec(config, KEY, metas).planned_digest != auto.planned_digest

@@ -1,5 +1,6 @@
 """The registry of paper tables: the runs each table asks for, and tables built from runs + claims."""
 
+import shutil
 from pathlib import Path
 from typing import ClassVar
 
@@ -7,7 +8,7 @@ import pytest
 import yaml
 
 from siad.engine.protocol import NO_SOURCE, RunKey
-from siad.errors import ConfigError
+from siad.errors import ConfigError, DataError
 from siad.methods import METHODS, Method
 from siad.report.paper import PAPER_TABLES, render_report, required_runs, run_key
 from siad.report.reference import load_reference
@@ -124,8 +125,40 @@ def test_render_report_writes_every_configured_table(tmp_path, make_run, write_r
         if target in ("mvtec", "visa", "mpdd", "dtd", "sdd", "btad"):
             runs.append(anovl_run(make_run, "default", target, pixel_auroc=0.8))
     paths = write_runs(runs, tmp_path / "runs")
-    written = render_report(config, paths, tmp_path / "tables", REFERENCES)
+    written = render_report(config, paths, tmp_path / "tables", REFERENCES, require_current=False)
     names = {p.name for p in written}
     assert {"table1_uzad.md", "siad_table7_training_free.csv", "claims_check.md"} <= names
     table7 = (tmp_path / "tables" / "siad_table7_training_free.md").read_text()
     assert "| AnoVL | 80.0 (n/a) |" in table7 and "not recoverable" in table7
+
+
+def test_a_failing_table_leaves_every_previous_table_untouched(tmp_path, make_run, write_runs):
+    config = demo_config()
+    config["report"]["tables"] = ["table1_uzad", "siad_table7_training_free"]
+    runs = [make_run("clip", t, 0.6, None if t in ("brainmri", "headct", "br35h") else 0.5, seed=i)
+            for i, t in enumerate(config["datasets"])]
+    for run in runs:
+        run["run"]["source"] = NO_SOURCE
+    runs += [anovl_run(make_run, "default", t, pixel_auroc=0.8)
+             for t in ("mvtec", "visa", "mpdd", "dtd", "sdd", "btad")]
+    paths = write_runs(runs, tmp_path / "runs")
+    render_report(config, paths, tmp_path / "tables", REFERENCES, require_current=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "tables").iterdir()}
+    broken = tmp_path / "reference"
+    shutil.copytree(REFERENCES, broken)
+    (broken / "siad_table1_uzad.csv").write_text("# the header line was lost\n")  # a broken claims file
+    config["report"]["tables"] = ["siad_table7_training_free", "table1_uzad"]  # the good table is built first
+    changed = write_runs([*runs[:len(config["datasets"])], *(anovl_run(make_run, "default", t, pixel_auroc=0.7)
+                          for t in ("mvtec", "visa", "mpdd", "dtd", "sdd", "btad"))], tmp_path / "runs2")
+    with pytest.raises(DataError):
+        render_report(config, changed, tmp_path / "tables", broken, require_current=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "tables").iterdir()} == before
+
+
+def test_render_report_refuses_unstamped_runs_by_default(tmp_path, make_run, write_runs):
+    config = demo_config()
+    config["report"]["tables"] = ["siad_table7_training_free"]
+    paths = write_runs([anovl_run(make_run, "default", "visa", pixel_auroc=0.8)], tmp_path / "runs")
+    with pytest.raises(DataError, match="another run specification"):
+        render_report(config, paths, tmp_path / "tables", REFERENCES)
+    assert not (tmp_path / "tables").exists()

@@ -129,7 +129,7 @@ def test_claims_check_lists_the_ordering_claims(llm_config, make_run, tmp_path, 
     values = {"wo_si": (0.70, 0.85), "wo_sp": (0.74, 0.86), "default": (0.73, 0.90), "lambda03": (0.72, 0.89),
               "lambda05": (0.71, 0.88), "lambda09": (0.70, 0.87)}
     paths = write_runs(_runs(make_run, values), tmp_path / "runs")
-    render_report(llm_config, paths, tmp_path / "tables", REFERENCES)
+    render_report(llm_config, paths, tmp_path / "tables", REFERENCES, require_current=False)
     report = (tmp_path / "tables" / "claims_check.md").read_text()
     assert "**4 ordering claims checked** (on the reproduced point estimates): 3 holds, 1 does not hold, " \
            "0 not checked." in report

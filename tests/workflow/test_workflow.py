@@ -235,6 +235,10 @@ def dry_run_with(tmp_path: Path, mutate=None, preload: Path | None = None) -> se
      {"prepare_dataset[br35h]", "prepare_dataset[headct]", "run_uzad_clip_none", "run_uzad_anomalygpt_br35h",
       "report"}),
     (lambda c: c["methods"]["clip"].update(display_name="CLIP (ViT-L)"), {"report"}),
+    (lambda c: c["methods"]["clip"].update(variants={"cold": {"logit_scale": 10.0}}), set()),  # no table uses it
+    (lambda c: c["datasets"]["visa"].update(classes=["candle", "pcb1"]),
+     {"synthesize_standin[visa]", "prepare_dataset[visa]", "run_uzad_clip_none", "run_uzad_anovl_none",
+      "run_uzad_anomalygpt_mvtec", "report"}),
 ])
 def test_a_config_change_reruns_exactly_the_jobs_that_depend_on_it(tiny_run, mutate, expected):
     tmp_path, _ = tiny_run

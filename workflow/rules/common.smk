@@ -4,6 +4,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from siad.config import dataset_root, results_root, tables_root
+from siad.engine.spec import meta_path as spec_meta_path
 from siad.errors import SiadError
 from siad.data.folder_state import dataset_state_param, standin_state_param
 from siad.plan import build_plan, prepare_params, standin_params, validate_workflow_config
@@ -31,7 +32,7 @@ wildcard_constraints:
 
 
 def meta_path(dataset):
-    return f"{RESULTS}/datasets/{dataset}/meta.json"
+    return str(spec_meta_path(config, dataset))
 
 
 def repo_file(relative):
