@@ -27,13 +27,12 @@ def load_schema(path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
 def validate_config(config: Mapping[str, Any], schema_path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
     """Validate ``config`` against the schema, then the names, the protocol, the method parameters, the speed
     section and the device; return it as a dict with booleans and numbers given as text converted
-    (:func:`coerce_booleans`, :func:`coerce_numbers`). Non-finite numbers are refused anywhere.
+    (:func:`coerce_text_values`). Non-finite numbers are refused anywhere.
 
     Raises:
         ConfigError: with the path of the offending key and what is expected.
     """
-    config = coerce_booleans(config)
-    config = coerce_numbers(config, load_schema(schema_path))
+    config = coerce_text_values(config, load_schema(schema_path))
     check_finite_numbers(config)  # NaN passes every schema bound (comparisons with NaN are false)
     validator = jsonschema.Draft202012Validator(load_schema(schema_path))
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
@@ -44,58 +43,42 @@ def validate_config(config: Mapping[str, Any], schema_path: str | Path = SCHEMA_
     return config
 
 
-#: Boolean keys a user may set on the command line, where nested values arrive as text ("false").
-BOOLEAN_KEYS = ("demo", "data.synthetic", "data.download", "data.verify_counts")
+def coerce_text_values(config: Mapping[str, Any], schema: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``config`` whose booleans and numbers given as text are booleans and numbers: where the schema
+    says ``boolean``, ``integer`` or ``number``, and in method parameters whose rule is a number
+    (``Method.param_rules``).
 
-
-def coerce_booleans(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of ``config`` whose :data:`BOOLEAN_KEYS` are real booleans (``"false"`` from ``--config`` is not
-    truthy then); a value that is no boolean spelling is a ConfigError naming the key."""
-    from siad.data.flags import parse_bool
-
-    config = dict(config)
-    for key in BOOLEAN_KEYS:
-        *parents, leaf = key.split(".")
-        section: Any = config
-        for part in parents:
-            if not isinstance(section.get(part), Mapping):
-                section = None
-                break
-            section[part] = section = dict(section[part])
-        if section is not None and leaf in section:
-            section[leaf] = parse_bool(section[leaf], key)
-    return config
-
-
-def coerce_numbers(config: Mapping[str, Any], schema: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of ``config`` whose numbers given as text are numbers: where the schema says ``integer`` or
-    ``number``, and in method parameters whose rule is a number (``Method.param_rules``).
-
-    Snakemake reads nested ``--config`` values as text (``--config evaluation='{n_bootstrap: 30}'`` gives
-    ``"30"``), and YAML reads ``1e-3`` without a dot as text. Text that is no number is left for the schema and
-    the parameter rules to refuse, naming the key.
+    Snakemake reads nested ``--config`` values as text (``--config data='{verify_counts: false}'`` gives
+    ``"false"``, which is truthy), and YAML reads ``1e-3`` without a dot as text. A boolean that is no boolean
+    spelling is a ConfigError naming the key; text that is no number is left for the schema and the parameter
+    rules to refuse, naming the key.
     """
-    config = _coerce_by_schema(config, schema)
+    config = _coerce_by_schema(config, schema, "")
     methods = config.get("methods")
     if isinstance(methods, Mapping):
         config["methods"] = {name: _coerce_method(name, entry) for name, entry in methods.items()}
     return config
 
 
-def _coerce_by_schema(value: Any, schema: Mapping[str, Any]) -> Any:
+def _coerce_by_schema(value: Any, schema: Mapping[str, Any], key: str) -> Any:
+    from siad.data.flags import parse_bool
+
     kind = schema.get("type")
     kinds = kind if isinstance(kind, list) else [kind]
+    if isinstance(value, str) and "boolean" in kinds:
+        return parse_bool(value, key)
     if isinstance(value, str) and ("integer" in kinds or "number" in kinds):
         return _number(value, integer="number" not in kinds)
     if isinstance(value, Mapping):
         props = schema.get("properties", {})
         extra = schema.get("additionalProperties")
-        return {k: _coerce_by_schema(v, props.get(k, extra if isinstance(extra, Mapping) else {}))
+        return {k: _coerce_by_schema(v, props.get(k, extra if isinstance(extra, Mapping) else {}),
+                                     f"{key}.{k}" if key else str(k))
                 for k, v in value.items()}
     if isinstance(value, list) and isinstance(schema.get("items"), Mapping):
-        return [_coerce_by_schema(v, schema["items"]) for v in value]
+        return [_coerce_by_schema(v, schema["items"], key) for v in value]
     for alternative in schema.get("oneOf", []) + schema.get("anyOf", []):
-        coerced = _coerce_by_schema(value, alternative)
+        coerced = _coerce_by_schema(value, alternative, key)
         if coerced is not value:
             return coerced
     return value

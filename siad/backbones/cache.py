@@ -38,26 +38,25 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from siad.backbones.registry import BackboneSpec
-from siad.errors import ConfigError, DataError, SiadError
+from siad.errors import ConfigError, SiadError
+from siad.files import TEMP_PREFIX, atomic_write, file_fingerprint
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
 NAMESPACE_FILE = "namespace.json"
-TEMP_PREFIX = ".tmp-"
 ENTRY_SUFFIX = ".pt"
 
 ComputeFn = Callable[[Sequence[int]], Mapping[str, Tensor]]
@@ -165,34 +164,7 @@ def image_key(dataset: str, split: str, image_path: str | os.PathLike) -> str:
     return f"{dataset}/{split}/{Path(image_path).as_posix()}"
 
 
-def file_fingerprint(path: str | os.PathLike, *, content: bool = False) -> str:
-    """Identity of an image file: size + modification time (fast), or a SHA-256 of the bytes (``content``)."""
-    path = Path(path)
-    try:
-        if content:
-            return "sha256=" + hashlib.sha256(path.read_bytes()).hexdigest()
-        stat = path.stat()
-    except OSError as err:
-        raise DataError(f"cannot fingerprint {path} ({err}); check that the file exists and is readable") from err
-    return f"size={stat.st_size};mtime_ns={stat.st_mtime_ns}"
-
-
 # ---------------------------------------------------------------------------------------------- storage
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` through a uniquely named temporary file in its folder and ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}-", suffix=f".{os.getpid()}")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _dtype_from_name(name: str) -> torch.dtype:

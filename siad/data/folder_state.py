@@ -1,8 +1,9 @@
-"""The state of a dataset folder as the preparation job last saw it: what lets a rerun notice an edited image.
+"""The state of a dataset folder as the data jobs last left it: what lets a rerun notice an edited image or a
+deleted stand-in.
 
-The preparation job's ``params.state`` (:func:`dataset_state_param`) stays what it was while the folder is as
-the last preparation left it, and changes when a file below it is added, removed, replaced or edited, so
-Snakemake's params trigger prepares the dataset again. Light on purpose: the preparation job imports it.
+One mechanism (:func:`held_param`, :func:`hold_param`) serves both data jobs: the preparation's
+``params.state`` follows the folder listing, the stand-in's whether its folder exists. Light on purpose: the
+data jobs import it.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any
 
 from siad.code_hash import json_digest
 from siad.config import dataset_root
+from siad.files import write_text_atomic
 
-#: Where the preparation job records the state of the dataset folder it indexed (inside dataset.json).
+#: Key of the held state inside a job's record file (``dataset.json``, ``standin.done``).
 STATE_KEY = "workflow_state"
 
 
@@ -42,56 +44,72 @@ def folder_listing_digest(root: Path) -> str:
     return json_digest(sorted(entries))
 
 
-def dataset_state_param(config: Mapping[str, Any], dataset: str, info_path: Path) -> str:
-    """The preparation job's folder-state parameter: unchanged while the folder is as the last preparation left it.
+def held_param(record: Path, observed: str) -> str:
+    """A job's Snakemake parameter that stays what the job last ran with while the world it looks at is as the job
+    left it, and changes as soon as it is not.
 
-    The last preparation recorded, in ``dataset.json``, the parameter it ran with, the folder's listing digest
-    after it ran and whether it checked the published counts. While the folder still has that listing (and a
-    count check, if now asked for, was done) the recorded parameter is returned, so Snakemake sees no change;
-    otherwise the current listing is, and the dataset is prepared again. (The folder may be written by the
-    stand-in or download step of the same run, so the parameter cannot simply be the current listing.)
+    ``observed`` describes that world now (a folder listing, whether a folder exists). The last run of the job
+    stored, under :data:`STATE_KEY` of the JSON file ``record``, the parameter it ran with and what it observed
+    after running (:func:`hold_param`). Equal observations return the stored parameter, so Snakemake sees no
+    change; otherwise a new value, never the stored one, so the job reruns. (The parameter cannot simply be the
+    observation: an earlier job of the same invocation may write the folder after the parameters are computed.)
     """
-    verify = bool(config["data"]["verify_counts"])
-    listing = folder_listing_digest(dataset_root(config, dataset))
-    recorded = recorded_state(info_path)
-    if recorded and recorded.get("listing") == listing and (recorded.get("counts_verified") or not verify):
-        return str(recorded["param"])
-    return f"listing={listing};verify_counts={verify}"
+    state = _held_state(record)
+    if state is not None and state["observed"] == observed:
+        return str(state["param"])
+    return json_digest([None if state is None else state["param"], observed])
 
 
-def recorded_state(info_path: Path) -> dict[str, Any] | None:
-    """The folder state the last preparation recorded in ``dataset.json`` (None if none)."""
+def hold_param(record: Path, param: str, observed: str) -> None:
+    """After a job ran with ``param``: store it and what the job now observes in ``record`` (merged, atomically)."""
+    record = Path(record)
     try:
-        state = json.loads(Path(info_path).read_text()).get(STATE_KEY)
+        body = json.loads(record.read_text())
+    except (OSError, ValueError):
+        body = {}
+    body = body if isinstance(body, dict) else {}
+    body[STATE_KEY] = {"param": param, "observed": observed}
+    write_text_atomic(record, json.dumps(body, indent=1, sort_keys=True))
+
+
+def _held_state(record: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads(Path(record).read_text()).get(STATE_KEY)
     except (OSError, ValueError, AttributeError):
         return None
-    return state if isinstance(state, dict) and "param" in state else None
+    return state if isinstance(state, dict) and {"param", "observed"} <= set(state) else None
 
 
-def record_state(config: Mapping[str, Any], dataset: str, info_path: Path, param: str) -> None:
-    """After preparing ``dataset``: store the job's state parameter and the folder listing in ``dataset.json``."""
-    info_path = Path(info_path)
-    info = json.loads(info_path.read_text())
-    info[STATE_KEY] = {"param": param, "listing": folder_listing_digest(dataset_root(config, dataset)),
-                       "counts_verified": bool(config["data"]["verify_counts"])}
-    tmp = info_path.with_name(info_path.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=1, sort_keys=True))
-    tmp.replace(info_path)
+COUNTS_CHECKED = ";counts checked"
+
+
+def dataset_state_param(config: Mapping[str, Any], dataset: str, info_path: Path) -> str:
+    """The preparation job's folder parameter (:func:`held_param` on the folder listing, stored in
+    ``dataset.json``): an added, removed, replaced or edited file prepares the dataset again, and so does asking
+    for the published-count check when the last preparation did not run it (turning it off reruns nothing)."""
+    listing = folder_listing_digest(dataset_root(config, dataset))
+    state = _held_state(info_path)
+    if not config["data"]["verify_counts"] and state is not None and state["observed"] == listing + COUNTS_CHECKED:
+        return str(state["param"])  # a check done before still holds
+    return held_param(info_path, listing + (COUNTS_CHECKED if config["data"]["verify_counts"] else ""))
+
+
+def record_dataset_state(config: Mapping[str, Any], dataset: str, info_path: Path, param: str) -> None:
+    """After preparing ``dataset``: hold the job's parameter against the folder as the preparation left it."""
+    listing = folder_listing_digest(dataset_root(config, dataset))
+    hold_param(info_path, param, listing + (COUNTS_CHECKED if config["data"]["verify_counts"] else ""))
 
 
 def standin_state_param(config: Mapping[str, Any], dataset: str, done_path: Path) -> str:
-    """The stand-in job's folder parameter: what the last stand-in job recorded while the folder exists, and a
-    new value once the folder is gone, so a deleted demo folder is written again (instead of the preparation
-    failing on a missing folder behind an up-to-date ``standin.done``)."""
-    try:
-        recorded = json.loads(Path(done_path).read_text()).get("param", "")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
-    if recorded is not None and dataset_root(config, dataset).is_dir():
-        return str(recorded)
-    return f"{recorded or ''}+written"
+    """The stand-in job's folder parameter (:func:`held_param` on whether the folder exists): a deleted demo folder
+    is written again, instead of the preparation failing behind an up-to-date ``standin.done``."""
+    return held_param(done_path, _presence(config, dataset))
 
 
-def record_standin(done_path: Path, param: str) -> None:
-    """After writing a stand-in: the job's folder parameter, in ``standin.done``."""
-    Path(done_path).write_text(json.dumps({"param": param}))
+def record_standin(config: Mapping[str, Any], dataset: str, done_path: Path, param: str) -> None:
+    """After writing a stand-in: hold the job's parameter in ``standin.done``."""
+    hold_param(done_path, param, _presence(config, dataset))
+
+
+def _presence(config: Mapping[str, Any], dataset: str) -> str:
+    return "present" if dataset_root(config, dataset).is_dir() else "missing"

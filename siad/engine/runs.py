@@ -27,6 +27,7 @@ from siad.engine.evaluate import evaluate_predictions, predict_dataset, save_pre
 from siad.engine.protocol import NO_SOURCE, RunKey, check_no_leakage, training_meta
 from siad.engine.spec import RunSpec, file_sha256, resolve_run_spec, results_digest
 from siad.errors import ConfigError, DataError, LeakageError
+from siad.files import write_text_atomic
 from siad.methods import Method, build_method
 from siad.seeding import resolve_device, seed_everything
 
@@ -269,10 +270,7 @@ def _evaluate_target(
 
 
 def _write_json(body: Mapping[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(body, indent=1, default=_jsonable))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(body, indent=1, default=_jsonable))
 
 
 def _jsonable(value: Any) -> Any:

@@ -31,6 +31,7 @@ from siad.config import method_params, results_root, training_normal_images
 from siad.data.folder_state import folder_listing_digest
 from siad.data.hashing import sha256sum
 from siad.engine.protocol import NO_SOURCE, RunKey, training_meta
+from siad.files import file_fingerprint
 
 #: Parameters that say where a cache lives or how progress is shown, not what is computed: left out of every digest.
 PLACEMENT_PARAMS = frozenset({"feature_cache", "progress"})
@@ -60,6 +61,7 @@ UNHASHED_MODULES = {
     "siad.code_hash": "this fingerprinting itself",
     "siad.data.folder_state": "dataset folder fingerprints (preparation)",
     "siad.data.hashing": "file hashes (fingerprints, not numbers)",
+    "siad.files": "atomic writes and file fingerprints",
     "siad.data.flags": "boolean parsing of config values",
     "siad.yaml_check": "config file checks",
     "siad.runtime": "job plumbing: logging and failure messages (seeding and the device are siad.seeding)",
@@ -226,10 +228,7 @@ def input_file_identity(path: str | Path) -> str:
     """Identity of a user-supplied file or folder: size and modification time of every file (no reads, so a
     13 GB checkpoint costs one ``stat``); ``absent`` when it does not exist."""
     path = Path(path).expanduser()
-    if path.is_file():
-        stat = path.stat()
-        return json_digest([stat.st_size, stat.st_mtime_ns])
-    return folder_listing_digest(path)
+    return file_fingerprint(path) if path.is_file() else folder_listing_digest(path)
 
 
 def method_code_hash(cls: type) -> str:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from siad.files import write_text_atomic
 from siad.report.tables import MISSING, NOT_APPLICABLE, Cell, ClaimTable
 
 DEMO_STAMP = (
@@ -189,21 +188,6 @@ def render_csv(table: ClaimTable) -> str:
 
 
 # ------------------------------------------------------------------------------------------ writing
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 RENDERERS: dict[str, Callable[[ClaimTable], str]] = {"md": render_markdown, "tex": render_latex, "csv": render_csv}

@@ -44,11 +44,13 @@ def _fail(source: str, problem: str) -> DataError:
 def _refresh(source: str | Path) -> str:
     """How to rewrite the metrics file ``source``: its job, named from the run layout when the path follows it
     (``.../<setting>/<method>/<variant>/<source>/<target>/metrics.json``)."""
+    from siad.engine.runs import RunGroup
+
     parts = Path(source).parts
     if len(parts) >= 6 and parts[-1] == "metrics.json":
         setting, method, _, train_source, _ = parts[-6:-1]
-        return (f"rerun the job that writes it: `snakemake --cores 1 all --forcerun run_{setting}_{method}_"
-                f"{train_source}` (plus your --configfile)")
+        rule = RunGroup(setting, method, train_source, ()).rule_name
+        return f"rerun the job that writes it: `snakemake --cores 1 all --forcerun {rule}` (plus your --configfile)"
     return _REGENERATE
 
 

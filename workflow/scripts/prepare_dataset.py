@@ -10,7 +10,7 @@ if TYPE_CHECKING:
 
 
 def main(smk) -> None:
-    from siad.data.folder_state import record_state
+    from siad.data.folder_state import record_dataset_state
     from siad.data.prepare import prepare_dataset
     from siad.errors import DataError
 
@@ -33,7 +33,7 @@ def main(smk) -> None:
         raise DataError(f"{err}\nThis folder is a synthetic stand-in: delete {smk.params.root} and run snakemake "
                         "again, which writes it anew.") from None
     # what this preparation saw, so the next start-up can tell whether the folder changed (data/folder_state.py)
-    record_state(smk.config, smk.wildcards.dataset, Path(smk.output.info), smk.params.state)
+    record_dataset_state(smk.config, smk.wildcards.dataset, Path(smk.output.info), smk.params.state)
 
 
 run_step(main, snakemake)  # noqa: F821 (injected by Snakemake)

@@ -17,7 +17,7 @@ def main(smk) -> None:
     options = smk.config["data"].get("standin", {})
     classes = smk.config["datasets"][name].get("classes")
     write_standin(name, Path(smk.params.root), seed=int(smk.config["seed"]), classes=classes, **options)
-    record_standin(Path(smk.output.done), smk.params.state)  # lets the next start-up notice a deleted folder
+    record_standin(smk.config, name, Path(smk.output.done), smk.params.state)  # a deleted folder is noticed
 
 
 run_step(main, snakemake)  # noqa: F821 (injected by Snakemake)
