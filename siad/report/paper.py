@@ -59,6 +59,12 @@ def run_key(config: Config, setting: str, method: str, variant: str, target: str
     return RunKey(setting, method, variant, sources[0], target)
 
 
+def run_keys(config: Config, setting: str, method: str, variant: str, target: str) -> list[RunKey]:
+    """Every run of ``method``/``variant`` on ``target`` under ``setting``: one per training seed of a trained method
+    (``training.seeds``), one for a training-free method. Table cells average them (mean ± std over seeds)."""
+    return [run_key(config, setting, method, variant, target)]
+
+
 def protocol_targets(config: Config) -> dict[str, str]:
     """Config name → column name of every protocol target, in the paper's dataset order."""
     targets = {target for _, target in protocol_pairs(config["protocol"])}
