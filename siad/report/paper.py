@@ -48,9 +48,21 @@ def training_free(method: str) -> bool:
     return get_method_class(method).training_free
 
 
+#: The setting under which training-free methods are run: they see no training data, so one run serves every
+#: setting's table (a ZAD table's CLIP row is the same run as Table 1's).
+TRAINING_FREE_SETTING = "uzad"
+
+
+def run_setting(method: str, setting: str) -> str:
+    """The setting of ``method``'s runs in a table of ``setting``: :data:`TRAINING_FREE_SETTING` for training-free
+    methods, ``setting`` otherwise. Row selections use it so that every table finds the one training-free run."""
+    return TRAINING_FREE_SETTING if training_free(method) else setting
+
+
 def run_key(config: Config, setting: str, method: str, variant: str, target: str) -> RunKey:
     """The run evaluating ``method``/``variant`` on ``target``: source ``none`` if training-free,
     else the protocol's source of ``target``."""
+    setting = run_setting(method, setting)
     if training_free(method):
         return RunKey(setting, method, variant, NO_SOURCE, target)
     sources = [s for s, t in protocol_pairs(config["protocol"]) if t == target]
