@@ -232,8 +232,9 @@ class AnoVL(BackboneMethod):
         "feature_cache": Text(),
     }
 
-    def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0) -> None:
-        super().__init__(params, device=device, seed=seed)
+    def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0,
+                 weights_seed: int | None = None) -> None:
+        super().__init__(params, device=device, seed=seed, weights_seed=weights_seed)
         self.variant = AttentionVariant(start_block=self.params["start_block"], kind="vv"
                                         if self.params["attention"] == "qkv" else self.params["attention"])
         self.ensemble = ENSEMBLES.get(PROMPT_ENSEMBLES[self.params["prompts"]])
@@ -288,7 +289,8 @@ class AnoVL(BackboneMethod):
         if self.params["feature_cache"] is None or not files:
             return self.encode_image(images)
         if self._cache is None:
-            namespace = backbone_namespace(self.backbone.spec, taps=(), seed=self.seed, feature="anovl_pixel_branch",
+            namespace = backbone_namespace(self.backbone.spec, taps=(), seed=self.weights_seed,
+                                           feature="anovl_pixel_branch",
                                            attention=self.params["attention"], start_block=self.params["start_block"],
                                            code_modules=(type(self).encode_image.__module__,))
             self._cache = FeatureCache(Path(self.params["feature_cache"]), namespace)

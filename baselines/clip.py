@@ -35,8 +35,9 @@ class ZeroShotCLIP(BackboneMethod):
         **BACKBONE_RULES, "ensemble": Registered(ENSEMBLES), "logit_scale": Number(low=0, low_open=True),
     }
 
-    def __init__(self, params=None, *, device: str = "cpu", seed: int = 0) -> None:
-        super().__init__(params, device=device, seed=seed)
+    def __init__(self, params=None, *, device: str = "cpu", seed: int = 0,
+                 weights_seed: int | None = None) -> None:
+        super().__init__(params, device=device, seed=seed, weights_seed=weights_seed)
         self.ensemble = ENSEMBLES.get(self.params["ensemble"])
         self._text_features: dict[str, torch.Tensor] = {}
 

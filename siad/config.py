@@ -205,6 +205,16 @@ def training_normal_images(config: Mapping[str, Any], source: str) -> str:
     return training.get("normal_images_per_dataset", {}).get(source, training.get("normal_images", "train"))
 
 
+def training_seeds(config: Mapping[str, Any], method: str) -> list[int]:
+    """The seeds ``method`` runs under: ``training.seeds`` (default ``[seed]``) for a trained method, ``[seed]`` for
+    a training-free one (it learns nothing, so another seed would repeat the same run)."""
+    from siad.methods import get_method_class
+
+    if get_method_class(method).training_free:
+        return [int(config["seed"])]
+    return [int(s) for s in config.get("training", {}).get("seeds", [config["seed"]])]
+
+
 def dataset_root(config: Mapping[str, Any], name: str) -> Path:
     """Folder holding dataset ``name`` in its native layout (per-dataset override or <data.root>/<folder>)."""
     from siad.data.registry import get_dataset

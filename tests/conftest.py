@@ -14,7 +14,7 @@ from siad.data.loading import AnomalyDataset
 from siad.data.prepare import prepare_dataset
 from siad.data.records import load_meta
 from siad.data.synthetic import write_standin
-from siad.engine.runs import training_meta
+from siad.engine.protocol import training_meta
 
 
 @pytest.fixture(scope="session")

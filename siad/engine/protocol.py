@@ -23,21 +23,42 @@ NO_SOURCE = "none"
 
 @dataclass(frozen=True)
 class RunKey:
-    """Identifies one evaluation: ``{setting}/{method}/{variant}/{source}/{target}``."""
+    """Identifies one evaluation: ``{setting}/{method}/{variant}/seed{seed}/{source}/{target}``.
+
+    ``seed`` is the training seed of a trained method (one run per entry of ``training.seeds``) and the config
+    ``seed`` for a training-free one (it has one run).
+    """
 
     setting: str
     method: str
     variant: str
     source: str
     target: str
+    seed: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"run {self.setting}/{self.method}/{self.variant}: seed must be an integer, got "
+                              f"{self.seed!r}")
+
+    @classmethod
+    def from_run(cls, ident: Mapping[str, Any]) -> RunKey:
+        """The key of a metrics.json ``run`` section."""
+        return cls(ident["setting"], ident["method"], ident["variant"], ident["source"], ident["target"],
+                   int(ident["seed"]))
+
+    @property
+    def seed_folder(self) -> str:
+        """The seed level of the results layout (``seed0``, ``seed42`` ...)."""
+        return f"seed{self.seed}"
 
     def run_dir(self, results_root: str | Path) -> Path:
         """Where this run's predictions and metrics live."""
-        return Path(results_root, self.setting, self.method, self.variant, self.source, self.target)
+        return self.model_dir(results_root) / self.target
 
     def model_dir(self, results_root: str | Path) -> Path:
-        """Where the model trained for this run lives (shared by all targets of one source)."""
-        return Path(results_root, self.setting, self.method, self.variant, self.source)
+        """Where the model trained for this run lives (shared by all targets of one source and seed)."""
+        return Path(results_root, self.setting, self.method, self.variant, self.seed_folder, self.source)
 
 
 def protocol_pairs(protocol: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
@@ -56,14 +77,16 @@ def protocol_pairs(protocol: Sequence[Mapping[str, Any]]) -> list[tuple[str, str
 
 
 def protocol_runs(
-    protocol: Sequence[Mapping[str, Any]], *, setting: str, method: str, variant: str, training_free: bool
+    protocol: Sequence[Mapping[str, Any]], *, setting: str, method: str, variant: str, training_free: bool,
+    seeds: Sequence[int],
 ) -> list[RunKey]:
-    """The runs of one (setting, method, variant): one per target, source ``none`` if training-free."""
+    """The runs of one (setting, method, variant): one per target and seed, source ``none`` if training-free."""
     if setting not in SETTINGS:
         raise ConfigError(f"unknown setting {setting!r}; known: {SETTINGS}")
     return [
-        RunKey(setting, method, variant, NO_SOURCE if training_free else source, target)
+        RunKey(setting, method, variant, NO_SOURCE if training_free else source, target, seed)
         for source, target in protocol_pairs(protocol)
+        for seed in seeds
     ]
 
 

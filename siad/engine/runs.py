@@ -1,4 +1,4 @@
-"""One workflow job = one call here (:func:`run_group`): for one (setting, method, source), train each variant
+"""One workflow job = one call here (:func:`run_group`): for one (setting, method, seed, source), train each variant
 (:func:`fit_run`, skipped when a model with the same training fingerprint exists) and evaluate its targets with
 one method instance (:func:`evaluate_runs`; :func:`evaluate_run` for a single target).
 
@@ -24,7 +24,8 @@ from siad.data.loading import AnomalyDataset
 from siad.data.records import load_meta
 from siad.data.registry import get_dataset
 from siad.engine.evaluate import evaluate_predictions, predict_dataset, save_predictions
-from siad.engine.protocol import NO_SOURCE, RunKey, check_no_leakage, training_meta
+from siad.engine.protocol import NO_SOURCE, RunKey, check_no_leakage
+from siad.engine.settings import TrainingSetRequest, build_training_set, label_counts
 from siad.engine.spec import RunSpec, file_sha256, resolve_run_spec, results_digest
 from siad.errors import ConfigError, DataError, LeakageError
 from siad.files import write_text_atomic
@@ -139,7 +140,7 @@ def evaluate_runs(
         info = _trained_info(model_dir or Path("."))
     if method is None:
         method = build_method(group.method, method_params(config, group.method, group.variant),
-                              device=resolve_device(specs[0].device), seed=seed)
+                              device=resolve_device(specs[0].device), seed=seed, weights_seed=specs[0].config_seed)
         if group.source != NO_SOURCE:
             load_trained(method, model_dir or Path("."))
     trained_on = list(info.get("trained_on", []))
@@ -189,8 +190,8 @@ def _run_group(keys: Sequence[RunKey], *paths: Sequence[Path]) -> RunKey:
                           "predictions paths; pass one of each per run")
     groups = {replace(key, target="") for key in keys}
     if len(groups) > 1:
-        raise ConfigError(f"evaluate_runs: the runs {[str(k) for k in keys]} differ in setting, method, variant or "
-                          "source; one job evaluates the targets of one trained model only")
+        raise ConfigError(f"evaluate_runs: the runs {[str(k) for k in keys]} differ in setting, method, variant, "
+                          "source or seed; one job evaluates the targets of one trained model only")
     targets = [key.target for key in keys]
     if len(set(targets)) != len(targets):
         raise ConfigError(f"evaluate_runs: target(s) listed twice in {targets}; list each target once")
@@ -241,7 +242,7 @@ def _evaluate_target(
     preds = predict_dataset(method, dataset, batch_size=evaluation["batch_size"],
                             num_workers=config["evaluation"].get("num_workers", 0), progress=progress)
     body = evaluate_predictions(preds, with_pixel=get_dataset(key.target).has_masks,
-                                n_bootstrap=evaluation["n_bootstrap"], seed=spec.seed,
+                                n_bootstrap=evaluation["n_bootstrap"], seed=spec.config_seed,
                                 aupro_limit=evaluation["aupro_limit"], progress=progress)
     body["metric_labels"] = metrics.metric_labels(evaluation["aupro_limit"])
     body["run"] = {
@@ -280,39 +281,39 @@ def _jsonable(value: Any) -> Any:
 
 
 def fit_run(
-    config: Mapping[str, Any], setting: str, method_name: str, variant: str, source: str, *,
-    meta_path: Path, model_dir: Path, spec: RunSpec | None = None,
+    config: Mapping[str, Any], key: RunKey, *, meta_path: Path, model_dir: Path, spec: RunSpec | None = None,
 ) -> Method:
-    """Train ``method_name`` on ``source`` under ``setting``; write the weights and ``model.json``; return the method.
+    """Train ``key.method``/``key.variant`` on ``key.source`` under ``key.setting`` with ``key.seed``; write the
+    weights and ``model.json``; return the method.
 
+    The training set is the setting's (:mod:`siad.engine.settings`), built here and handed to ``Method.fit``.
     ``spec``: the run's resolved specification (any target; None resolves one here): its
     :attr:`~siad.engine.spec.RunSpec.training_digest` is the fingerprint that decides reuse. The weights are
     written to a temporary file and renamed, then ``model.json`` (also atomic) records their SHA-256, the
     fingerprint and the training images' content hashes (for the content leakage guard). A crash at any point
     leaves either no ``model.json`` or one that does not match the weights, and the model is trained again.
     """
+    key = replace(key, target="")
     if spec is None:
-        spec = resolve_run_spec(config, RunKey(setting, method_name, variant, source, ""), {source: meta_path})
+        spec = resolve_run_spec(config, key, {key.source: meta_path})
     seed_everything(spec.seed)
-    method = build_method(method_name, method_params(config, method_name, variant), device=resolve_device(spec.device),
-                          seed=spec.seed)
-    root = dataset_root(config, source)
-    normal_images = training_normal_images(config, source)
-    meta = training_meta(load_meta(meta_path, root), setting, normal_images)
-    if not meta["train"]:
-        raise DataError(
-            f"{meta_path}: no {setting} training images in {source!r} (normal_images={normal_images!r}); "
-            f"with the all_test medical protocol set training.normal_images_per_dataset: {{{source}: all}}"
-        )
-    dataset = AnomalyDataset(root, meta, split="train", classes=config["datasets"][source].get("classes"),
-                             transform=method.transform, mask_size=(method.input_size, method.input_size), name=source)
-    log.info("training %s/%s on %s under %s (%d images)", method_name, variant, source, setting, len(dataset))
-    method.fit(dataset, setting)
+    method = build_method(key.method, method_params(config, key.method, key.variant),
+                          device=resolve_device(spec.device), seed=spec.seed, weights_seed=spec.config_seed)
+    root = dataset_root(config, key.source)
+    dataset = build_training_set(TrainingSetRequest(
+        setting=key.setting, name=key.source, root=root, meta=load_meta(meta_path, root),
+        classes=config["datasets"][key.source].get("classes"), normal_images=training_normal_images(config, key.source),
+        transform=method.transform, input_size=method.input_size, seed=spec.seed,
+        options=spec.training["setting_options"]))
+    counts = label_counts(dataset)
+    log.info("training %s/%s (seed %d) on %s under %s (%d images, %d anomalous)", key.method, key.variant, spec.seed,
+             key.source, key.setting, counts["images"], counts["anomalous"])
+    method.fit(dataset, key.setting)
     save_trained(method, model_dir, {
-        "trained_on": [source], "setting": setting, "method": method_name, "variant": variant, "seed": spec.seed,
-        "random_init": method.random_init, "device": str(method.device), "fingerprint": spec.training_digest,
-        "training_spec": spec.training_identity(),
-        "training_images": [_image_identity(r) for cls in dataset.classes for r in meta["train"][cls]],
+        "trained_on": [key.source], "setting": key.setting, "method": key.method, "variant": key.variant,
+        "seed": spec.seed, "random_init": method.random_init, "device": str(method.device),
+        "fingerprint": spec.training_digest, "training_spec": spec.training_identity(), "training_set": counts,
+        "training_images": [_image_identity(r) for r in dataset.records],
     })
     return method
 
@@ -362,17 +363,28 @@ def trained_model_is_current(spec: RunSpec, model_dir: Path) -> bool:
 
 @dataclass(frozen=True)
 class RunGroup:
-    """The runs of one workflow job: one (setting, method, source), every variant and target asked for."""
+    """The runs of one workflow job: one (setting, method, seed, source), every variant and target asked for."""
 
     setting: str
     method: str
+    seed: int
     source: str
     keys: tuple[RunKey, ...]
+
+    @classmethod
+    def of(cls, key: RunKey) -> RunGroup:
+        """The (empty) group ``key`` belongs to: its rule name and log path, without its members."""
+        return cls(key.setting, key.method, key.seed, key.source, ())
 
     @property
     def rule_name(self) -> str:
         """The Snakemake rule of this job."""
-        return f"run_{self.setting}_{self.method}_{self.source}"
+        return f"run_{self.setting}_{self.method}_seed{self.seed}_{self.source}"
+
+    @property
+    def log_name(self) -> str:
+        """The job's log and benchmark path below ``logs/runs`` / ``benchmarks/runs`` (without a suffix)."""
+        return f"{self.setting}/{self.method}/seed{self.seed}/{self.source}"
 
     @property
     def datasets(self) -> list[str]:
@@ -382,10 +394,11 @@ class RunGroup:
 
 
 def group_runs(keys: Sequence[RunKey]) -> list[RunGroup]:
-    """Runs grouped by (setting, method, source), first-seen order: one workflow job each (see :func:`run_group`)."""
-    groups: dict[tuple[str, str, str], list[RunKey]] = {}
+    """Runs grouped by (setting, method, seed, source), first-seen order: one workflow job each (see
+    :func:`run_group`)."""
+    groups: dict[tuple[str, str, int, str], list[RunKey]] = {}
     for key in dict.fromkeys(keys):
-        groups.setdefault((key.setting, key.method, key.source), []).append(key)
+        groups.setdefault((key.setting, key.method, key.seed, key.source), []).append(key)
     return [RunGroup(*group, tuple(members)) for group, members in groups.items()]
 
 
@@ -393,7 +406,7 @@ def run_group(
     config: Mapping[str, Any], keys: Sequence[RunKey], *, meta_paths: Mapping[str, Path], results_root: Path,
     progress: bool = True, expected_digests: Mapping[RunKey, str] | None = None,
 ) -> None:
-    """One workflow job: every variant of one (setting, method, source) — train it unless an intact model with the
+    """One workflow job: every variant of one (setting, method, seed, source) — train it unless an intact model with the
     same training fingerprint is already there, then evaluate all its targets. Variants run in turn, each with its
     own method instance; the process start, imports and feature caches are shared.
 
@@ -403,8 +416,8 @@ def run_group(
     """
     groups = group_runs(keys)
     if len(groups) != 1:
-        spans = sorted((g.setting, g.method, g.source) for g in groups)
-        raise ConfigError(f"run_group: the runs span {spans}; one job covers one (setting, method, source)")
+        spans = sorted((g.setting, g.method, g.seed, g.source) for g in groups)
+        raise ConfigError(f"run_group: the runs span {spans}; one job covers one (setting, method, seed, source)")
     missing = sorted({d for k in keys for d in (k.source, k.target) if d != NO_SOURCE} - set(meta_paths))
     if missing:
         raise ConfigError(f"run_group: no meta.json given for {missing}")
@@ -419,8 +432,8 @@ def run_group(
             if trained_model_is_current(specs[first], model_dir):
                 log.info("reusing the trained model in %s (same training specification, weights intact)", model_dir)
             else:
-                method = fit_run(config, first.setting, first.method, first.variant, first.source,
-                                 meta_path=meta_paths[first.source], model_dir=model_dir, spec=specs[first])
+                method = fit_run(config, first, meta_path=meta_paths[first.source], model_dir=model_dir,
+                                 spec=specs[first])
         evaluate_runs(
             config, variant_keys, meta_paths=[meta_paths[k.target] for k in variant_keys],
             metrics_paths=[k.run_dir(results_root) / "metrics.json" for k in variant_keys],

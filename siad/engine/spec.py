@@ -31,6 +31,7 @@ from siad.config import method_params, results_root, training_normal_images
 from siad.data.folder_state import folder_listing_digest
 from siad.data.hashing import sha256sum
 from siad.engine.protocol import NO_SOURCE, RunKey, training_meta
+from siad.engine.settings import setting_options
 from siad.files import file_fingerprint
 
 #: Parameters that say where a cache lives or how progress is shown, not what is computed: left out of every digest.
@@ -49,8 +50,8 @@ EVALUATION_MODULES = ("siad.engine.runs", "siad.engine.evaluate", "siad.engine.p
                       "siad.data.registry", "siad.llm.answers")
 
 #: Modules whose code shapes every training run (the training glue, seeding, image and index loading).
-TRAINING_MODULES = ("siad.engine.runs", "siad.seeding", "siad.data.loading", "siad.data.imageio",
-                    "siad.data.records", "siad.data.registry")
+TRAINING_MODULES = ("siad.engine.runs", "siad.engine.settings", "siad.data.pseudo", "siad.seeding",
+                    "siad.data.loading", "siad.data.imageio", "siad.data.records", "siad.data.registry")
 
 #: Modules the run loop reaches that cannot change a number, or whose effect is fingerprinted otherwise.
 UNHASHED_MODULES = {
@@ -82,7 +83,8 @@ class RunSpec:
     key: RunKey
     params: Mapping[str, Any]  # class defaults <- config params <- variant overrides (placement params dropped)
     inputs: Mapping[str, str]  # input-file param -> identity of the file(s) it names
-    seed: int
+    seed: int  # the run's seed (a trained method's training seed): the key's
+    config_seed: int  # the config ``seed``: random stand-ins of pretrained weights, bootstrap resampling
     device: str  # the config value (``auto`` stays ``auto``: the planning host and the job's may differ)
     data: Mapping[str, Any]  # per dataset of the run: its options (with defaults) and its class selection
     training: Mapping[str, Any] | None  # None for training-free methods; else which source images it trains on
@@ -100,7 +102,8 @@ class RunSpec:
         return {
             "run": {"setting": key.setting, "method": key.method, "variant": key.variant,
                     "source": key.source, "target": key.target},
-            "params": dict(self.params), "inputs": dict(self.inputs), "seed": self.seed, "device": self.device,
+            "params": dict(self.params), "inputs": dict(self.inputs), "seed": self.seed,
+            "config_seed": self.config_seed, "device": self.device,
             "data": dict(self.data), "training": None if self.training is None else dict(self.training),
             "evaluation": dict(self.evaluation), "datasets": dict(self.datasets),
             "training_images": self.training_images, "version": self.version, "code": dict(self.code),
@@ -116,7 +119,8 @@ class RunSpec:
         key = self.key
         return {
             "run": {"setting": key.setting, "method": key.method, "variant": key.variant, "source": key.source},
-            "params": dict(self.params), "inputs": dict(self.inputs), "seed": self.seed, "device": self.device,
+            "params": dict(self.params), "inputs": dict(self.inputs), "seed": self.seed,
+            "config_seed": self.config_seed, "device": self.device,
             "data": {key.source: self.data.get(key.source)}, "training": self.training,
             "training_images": self.training_images, "version": self.version,
             "code": {"method": self.code["method"], "training": self.code.get("training")},
@@ -188,13 +192,14 @@ def resolve_run_spec(
     training = None
     if key.source != NO_SOURCE:
         normal_images = training_normal_images(config, key.source)
-        training = {"normal_images": normal_images}
+        training = {"normal_images": normal_images, "setting_options": setting_options(config, key.setting)}
     evaluation = config["evaluation"]
     return RunSpec(
         key=key,
         params=_canonical({k: v for k, v in params.items() if k not in PLACEMENT_PARAMS}),
         inputs={k: input_file_identity(params[k]) for k in INPUT_FILE_PARAMS if params.get(k)},
-        seed=int(config["seed"]),
+        seed=key.seed,
+        config_seed=int(config["seed"]),
         device=str(config["device"]),
         data={name: _dataset_choice(config, name) for name in names},
         training=training,

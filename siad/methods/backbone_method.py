@@ -54,10 +54,12 @@ class BackboneMethod(Method):
     defaults: ClassVar[Mapping[str, Any]] = BACKBONE_DEFAULTS
     param_rules: ClassVar[Mapping[str, ParamRule]] = BACKBONE_RULES
 
-    def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0) -> None:
-        super().__init__(params, device=device, seed=seed)  # validates every parameter before any download
+    def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0,
+                 weights_seed: int | None = None) -> None:
+        # validates every parameter before any download
+        super().__init__(params, device=device, seed=seed, weights_seed=weights_seed)
         self.backbone: LoadedBackbone = load_openclip(
-            self.backbone_spec(), cache_dir=self.params["weights_dir"], device=device, seed=seed
+            self.backbone_spec(), cache_dir=self.params["weights_dir"], device=device, seed=self.weights_seed
         )
         spec = self.backbone.spec
         self._transform = image_transform(spec.image_size, spec.mean, spec.std)

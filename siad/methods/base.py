@@ -166,10 +166,14 @@ class Method(ABC):
     defaults: ClassVar[Mapping[str, Any]] = {}
     param_rules: ClassVar[Mapping[str, ParamRule]] = {}
 
-    def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0) -> None:
+    def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0,
+                 weights_seed: int | None = None) -> None:
         self.params = self.resolve_params(params or {})
         self.device = torch.device(device)
-        self.seed = seed
+        self.seed = seed  # the run's (training) seed: trainable initialisation, data order, pseudo-anomalies
+        # seeds the random stand-ins of *pretrained* weights (demo, tests): the config seed, so that every training
+        # seed of a run trains on the same frozen model, as with real weights
+        self.weights_seed = seed if weights_seed is None else weights_seed
 
     @classmethod
     def resolve_params(cls, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -288,6 +292,8 @@ def get_method_class(name: str) -> type[Method]:
     return METHODS.get(name)
 
 
-def build_method(name: str, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0) -> Method:
-    """Instantiate the method ``name`` with config ``params``."""
-    return get_method_class(name)(params, device=device, seed=seed)
+def build_method(name: str, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0,
+                 weights_seed: int | None = None) -> Method:
+    """Instantiate the method ``name`` with config ``params``; ``seed`` is the run's (training) seed, ``weights_seed``
+    seeds random stand-ins of pretrained weights (default: ``seed``)."""
+    return get_method_class(name)(params, device=device, seed=seed, weights_seed=weights_seed)

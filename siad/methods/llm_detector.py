@@ -62,10 +62,9 @@ from siad.methods.llm_components import (
     ConvPromptLearner,
     StageDecoder,
     combine_stage_maps,
-    dice_loss,
-    focal_loss,
     stage_anomaly_maps,
 )
+from siad.methods.losses import dice_loss, focal_loss
 from siad.prompts import ENSEMBLES, encode_class_text
 
 __all__ = ["LLM_DEFAULTS", "LLM_RULES", "LlmDetector", "PassOutput", "count_parameters", "warmup_decay_factor"]
@@ -206,8 +205,9 @@ class LlmDetector(BackboneMethod):
     defaults: ClassVar[Mapping[str, Any]] = LLM_DEFAULTS
     param_rules: ClassVar[Mapping[str, ParamRule]] = LLM_RULES
 
-    def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0) -> None:
-        super().__init__(params, device=device, seed=seed)
+    def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0,
+                 weights_seed: int | None = None) -> None:
+        super().__init__(params, device=device, seed=seed, weights_seed=weights_seed)
         visual = self.backbone.model.visual
         self.width = int(visual.transformer.width)
         self.embed_dim = int(visual.output_dim)
@@ -274,7 +274,7 @@ class LlmDetector(BackboneMethod):
     def llm_spec(self) -> LlmSpec:
         """The LLM to load: the paper's Vicuna-7B v0 + PandaGPT, or the tiny random demo LM."""
         if self.params["llm"] == "tiny-random":
-            return tiny_llm_spec(seed=self.seed, image_dim=self.backbone.model.visual.output_dim)
+            return tiny_llm_spec(seed=self.weights_seed, image_dim=self.backbone.model.visual.output_dim)
         return vicuna_pandagpt_spec(self.params["vicuna_dir"], self.params["pandagpt_delta"], self.params["llm_dtype"])
 
     def _read_descriptions(self) -> dict[str, str]:
@@ -319,7 +319,8 @@ class LlmDetector(BackboneMethod):
         if self.params["feature_cache"] is None or not files:
             return self.encode_images(images)
         if self._cache is None:
-            namespace = backbone_namespace(self.backbone.spec, taps=self.taps, seed=self.seed, feature="llm_stages",
+            namespace = backbone_namespace(self.backbone.spec, taps=self.taps, seed=self.weights_seed,
+                                           feature="llm_stages",
                                            code_modules=(type(self).encode_images.__module__,))
             dtype = getattr(torch, str(self.params["feature_cache_dtype"]))
             self._cache = FeatureCache(Path(self.params["feature_cache"]), namespace, store_dtype=dtype)
@@ -615,15 +616,37 @@ class LlmDetector(BackboneMethod):
         return self.answer_loss(embedding, out.prompts, cls_names, [a for _, _, a in triples],
                                 questions=[q for _, q, _ in triples])
 
+    def labelled_batch(self, items: Sequence[Mapping[str, Any]], rng: np.random.Generator) -> dict[str, Any]:
+        """A training batch of items whose labels and masks the setting gives (``pseudo``: the suite's pseudo-anomalies,
+        ``zad``: the source's real anomalies): images as given, masks at map size, answers read from the masks (the
+        ``components`` reading: no pasted patches to count)."""
+        size = self.params["map_size"]
+        masks = torch.stack([torch.as_tensor(item["mask"]) for item in items]).float()
+        target = F.interpolate(masks[:, None], size=(size, size), mode="nearest")[:, 0]
+        labels = [bool(item["label"]) for item in items]
+        answers = [target_answer(m if label else torch.zeros_like(m), style=self.params["answer_style"])
+                   for m, label in zip(target, labels)]
+        memory_prompt = bool(self._train_memory) and rng.random() < self.params["train_memory_prompt_p"]
+        return {"image": torch.stack([item["image"] for item in items]).to(self.device), "mask": target.to(self.device),
+                "cls_name": [item["cls_name"] for item in items], "answers": answers, "memory_prompt": memory_prompt}
+
     def fit(self, train_data: torch.utils.data.Dataset, setting: str) -> None:
-        """Train the trainable modules on pseudo-anomalies of the auxiliary normal images (released schedule)."""
+        """Train the trainable modules (released schedule).
+
+        ``uzad``: the auxiliary normal images, each step ``batch_size`` of them with their own NSA pseudo-anomalous
+        twins, as released (the method's design: it never sees a real anomaly). ``pseudo`` and ``zad``: the set's
+        images with the labels and masks the engine gives them (:mod:`siad.engine.settings`), ``2 × batch_size``
+        of them a step, so a step sees as many images as under ``uzad``; no twins are made.
+        """
         records = list(getattr(train_data, "records", []))
         root = getattr(train_data, "root", None)
         if not records or root is None:
             raise DataError("LLM detectors train from an AnomalyDataset index (records + root); got an empty dataset")
         p = self.params
-        steps_per_epoch = math.ceil(len(records) / p["batch_size"])
-        total = p["epochs"] * steps_per_epoch
+        twins = setting == "uzad"
+        per_step = p["batch_size"] if twins else 2 * p["batch_size"]
+        n_units = len(records) if twins else len(train_data)
+        total = p["epochs"] * math.ceil(n_units / per_step)
         warmup = max(p["warmup_min_steps"], int(p["warmup_fraction"] * total))
         params = self.trainable_parameters()
         optimizer = torch.optim.AdamW(params, lr=p["lr"], betas=tuple(p["betas"]), weight_decay=p["weight_decay"])
@@ -635,16 +658,23 @@ class LlmDetector(BackboneMethod):
         instructions = self.instruction_data()
         self._train_memory = self.train_memory(Path(root), records) if p["train_memory_prompt_p"] > 0 else {}
         dataset_name = str(getattr(train_data, "name", "") or "")
+
+        def batch(chosen: list[int]) -> dict[str, Any]:
+            if twins:
+                return self.training_batch(Path(root), [records[i] for i in chosen], dataset_name, rng)
+            return self.labelled_batch([train_data[i] for i in chosen], rng)
+
         self.trainable.train()
         self.loss_history = []
         bar = tqdm(total=total, desc=f"train {type(self).__name__}", unit="step", disable=not p["progress"])
         for _ in range(p["epochs"]):
-            order = torch.randperm(len(records), generator=order_gen).tolist()
-            for start in range(0, len(order), p["batch_size"]):
-                chosen = [records[i] for i in order[start : start + p["batch_size"]]]
-                loss, parts = self.training_loss(self.training_batch(Path(root), chosen, dataset_name, rng))
+            order = torch.randperm(n_units, generator=order_gen).tolist()
+            for start in range(0, len(order), per_step):
+                chosen = order[start : start + per_step]
+                loss, parts = self.training_loss(batch(chosen))
                 if instructions:  # each step: one anomaly batch + one instruction batch, as released
-                    picks = torch.randint(len(instructions), (len(chosen),), generator=order_gen).tolist()
+                    count = len(chosen) if twins else max(1, len(chosen) // 2)  # one per normal image of the step
+                    picks = torch.randint(len(instructions), (count,), generator=order_gen).tolist()
                     sft = self.instruction_loss([instructions[i] for i in picks])
                     loss, parts = loss + sft, {**parts, "sft": float(sft.detach())}
                 self.optimizer_step(loss, optimizer, params)

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from siad.methods.base import METHODS, Batch, Choice, Flag, MethodOutput, Number, NumberList, ParamRule
-from siad.methods.llm_components import dice_loss, focal_loss
 from siad.methods.llm_detector import LLM_DEFAULTS, LLM_RULES, LlmDetector, PassOutput
+from siad.methods.losses import dice_loss, focal_loss
 from siad.methods.siad_components import (
     STAGE_CASES,
     BasePrompts,
@@ -112,9 +112,10 @@ class SiadLlm(LlmDetector):
     defaults: ClassVar[Mapping[str, Any]] = SIAD_DEFAULTS
     param_rules: ClassVar[Mapping[str, ParamRule]] = SIAD_RULES
 
-    def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0) -> None:
+    def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0,
+                 weights_seed: int | None = None) -> None:
         self._eval_text: dict[str, Tensor] = {}
-        super().__init__(params, device=device, seed=seed)
+        super().__init__(params, device=device, seed=seed, weights_seed=weights_seed)
 
     @classmethod
     def validate_params(cls, params: Mapping[str, Any]) -> None:

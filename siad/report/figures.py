@@ -42,7 +42,7 @@ from siad.data.records import load_meta
 from siad.data.registry import get_dataset
 from siad.engine.protocol import RunKey
 from siad.errors import ConfigError, DataError
-from siad.report.paper import Config, display, run_key
+from siad.report.paper import Config, display, run_keys
 from siad.report.render import DEMO_STAMP
 from siad.report.runs import demo_flag, load_runs
 
@@ -99,11 +99,12 @@ def figure4_spec(config: Config) -> Figure4Spec | None:
 
 
 def figure4_runs(config: Config) -> list[RunKey]:
-    """The runs the figure reads (dataset-major, methods in column order); none when not configured."""
+    """The runs the figure reads (dataset-major, methods in column order; a trained method's maps are those of its
+    first training seed); none when not configured."""
     spec = figure4_spec(config)
     if spec is None:
         return []
-    return [run_key(config, spec.setting, m, "default", d) for d in spec.datasets for m in spec.methods]
+    return [run_keys(config, spec.setting, m, "default", d)[0] for d in spec.datasets for m in spec.methods]
 
 
 def figure4_outputs(tables_dir: str | Path, config: Config) -> list[str]:

@@ -20,9 +20,9 @@ from typing import Any
 
 import pandas as pd
 
-from siad.engine.protocol import RunKey, protocol_runs
+from siad.engine.protocol import RunKey
 from siad.errors import ConfigError, DataError
-from siad.report.paper import PAPER_TABLES, Config, PaperTable, display, protocol_targets, training_free
+from siad.report.paper import PAPER_TABLES, Config, PaperTable, display, protocol_targets, run_keys
 from siad.report.render import DASH
 from siad.report.runs import matching_runs, run_label
 from siad.report.tables import ClaimTable, ColumnSpec, RowSpec, build_claim_table
@@ -52,9 +52,8 @@ def _setting(config: Config) -> str:
 
 
 def _llm_runs(config: Config) -> list[RunKey]:
-    return [key for method in llm_section(config)["methods"]
-            for key in protocol_runs(config["protocol"], setting=_setting(config), method=method, variant="default",
-                                     training_free=training_free(method))]
+    return [key for method in llm_section(config)["methods"] for target in protocol_targets(config)
+            for key in run_keys(config, _setting(config), method, "default", target)]
 
 
 def llm_means(run: Mapping[str, Any]) -> dict[str, float | None]:

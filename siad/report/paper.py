@@ -15,8 +15,9 @@ from typing import Any
 
 import pandas as pd
 
+from siad.config import training_seeds
 from siad.data.registry import DATASETS, get_dataset
-from siad.engine.protocol import NO_SOURCE, RunKey, protocol_pairs, protocol_runs
+from siad.engine.protocol import NO_SOURCE, RunKey, protocol_pairs
 from siad.errors import ConfigError
 from siad.registry import Registry
 from siad.report.claims import claims_check
@@ -59,22 +60,22 @@ def run_setting(method: str, setting: str) -> str:
     return TRAINING_FREE_SETTING if training_free(method) else setting
 
 
-def run_key(config: Config, setting: str, method: str, variant: str, target: str) -> RunKey:
-    """The run evaluating ``method``/``variant`` on ``target``: source ``none`` if training-free,
+def run_key(config: Config, setting: str, method: str, variant: str, target: str, seed: int) -> RunKey:
+    """The run evaluating ``method``/``variant`` on ``target`` with ``seed``: source ``none`` if training-free,
     else the protocol's source of ``target``."""
     setting = run_setting(method, setting)
     if training_free(method):
-        return RunKey(setting, method, variant, NO_SOURCE, target)
+        return RunKey(setting, method, variant, NO_SOURCE, target, seed)
     sources = [s for s, t in protocol_pairs(config["protocol"]) if t == target]
     if not sources:
         raise ConfigError(f"report: {target!r} is no protocol target, so {method!r} has no source for it")
-    return RunKey(setting, method, variant, sources[0], target)
+    return RunKey(setting, method, variant, sources[0], target, seed)
 
 
 def run_keys(config: Config, setting: str, method: str, variant: str, target: str) -> list[RunKey]:
     """Every run of ``method``/``variant`` on ``target`` under ``setting``: one per training seed of a trained method
     (``training.seeds``), one for a training-free method. Table cells average them (mean ± std over seeds)."""
-    return [run_key(config, setting, method, variant, target)]
+    return [run_key(config, setting, method, variant, target, seed) for seed in training_seeds(config, method)]
 
 
 def protocol_targets(config: Config) -> dict[str, str]:
@@ -93,12 +94,8 @@ def display(config: Config, method: str) -> str:
 def _table1_runs(config: Config) -> list[RunKey]:
     section = config["report"]["table1"]
     setting = section.get("setting", "uzad")
-    return [
-        key
-        for method in section["methods"]
-        for key in protocol_runs(config["protocol"], setting=setting, method=method, variant="default",
-                                 training_free=training_free(method))
-    ]
+    return [key for method in section["methods"] for target in protocol_targets(config)
+            for key in run_keys(config, setting, method, "default", target)]
 
 
 def _table1(config: Config, runs: Sequence[Mapping[str, Any]], reference: pd.DataFrame) -> ClaimTable:
@@ -131,7 +128,7 @@ PRO_NOTE = "PRO = AU-PRO computed as in the zero-shot papers' code (CFlow-style,
 
 def _anovl_runs(variants: Sequence[str], targets: Sequence[str]) -> Callable[[Config], list[RunKey]]:
     def runs(config: Config) -> list[RunKey]:
-        return [run_key(config, "uzad", ANOVL, v, t) for v in variants for t in targets]
+        return [k for v in variants for t in targets for k in run_keys(config, "uzad", ANOVL, v, t)]
 
     return runs
 
@@ -226,7 +223,7 @@ def _table7_runs(config: Config) -> list[RunKey]:
     ones (SIAD-LLM) with the protocol's weights (MVTecAD from VisA-trained, the others from MVTecAD-trained): the
     runs Table 1 evaluates, so a SIAD-LLM row costs no extra job."""
     methods = config["report"].get("table7", {}).get("methods", [ANOVL])
-    return [run_key(config, "uzad", m, "default", t) for m in methods for t in industrial_targets(config)]
+    return [k for m in methods for t in industrial_targets(config) for k in run_keys(config, "uzad", m, "default", t)]
 
 
 def _table7(config: Config, runs: Sequence[Mapping[str, Any]], reference: pd.DataFrame) -> ClaimTable:

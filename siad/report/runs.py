@@ -20,8 +20,8 @@ SOURCE_KEY = "_source"
 
 RUN_FIELDS = ("profile", "demo", "setting", "method", "variant", "source", "target", "seed")
 REQUIRED_SECTIONS = ("run", "mean", "ci", "mean_replicates", "bootstrap")
-_REGENERATE = ("rerun the job that writes it: `snakemake --cores 1 all --forcerun run_<setting>_<method>_<source>` "
-               "(plus your --configfile)")
+_REGENERATE = ("rerun the job that writes it: `snakemake --cores 1 all --forcerun "
+               "run_<setting>_<method>_seed<seed>_<source>` (plus your --configfile)")
 
 
 def run_label(run: Mapping[str, Any]) -> str:
@@ -43,13 +43,13 @@ def _fail(source: str, problem: str) -> DataError:
 
 def _refresh(source: str | Path) -> str:
     """How to rewrite the metrics file ``source``: its job, named from the run layout when the path follows it
-    (``.../<setting>/<method>/<variant>/<source>/<target>/metrics.json``)."""
+    (``.../<setting>/<method>/<variant>/seed<seed>/<source>/<target>/metrics.json``)."""
     from siad.engine.runs import RunGroup
 
     parts = Path(source).parts
-    if len(parts) >= 6 and parts[-1] == "metrics.json":
-        setting, method, _, train_source, _ = parts[-6:-1]
-        rule = RunGroup(setting, method, train_source, ()).rule_name
+    if len(parts) >= 7 and parts[-1] == "metrics.json" and parts[-4].removeprefix("seed").isdigit():
+        setting, method, _, seed, train_source, _ = parts[-7:-1]
+        rule = RunGroup(setting, method, int(seed.removeprefix("seed")), train_source, ()).rule_name
         return f"rerun the job that writes it: `snakemake --cores 1 all --forcerun {rule}` (plus your --configfile)"
     return _REGENERATE
 
@@ -62,6 +62,8 @@ def _check_run_section(ident: object, source: str) -> None:
         raise _fail(source, f"'run' lacks {', '.join(missing)}")
     if not isinstance(ident["demo"], bool):
         raise _fail(source, f"'run.demo' must be true or false, got {ident['demo']!r}")
+    if not isinstance(ident["seed"], int) or isinstance(ident["seed"], bool):
+        raise _fail(source, f"'run.seed' must be an integer, got {ident['seed']!r}")
 
 
 def _check_mean_and_ci(obj: Mapping[str, Any], source: str) -> None:
@@ -184,10 +186,10 @@ def stale_runs(config: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> 
     stale: dict[str, list[str]] = {}
     for run in runs:
         ident = run["run"]
-        key = RunKey(ident["setting"], ident["method"], ident["variant"], ident["source"], ident["target"])
+        key = RunKey.from_run(ident)
         expected = resolve_run_spec(config, key)
         stamp = run.get("spec") if isinstance(run.get("spec"), Mapping) else {}
-        rule = RunGroup(key.setting, key.method, key.source, (key,)).rule_name
+        rule = RunGroup.of(key).rule_name
         if stamp.get("digest") == expected.digest:
             if stamp.get("results_digest") != results_digest(run):
                 stale.setdefault(rule, []).append(

@@ -48,7 +48,7 @@ from siad.report.paper import (
     Config,
     PaperTable,
     industrial_targets,
-    run_key,
+    run_keys,
     variant_row,
 )
 from siad.report.reference import reference_claims
@@ -168,7 +168,7 @@ def _runs(variants: Callable[[Config], Sequence[str]], targets: Callable[[Config
           ) -> Callable[[Config], list[RunKey]]:
     def runs(config: Config) -> list[RunKey]:
         method, setting = _method(config), _setting(config)
-        return [run_key(config, setting, method, v, t) for v in variants(config) for t in targets(config)]
+        return [k for v in variants(config) for t in targets(config) for k in run_keys(config, setting, method, v, t)]
 
     return runs
 

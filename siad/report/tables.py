@@ -38,12 +38,17 @@ LEVEL_METRICS: dict[str, str] = {"image": "image_auroc", "pixel": "pixel_auroc"}
 
 @dataclass(frozen=True)
 class Cell:
-    """One table cell, in percent. ``status``: ``ok``, ``missing`` (no run) or ``not_applicable``."""
+    """One table cell, in percent. ``status``: ``ok``, ``missing`` (no run) or ``not_applicable``.
+
+    ``reproduced`` is the mean over the training seeds of the cell's runs (``seeds`` of them), ``std`` their sample
+    standard deviation (None with one seed), ``ci`` the claims-check interval (:func:`seed_interval`)."""
 
     claimed: float | None = None
     reproduced: float | None = None
     ci: tuple[float, float] | None = None
     status: str = OK
+    std: float | None = None
+    seeds: int = 1
 
 
 @dataclass(frozen=True)
@@ -147,15 +152,43 @@ def _claim(row: RowSpec, column: str) -> float | None:
     return None if row.claimed is None else row.claimed.get(column)
 
 
-def _find_run(runs: Sequence[Mapping[str, Any]], select: Mapping[str, Any]) -> Mapping[str, Any] | None:
+def _find_runs(runs: Sequence[Mapping[str, Any]], select: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The runs of one cell, one per training seed, in seed order (empty when none matches)."""
     found = matching_runs(runs, select)
-    if len(found) > 1:
-        names = "; ".join(run_label(r) for r in found)
+    by_seed: dict[Any, list[Mapping[str, Any]]] = {}
+    for run in found:
+        by_seed.setdefault(run["run"]["seed"], []).append(run)
+    clash = next((group for group in by_seed.values() if len(group) > 1), None)
+    if clash:
+        names = "; ".join(run_label(r) for r in clash)
         raise DataError(
-            f"{len(found)} runs match one table cell ({_describe(select)}): {names}; "
-            "pass exactly one metrics.json per cell (remove stale runs or add the field that tells them apart)"
+            f"{len(clash)} runs of one seed match one table cell ({_describe(select)}): {names}; "
+            "pass exactly one metrics.json per cell and seed (remove stale runs or add the field that tells them apart)"
         )
-    return found[0] if found else None
+    return [by_seed[seed][0] for seed in sorted(by_seed)]
+
+
+def seed_interval(replicates: Sequence[Sequence[float | None]], level: float) -> tuple[float, float] | None:
+    """The claims-check interval of a number measured under several training seeds (fractions).
+
+    ``replicates[s]``: the bootstrap replicates (image resampling) of seed ``s``'s number. A claim comes from one
+    training run, so the interval asks where ONE run's number may fall: the percentile interval of all seeds'
+    replicates pooled, i.e. of the mixture over seeds of each run's resampling distribution. It widens with the
+    spread between seeds (training variance) as well as with the test set's size; with one seed it is that run's
+    bootstrap interval. None when no replicate is finite.
+    """
+    pooled = np.asarray([v for reps in replicates for v in reps if v is not None], dtype=float)
+    pooled = pooled[np.isfinite(pooled)]
+    if pooled.size == 0:
+        return None
+    alpha = 1.0 - level
+    low, high = np.quantile(pooled, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return float(low), float(high)
+
+
+def _seed_spread(values: Sequence[float]) -> float | None:
+    """Sample standard deviation over seeds (None with one seed)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
 def _pct(value: float | None) -> float | None:
@@ -168,50 +201,59 @@ def _pct_ci(ci: tuple[float, float] | None) -> tuple[float, float] | None:
 
 def _fill_cell(
     runs: Sequence[Mapping[str, Any]], row: RowSpec, col: ColumnSpec, notes: list[str]
-) -> tuple[Cell, Mapping[str, Any] | None]:
-    """The cell for (row, col) and the run it came from (None if missing / not applicable)."""
+) -> tuple[Cell, list[Mapping[str, Any]]]:
+    """The cell for (row, col) and the runs it came from, one per seed (none if missing / not applicable)."""
     claimed = _claim(row, col.name)
     if col.name in row.not_applicable:
-        return Cell(claimed=claimed, status=NOT_APPLICABLE), None
+        return Cell(claimed=claimed, status=NOT_APPLICABLE), []
     metric = _cell_metric(row, col)
     select = _cell_select(row, col)
-    run = _find_run(runs, select)
-    if run is None:
+    found = _find_runs(runs, select)
+    if not found:
         notes.append(f"missing run: {_describe(select)}")
-        return Cell(claimed=claimed, status=MISSING), None
-    value = mean_value(run, metric)
-    if value is None:
-        notes.append(f"{run_label(run)}: {metric} is not defined (null)")
-    return Cell(claimed, _pct(value), _pct_ci(ci_value(run, metric))), run
+        return Cell(claimed=claimed, status=MISSING), []
+    values = [mean_value(run, metric) for run in found]
+    undefined = [run_label(run) for run, value in zip(found, values) if value is None]
+    if undefined:
+        notes.append(f"{', '.join(undefined)}: {metric} is not defined (null)")
+        return Cell(claimed, None, None, seeds=len(found)), found
+    if len(found) == 1:
+        return Cell(claimed, _pct(values[0]), _pct_ci(ci_value(found[0], metric))), found
+    ci = seed_interval([run["mean_replicates"].get(metric) or [] for run in found], confidence(found[0]))
+    return Cell(claimed, _pct(float(np.mean(values))), _pct_ci(ci), std=_pct(_seed_spread(values)),
+                seeds=len(found)), found
 
 
 def _replicate_ci(
     runs: Sequence[Mapping[str, Any]], metric: str, level: float
-) -> tuple[tuple[float, float] | None, str | None]:
-    """Percentile CI of the mean over datasets, replicate by replicate; (None, reason) if impossible."""
+) -> tuple[tuple[float, float] | None, str | None, list[float]]:
+    """Percentile CI of the mean over datasets, replicate by replicate, and those replicate averages; (None, reason,
+    []) if impossible."""
     reps = [r["mean_replicates"].get(metric) for r in runs]
     lacking = [run_label(r) for r, rep in zip(runs, reps) if not rep]
     if lacking:
-        return None, f"no {metric} replicates in {', '.join(lacking)}"
+        return None, f"no {metric} replicates in {', '.join(lacking)}", []
     counts = sorted({len(rep) for rep in reps})
     if len(counts) > 1:
-        return None, f"{metric} replicate counts differ between datasets ({', '.join(map(str, counts))})"
-    averages = np.asarray(reps, dtype=float).mean(axis=0)
+        return None, f"{metric} replicate counts differ between datasets ({', '.join(map(str, counts))})", []
+    averages = np.asarray(np.asarray(reps, dtype=float).mean(axis=0))
     finite = averages[np.isfinite(averages)]
     if finite.size == 0:
-        return None, f"every {metric} replicate average is NaN"
+        return None, f"every {metric} replicate average is NaN", []
     alpha = 1.0 - level
     low, high = np.quantile(finite, [alpha / 2.0, 1.0 - alpha / 2.0])
-    return (float(low), float(high)), None
+    return (float(low), float(high)), None, finite.tolist()
 
 
 def _average_cell(
-    row: RowSpec, cols: Sequence[ColumnSpec], cells: Mapping[str, Cell], used: Mapping[str, Mapping[str, Any]],
-    with_ci: bool = True,
+    row: RowSpec, cols: Sequence[ColumnSpec], cells: Mapping[str, Cell],
+    used: Mapping[str, Sequence[Mapping[str, Any]]], with_ci: bool = True,
 ) -> tuple[Cell, str | None]:
     """Average over the row's applicable columns; all must have a value (else None with a reason).
 
-    ``with_ci=False`` skips the interval (for numbers whose runs carry no bootstrap replicates)."""
+    Per training seed, the mean over the columns of that seed's runs; the cell shows the mean over seeds (± their
+    spread) and, as interval, :func:`seed_interval` of the per-seed replicate averages. ``with_ci=False`` skips the
+    interval (for numbers whose runs carry no bootstrap replicates)."""
     applicable = [c for c in cols if c.name not in row.not_applicable]
     metrics = {_cell_metric(row, c) for c in applicable}
     if len(metrics) != 1:
@@ -222,13 +264,23 @@ def _average_cell(
     absent = [c.name for c in applicable if cells[c.name].reproduced is None]
     if absent:
         return Cell(claimed=claimed), f"{AVERAGE} of row {label} not computed: no value for {', '.join(absent)}"
-    runs = [used[c.name] for c in applicable]
-    value = float(np.mean([mean_value(r, metric) for r in runs]))
+    seeds = [tuple(r["run"]["seed"] for r in used[c.name]) for c in applicable]
+    if len(set(seeds)) > 1:
+        return Cell(claimed=claimed), (f"{AVERAGE} of row {label} not computed: its columns were run with different "
+                                       f"training seeds ({sorted(set(seeds))})")
+    per_seed = [[used[c.name][s] for c in applicable] for s in range(len(seeds[0]))]
+    values = [float(np.mean([mean_value(r, metric) for r in runs])) for runs in per_seed]
+    std = _pct(_seed_spread(values))
+    value = 100.0 * float(np.mean(values))
     if not with_ci:
-        return Cell(claimed, 100.0 * value), None
-    ci, reason = _replicate_ci(runs, metric, confidence(runs[0]))
+        return Cell(claimed, value, std=std, seeds=len(values)), None
+    intervals = [_replicate_ci(runs, metric, confidence(runs[0])) for runs in per_seed]
+    reason = next((why for _, why, _ in intervals if why), None)
+    if reason is None:
+        ci = intervals[0][0] if len(per_seed) == 1 else seed_interval(
+            [averages for _, _, averages in intervals], confidence(per_seed[0][0]))
     note = None if reason is None else f"{AVERAGE} CI of row {label} not computed: {reason}"
-    return Cell(claimed, 100.0 * value, _pct_ci(ci)), note
+    return Cell(claimed, value, None if reason else _pct_ci(ci), std=std, seeds=len(values)), note
 
 
 def _common_confidence(used: Sequence[Mapping[str, Any]]) -> float | None:
@@ -271,13 +323,13 @@ def build_claim_table(
     used_all: list[Mapping[str, Any]] = []
     for row in rows:
         row_cells: dict[str, Cell] = {}
-        used: dict[str, Mapping[str, Any]] = {}
+        used: dict[str, list[Mapping[str, Any]]] = {}
         for col in columns:
-            cell, run = _fill_cell(runs, row, col, all_notes)
+            cell, found = _fill_cell(runs, row, col, all_notes)
             row_cells[col.name] = cells[(row.key, col.name)] = cell
-            if run is not None:
-                used[col.name] = run
-        used_all.extend(used.values())
+            if found:
+                used[col.name] = found
+        used_all.extend(run for found in used.values() for run in found)
         if average:
             cells[(row.key, AVERAGE)], note = _average_cell(row, columns, row_cells, used, average_ci)
             if note:

@@ -323,7 +323,7 @@ def test_metrics_json_uses_the_configured_aupro_limit_and_matches_sklearn(engine
     captured = []
     real_predict = runs.predict_dataset
     monkeypatch.setattr(runs, "predict_dataset", lambda *a, **k: captured.append(real_predict(*a, **k)) or captured[-1])
-    key = RunKey("uzad", "test_eval_deviation", "default", "none", "mvtec")
+    key = RunKey("uzad", "test_eval_deviation", "default", "none", "mvtec", 0)
     runs.evaluate_runs(config, [key], meta_paths=[meta_path], metrics_paths=[tmp_path / "metrics.json"],
                        predictions_paths=[tmp_path / "predictions.npz"], progress=False)
     written = json.loads((tmp_path / "metrics.json").read_text())
@@ -348,7 +348,7 @@ def test_metrics_json_uses_the_configured_aupro_limit_and_matches_sklearn(engine
 def test_metrics_json_default_limit_differs(engine_config, tmp_path):
     # the same run with the default limit: the AU-PRO written changes with evaluation.aupro_limit
     config, meta_path = engine_config
-    key = RunKey("uzad", "test_eval_deviation", "default", "none", "mvtec")
+    key = RunKey("uzad", "test_eval_deviation", "default", "none", "mvtec", 0)
     bodies = {}
     for limit in (0.05, 0.3):
         cfg = copy.deepcopy(config)

@@ -18,8 +18,8 @@ from siad.data.prepare import prepare_dataset
 from siad.data.synthetic import write_standin
 from siad.engine import runs
 from siad.engine.evaluate import load_maps
-from siad.engine.protocol import RunKey
-from siad.engine.runs import evaluate_run, evaluate_runs, fit_run, training_meta
+from siad.engine.protocol import RunKey, training_meta
+from siad.engine.runs import evaluate_run, evaluate_runs, fit_run
 from siad.engine.spec import resolve_run_spec, results_digest
 from siad.errors import ConfigError, DataError, LeakageError
 from siad.methods import METHODS, Method
@@ -34,8 +34,8 @@ class MeanImage(Method):
     training_free = False
     defaults = {"size": 32}
 
-    def __init__(self, params=None, *, device="cpu", seed=0):
-        super().__init__(params, device=device, seed=seed)
+    def __init__(self, params=None, *, device="cpu", seed=0, weights_seed=None):
+        super().__init__(params, device=device, seed=seed, weights_seed=weights_seed)
         self.mean = None
         self.seen_setting = None
         size = (self.input_size, self.input_size)
@@ -99,11 +99,12 @@ def workspace(tmp_path_factory):
 def test_fit_then_evaluate_writes_model_metrics_and_predictions(workspace):
     tmp, config, metas = workspace
     model_dir = tmp / "results" / "uzad" / "test_mean_image" / "default" / "mvtec"
-    fit_run(config, "uzad", "test_mean_image", "default", "mvtec", meta_path=metas["mvtec"], model_dir=model_dir)
+    fit_run(config, RunKey("uzad", "test_mean_image", "default", "mvtec", "", 0),
+            meta_path=metas["mvtec"], model_dir=model_dir)
     info = json.loads((model_dir / "model.json").read_text())
     assert info["trained_on"] == ["mvtec"] and (model_dir / info["weights"]).is_file()
 
-    key = RunKey("uzad", "test_mean_image", "default", "mvtec", "visa")
+    key = RunKey("uzad", "test_mean_image", "default", "mvtec", "visa", 0)
     body = evaluate_run(config, key, meta_path=metas["visa"], metrics_path=tmp / "m.json",
                         predictions_path=tmp / "p.npz", model_dir=model_dir, progress=False)
     written = json.loads((tmp / "m.json").read_text())
@@ -119,8 +120,9 @@ def test_fit_then_evaluate_writes_model_metrics_and_predictions(workspace):
 def test_evaluating_on_the_training_dataset_is_refused(workspace):
     tmp, config, metas = workspace
     model_dir = tmp / "results" / "uzad" / "test_mean_image" / "default" / "visa"
-    fit_run(config, "uzad", "test_mean_image", "default", "visa", meta_path=metas["visa"], model_dir=model_dir)
-    key = RunKey("uzad", "test_mean_image", "default", "visa", "visa")
+    fit_run(config, RunKey("uzad", "test_mean_image", "default", "visa", "", 0),
+            meta_path=metas["visa"], model_dir=model_dir)
+    key = RunKey("uzad", "test_mean_image", "default", "visa", "visa", 0)
     with pytest.raises(LeakageError, match="trained on"):
         evaluate_run(config, key, meta_path=metas["visa"], metrics_path=tmp / "x.json",
                      predictions_path=tmp / "x.npz", model_dir=model_dir, progress=False)
@@ -131,10 +133,12 @@ def test_medical_uzad_training_needs_normal_images(workspace):
     tmp, config, metas = workspace
     # all_test medical protocol: the train split is empty, so the default (train split) has nothing
     with pytest.raises(DataError, match="normal_images"):
-        fit_run(config, "uzad", "test_mean_image", "default", "headct", meta_path=metas["headct"], model_dir=tmp / "h")
+        fit_run(config, RunKey("uzad", "test_mean_image", "default", "headct", "", 0),
+            meta_path=metas["headct"], model_dir=tmp / "h")
     config = copy.deepcopy(config)
     config["training"] = {"normal_images": "all"}
-    fit_run(config, "uzad", "test_mean_image", "default", "headct", meta_path=metas["headct"], model_dir=tmp / "h")
+    fit_run(config, RunKey("uzad", "test_mean_image", "default", "headct", "", 0),
+            meta_path=metas["headct"], model_dir=tmp / "h")
     assert (tmp / "h" / "model.json").is_file()
 
 
@@ -150,7 +154,7 @@ def test_training_meta_per_setting():
 
 def test_evaluation_is_deterministic(workspace):
     tmp, config, metas = workspace
-    key = RunKey("uzad", "clip", "default", "none", "visa")
+    key = RunKey("uzad", "clip", "default", "none", "visa", 0)
     outs = [
         evaluate_run(config, key, meta_path=metas["visa"], metrics_path=tmp / f"c{i}.json",
                      predictions_path=tmp / f"c{i}.npz", progress=False)
@@ -163,7 +167,8 @@ def test_evaluation_is_deterministic(workspace):
 def mvtec_model(workspace):
     tmp, config, metas = workspace
     model_dir = tmp / "results" / "uzad" / "test_mean_image" / "default" / "mvtec"
-    fit_run(config, "uzad", "test_mean_image", "default", "mvtec", meta_path=metas["mvtec"], model_dir=model_dir)
+    fit_run(config, RunKey("uzad", "test_mean_image", "default", "mvtec", "", 0),
+            meta_path=metas["mvtec"], model_dir=model_dir)
     return model_dir
 
 
@@ -175,7 +180,7 @@ def _paths(tmp, prefix, targets):
 def test_grouped_evaluation_builds_once_and_matches_per_target_runs(workspace, mvtec_model, monkeypatch):
     tmp, config, metas = workspace
     targets = ["visa", "headct"]  # headct has no masks: a pixel-less target in the same job
-    keys = [RunKey("uzad", "test_mean_image", "default", "mvtec", t) for t in targets]
+    keys = [RunKey("uzad", "test_mean_image", "default", "mvtec", t, 0) for t in targets]
     built = []
     real_build = runs.build_method
     monkeypatch.setattr(runs, "build_method", lambda *a, **k: built.append(a) or real_build(*a, **k))
@@ -199,7 +204,7 @@ def test_grouped_evaluation_builds_once_and_matches_per_target_runs(workspace, m
 def test_grouped_evaluation_refuses_leakage_before_writing_anything(workspace, mvtec_model):
     tmp, config, metas = workspace
     targets = ["visa", "mvtec"]
-    keys = [RunKey("uzad", "test_mean_image", "default", "mvtec", t) for t in targets]
+    keys = [RunKey("uzad", "test_mean_image", "default", "mvtec", t, 0) for t in targets]
     with pytest.raises(LeakageError, match="'mvtec'"):
         evaluate_runs(config, keys, meta_paths=[metas[t] for t in targets], model_dir=mvtec_model,
                       progress=False, **_paths(tmp, "leaky", targets))
@@ -208,10 +213,10 @@ def test_grouped_evaluation_refuses_leakage_before_writing_anything(workspace, m
 
 @pytest.mark.parametrize(("keys", "n_paths", "match"), [
     ([], 0, "no runs"),
-    ([RunKey("uzad", "test_mean_image", "default", "mvtec", "visa")], 2, "one of each per run"),
-    ([RunKey("uzad", "test_mean_image", "default", "mvtec", "visa"),
-      RunKey("uzad", "test_mean_image", "other", "mvtec", "headct")], 2, "differ in setting, method, variant"),
-    ([RunKey("uzad", "test_mean_image", "default", "mvtec", "visa")] * 2, 2, "listed twice"),
+    ([RunKey("uzad", "test_mean_image", "default", "mvtec", "visa", 0)], 2, "one of each per run"),
+    ([RunKey("uzad", "test_mean_image", "default", "mvtec", "visa", 0),
+      RunKey("uzad", "test_mean_image", "other", "mvtec", "headct", 0)], 2, "differ in setting, method, variant"),
+    ([RunKey("uzad", "test_mean_image", "default", "mvtec", "visa", 0)] * 2, 2, "listed twice"),
 ])
 def test_grouped_evaluation_needs_one_model_and_distinct_targets(workspace, keys, n_paths, match):
     tmp, config, _ = workspace
@@ -223,7 +228,7 @@ def test_grouped_evaluation_needs_one_model_and_distinct_targets(workspace, keys
 
 def test_missing_model_is_a_data_error_naming_the_file(workspace):
     tmp, config, metas = workspace
-    key = RunKey("uzad", "test_mean_image", "default", "mvtec", "visa")
+    key = RunKey("uzad", "test_mean_image", "default", "mvtec", "visa", 0)
     with pytest.raises(DataError, match="model.json"):
         evaluate_run(config, key, meta_path=metas["visa"], metrics_path=tmp / "n.json",
                      predictions_path=tmp / "n.npz", model_dir=tmp / "nowhere", progress=False)
@@ -231,7 +236,7 @@ def test_missing_model_is_a_data_error_naming_the_file(workspace):
 
 def test_llm_answers_reach_metrics_and_predictions(workspace, mvtec_model):
     tmp, config, metas = workspace
-    key = RunKey("uzad", "test_talking_mean_image", "default", "mvtec", "visa")
+    key = RunKey("uzad", "test_talking_mean_image", "default", "mvtec", "visa", 0)
     body = evaluate_run(config, key, meta_path=metas["visa"], metrics_path=tmp / "t.json",
                         predictions_path=tmp / "t.npz", model_dir=mvtec_model, progress=False)
     arrays, _ = load_maps(tmp / "t.npz")
@@ -258,10 +263,10 @@ def test_run_group_trains_each_variant_once_then_reuses_the_current_model(worksp
     config = copy.deepcopy(config)
     config["methods"]["test_mean_image"]["variants"] = {"small": {"size": 16}}
     results = tmp / "group_results"
-    keys = [RunKey("uzad", "test_mean_image", v, "mvtec", t) for v in ("default", "small") for t in ("visa", "headct")]
+    keys = [RunKey("uzad", "test_mean_image", v, "mvtec", t, 0) for v in ("default", "small") for t in ("visa", "headct")]
     fits = []
     real_fit = runs.fit_run
-    monkeypatch.setattr(runs, "fit_run", lambda *a, **k: fits.append(a[3]) or real_fit(*a, **k))
+    monkeypatch.setattr(runs, "fit_run", lambda *a, **k: fits.append(a[1].variant) or real_fit(*a, **k))
     runs.run_group(config, keys, meta_paths=metas, results_root=results, progress=False)
     assert fits == ["default", "small"]
     first = {k: (k.run_dir(results) / "metrics.json").read_text() for k in keys}
@@ -276,8 +281,8 @@ def test_run_group_trains_each_variant_once_then_reuses_the_current_model(worksp
 
 def test_run_group_refuses_runs_of_several_groups(workspace):
     tmp, config, metas = workspace
-    keys = [RunKey("uzad", "test_mean_image", "default", "mvtec", "visa"),
-            RunKey("uzad", "test_mean_image", "default", "br35h", "headct")]
+    keys = [RunKey("uzad", "test_mean_image", "default", "mvtec", "visa", 0),
+            RunKey("uzad", "test_mean_image", "default", "br35h", "headct", 0)]
     with pytest.raises(ConfigError, match="one job covers one"):
         runs.run_group(config, keys, meta_paths=metas, results_root=tmp / "x", progress=False)
 
@@ -296,7 +301,7 @@ def test_few_shot_methods_receive_the_first_normal_train_images_of_each_target_c
     METHODS.add("test_reference_mean", ReferenceMeanImage)
     config = copy.deepcopy(config)
     config["methods"]["test_reference_mean"] = {"display_name": "Ref", "params": {"size": 32}}
-    key = RunKey("uzad", "test_reference_mean", "default", "mvtec", "visa")
+    key = RunKey("uzad", "test_reference_mean", "default", "mvtec", "visa", 0)
     body = evaluate_run(config, key, meta_path=metas["visa"], model_dir=mvtec_model, progress=False,
                         metrics_path=tmp / "ref" / "m.json", predictions_path=tmp / "ref" / "p.npz")
     refs = body["run"]["references"]
@@ -315,24 +320,25 @@ def test_few_shot_methods_receive_the_first_normal_train_images_of_each_target_c
 
 
 def _group(config, results, variants=("default",), targets=("visa",)):
-    keys = [RunKey("uzad", "test_mean_image", v, "mvtec", t) for v in variants for t in targets]
-    return keys, results / "uzad" / "test_mean_image" / "default" / "mvtec"
+    keys = [RunKey("uzad", "test_mean_image", v, "mvtec", t, 0) for v in variants for t in targets]
+    return keys, results / "uzad" / "test_mean_image" / "default" / "seed0" / "mvtec"
 
 
 def _count_fits(monkeypatch):
     fits = []
     real_fit = runs.fit_run
-    monkeypatch.setattr(runs, "fit_run", lambda *a, **k: fits.append(a[3]) or real_fit(*a, **k))
+    monkeypatch.setattr(runs, "fit_run", lambda *a, **k: fits.append(a[1].variant) or real_fit(*a, **k))
     return fits
 
 
 def test_model_record_holds_the_weights_sha256_and_the_training_fingerprint(workspace):
     tmp, config, metas = workspace
     model_dir = tmp / "atomic"
-    fit_run(config, "uzad", "test_mean_image", "default", "mvtec", meta_path=metas["mvtec"], model_dir=model_dir)
+    fit_run(config, RunKey("uzad", "test_mean_image", "default", "mvtec", "", 0),
+            meta_path=metas["mvtec"], model_dir=model_dir)
     info = json.loads((model_dir / "model.json").read_text())
     assert info["weights_sha256"] == hashlib.sha256((model_dir / "model.pt").read_bytes()).hexdigest()
-    spec = resolve_run_spec(config, RunKey("uzad", "test_mean_image", "default", "mvtec", "visa"), metas)
+    spec = resolve_run_spec(config, RunKey("uzad", "test_mean_image", "default", "mvtec", "visa", 0), metas)
     assert info["fingerprint"] == spec.training_digest
     assert [p.name for p in model_dir.iterdir() if p.name not in ("model.pt", "model.json")] == []  # no temp file
 
@@ -350,7 +356,8 @@ def test_a_crash_while_saving_leaves_no_reusable_model(workspace, monkeypatch):
 
     monkeypatch.setattr(MeanImage, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        fit_run(config, "uzad", "test_mean_image", "default", "mvtec", meta_path=metas["mvtec"], model_dir=model_dir)
+        fit_run(config, RunKey("uzad", "test_mean_image", "default", "mvtec", "", 0),
+            meta_path=metas["mvtec"], model_dir=model_dir)
     assert not (model_dir / "model.json").exists()  # the old record is gone: its weights may no longer pair with it
     assert not runs.trained_model_is_current(spec, model_dir)
     assert sorted(p.name for p in model_dir.iterdir() if p.is_file()) == ["model.pt"]  # old weights, no temp file
@@ -378,7 +385,7 @@ def test_loading_weights_that_do_not_match_the_record_is_refused(workspace, mvte
     for name in ("model.json", "model.pt"):
         (copy_dir / name).write_bytes((mvtec_model / name).read_bytes())
     torch.save({"mean": torch.zeros(3, 32, 32)}, copy_dir / "model.pt")  # another model's weights
-    key = RunKey("uzad", "test_mean_image", "default", "mvtec", "visa")
+    key = RunKey("uzad", "test_mean_image", "default", "mvtec", "visa", 0)
     with pytest.raises(DataError, match="SHA-256") as err:
         evaluate_run(config, key, meta_path=metas["visa"], model_dir=copy_dir, progress=False,
                      metrics_path=tmp_path / "m.json", predictions_path=tmp_path / "p.npz")
@@ -443,7 +450,7 @@ def test_a_training_image_among_the_target_test_images_is_refused(workspace, mvt
     train = json.loads(metas["mvtec"].read_text())["train"]["bottle"][0]["img_path"]
     config, meta_path, victim = _visa_with(tmp_path, workspace, "leak",
                                            lambda: (tmp / "data" / "mvtec" / train).read_bytes())
-    key = RunKey("uzad", "test_mean_image", "default", "mvtec", "visa")
+    key = RunKey("uzad", "test_mean_image", "default", "mvtec", "visa", 0)
     with pytest.raises(LeakageError, match="byte-identical") as err:
         evaluate_run(config, key, meta_path=meta_path, model_dir=mvtec_model, progress=False,
                      metrics_path=tmp_path / "m.json", predictions_path=tmp_path / "p.npz")
@@ -462,7 +469,7 @@ def test_perceptual_near_duplicates_are_reported_not_refused(workspace, mvtec_mo
         return buffer.getvalue()
 
     config, meta_path, victim = _visa_with(tmp_path, workspace, "near", near_copy)
-    key = RunKey("uzad", "test_mean_image", "default", "mvtec", "visa")
+    key = RunKey("uzad", "test_mean_image", "default", "mvtec", "visa", 0)
     body = evaluate_run(config, key, meta_path=meta_path, model_dir=mvtec_model, progress=False,
                         metrics_path=tmp_path / "m.json", predictions_path=tmp_path / "p.npz")
     assert [train, victim] in [pair[:2] for pair in body["near_duplicates"]]

@@ -1,6 +1,7 @@
 """The resolved run specification: what changes which digest, and what does not."""
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,8 +15,8 @@ from siad.engine.spec import resolve_run_spec, spec_differences
 from siad.methods import get_method_class
 
 ROOT = Path(__file__).resolve().parents[2]
-KEY = RunKey("uzad", "anomalygpt", "default", "mvtec", "visa")
-FREE = RunKey("uzad", "clip", "default", "none", "visa")
+KEY = RunKey("uzad", "anomalygpt", "default", "mvtec", "visa", 0)
+FREE = RunKey("uzad", "clip", "default", "none", "visa", 0)
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def digests(config, metas, key=KEY):
 
 
 def test_resolved_params_overlay_class_defaults_config_and_variant(config, metas):
-    spec = resolve_run_spec(config, RunKey("uzad", "siad_llm", "wo_si", "mvtec", "visa"), metas)
+    spec = resolve_run_spec(config, RunKey("uzad", "siad_llm", "wo_si", "mvtec", "visa", 0), metas)
     defaults = get_method_class("siad_llm").defaults
     assert set(spec.params) == set(defaults) - spec_module.PLACEMENT_PARAMS
     assert spec.params["self_improvement"] is False  # the variant
@@ -106,7 +107,7 @@ def test_dataset_content_changes_the_stamp_but_not_the_planned_digest(config, me
 
 
 def test_a_data_option_changes_exactly_the_runs_of_the_datasets_it_shapes(config, metas):
-    medical = RunKey("uzad", "clip", "default", "none", "headct")
+    medical = RunKey("uzad", "clip", "default", "none", "headct", 0)
     before = [resolve_run_spec(config, k, metas).planned_digest for k in (KEY, medical)]
     config["data"]["options"]["medical_protocol"] = "dra_75_25"
     after = [resolve_run_spec(config, k, metas).planned_digest for k in (KEY, medical)]
@@ -158,11 +159,11 @@ def test_package_data_globs_are_all_hashed():
 
 
 def test_every_module_the_run_loop_reaches_is_hashed_or_exempt_with_a_reason():
-    from siad.engine.spec import EVALUATION_MODULES, UNHASHED_MODULES, evaluation_code_modules
+    from siad.engine.spec import EVALUATION_MODULES, TRAINING_MODULES, UNHASHED_MODULES, evaluation_code_modules
 
     method_side = ("siad.methods", "siad.backbones", "siad.prompts", "siad.llm")
     unaccounted = {m for m in evaluation_code_modules()
-                   if m not in EVALUATION_MODULES and not m.startswith(method_side)
+                   if m not in EVALUATION_MODULES + TRAINING_MODULES and not m.startswith(method_side)
                    and not any(m == u or m.startswith(u + ".") for u in UNHASHED_MODULES if u != "siad")
                    and m != "siad"}
     assert unaccounted == set()
@@ -182,7 +183,10 @@ def test_spec_differences_names_the_changed_keys(config, metas):
     config["seed"] = 3
     config["methods"]["anomalygpt"]["params"]["epochs"] = 5
     b = resolve_run_spec(config, KEY, metas).identity()
-    assert spec_differences(a, b) == ["params.epochs", "seed"]
+    assert spec_differences(a, b) == ["config_seed", "params.epochs"]
+    c = resolve_run_spec(config, dataclasses.replace(KEY, seed=42), metas)
+    assert spec_differences(b, c.identity()) == ["seed"]
+    assert c.training_digest != resolve_run_spec(config, KEY, metas).training_digest
 
 
 def test_the_device_is_specified_as_configured_so_every_host_plans_alike(config, metas):

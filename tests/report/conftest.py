@@ -60,15 +60,17 @@ def _make_run(
     half_width: float = 0.02,
     seed: int = 0,
     confidence: float = 0.95,
+    run_seed: int = 0,
 ) -> dict[str, Any]:
-    """A metrics.json dict with seeded bootstrap-like replicates around the means."""
+    """A metrics.json dict with seeded (``seed``) bootstrap-like replicates around the means; ``run_seed`` is the
+    run's training seed."""
     rng = np.random.default_rng(seed)
     means = {"image_auroc": image, "pixel_auroc": pixel}
     ci = {k: None if v is None else [v - half_width, v + half_width] for k, v in means.items()}
     reps = {k: [] if v is None else list(v + rng.normal(0.0, half_width / 2, n_replicates)) for k, v in means.items()}
     return {
         "run": {"profile": "demo" if demo else "paper", "demo": demo, "setting": setting, "method": method,
-                "variant": variant, "source": "mvtec", "target": target, "eval_size": [256, 256], "seed": 0},
+                "variant": variant, "source": "mvtec", "target": target, "eval_size": [256, 256], "seed": run_seed},
         "classes": {},
         "mean": means,
         "ci": ci,

@@ -47,13 +47,13 @@ def test_table1_asks_for_one_run_per_target():
 
 def test_run_key_uses_the_protocol_source_for_trained_methods():
     config = demo_config()
-    assert run_key(config, "uzad", "test_trained_toy", "default", "mvtec") == RunKey(
-        "uzad", "test_trained_toy", "default", "visa", "mvtec")
-    assert run_key(config, "uzad", "test_trained_toy", "default", "headct").source == "br35h"
-    assert run_key(config, "uzad", "clip", "default", "headct").source == NO_SOURCE
+    assert run_key(config, "uzad", "test_trained_toy", "default", "mvtec", 0) == RunKey(
+        "uzad", "test_trained_toy", "default", "visa", "mvtec", 0)
+    assert run_key(config, "uzad", "test_trained_toy", "default", "headct", 0).source == "br35h"
+    assert run_key(config, "uzad", "clip", "default", "headct", 0).source == NO_SOURCE
     config["protocol"] = [{"source": "mvtec", "targets": ["visa"]}]
     with pytest.raises(ConfigError, match="no protocol target"):
-        run_key(config, "uzad", "test_trained_toy", "default", "sdd")
+        run_key(config, "uzad", "test_trained_toy", "default", "sdd", 0)
 
 
 def test_required_runs_are_unique_and_cover_every_table(llm_config):

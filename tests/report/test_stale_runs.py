@@ -13,7 +13,7 @@ from siad.errors import DataError
 from siad.report.runs import refuse_stale_runs, stale_runs
 
 ROOT = Path(__file__).resolve().parents[2]
-KEY = RunKey("uzad", "anomalygpt", "default", "mvtec", "visa")
+KEY = RunKey("uzad", "anomalygpt", "default", "mvtec", "visa", 0)
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def config(tmp_path, monkeypatch):
 
 def stamped_run(config, key=KEY):
     ident = {"setting": key.setting, "method": key.method, "variant": key.variant, "source": key.source,
-             "target": key.target}
+             "target": key.target, "seed": key.seed}
     run = {"run": ident, "mean": {"image_auroc": 0.75}}
     stamp = {**resolve_run_spec(config, key).stamp(), "results_digest": results_digest(run)}
     return {**run, "spec": stamp, "_source": f"results/{key.target}.json"}
@@ -39,7 +39,7 @@ def test_a_current_run_passes(config):
 
 
 @pytest.mark.parametrize(("mutate", "changed"), [
-    (lambda c, tmp: c.update(seed=7), "seed"),
+    (lambda c, tmp: c.update(seed=7), "config_seed"),
     (lambda c, tmp: c["methods"]["anomalygpt"]["params"].update(epochs=3), "params.epochs"),
     (lambda c, tmp: c["evaluation"].update(size=32), "evaluation.size"),
     (lambda c, tmp: (tmp / "results/demo/datasets/visa/meta.json").write_text("{}"), "datasets.visa"),
@@ -50,33 +50,33 @@ def test_a_run_of_another_specification_is_refused_naming_the_change_and_the_com
     config = copy.deepcopy(config)
     mutate(config, tmp_path)
     stale = stale_runs(config, [run])
-    assert list(stale) == ["run_uzad_anomalygpt_mvtec"]
-    assert len(stale["run_uzad_anomalygpt_mvtec"]) == 1
-    line = stale["run_uzad_anomalygpt_mvtec"][0]
+    assert list(stale) == ["run_uzad_anomalygpt_seed0_mvtec"]
+    assert len(stale["run_uzad_anomalygpt_seed0_mvtec"]) == 1
+    line = stale["run_uzad_anomalygpt_seed0_mvtec"][0]
     assert "results/visa.json" in line and changed in line
     with pytest.raises(DataError, match="1 run\\(s\\) were computed under another") as err:
         refuse_stale_runs(config, [run])
-    assert "--forcerun run_uzad_anomalygpt_mvtec (plus" in str(err.value)
+    assert "--forcerun run_uzad_anomalygpt_seed0_mvtec (plus" in str(err.value)
 
 
 def test_stale_runs_of_several_jobs_get_one_command(config):
-    runs = [stamped_run(config), stamped_run(config, RunKey("uzad", "clip", "default", "none", "visa"))]
+    runs = [stamped_run(config), stamped_run(config, RunKey("uzad", "clip", "default", "none", "visa", 0))]
     config["seed"] = 5
     with pytest.raises(DataError, match="2 run") as err:
         refuse_stale_runs(config, runs)
-    assert "--forcerun run_uzad_anomalygpt_mvtec run_uzad_clip_none (plus" in str(err.value)
+    assert "--forcerun run_uzad_anomalygpt_seed0_mvtec run_uzad_clip_seed0_none (plus" in str(err.value)
 
 
 def test_a_run_without_a_stamp_is_refused(config):
     run = stamped_run(config)
     del run["spec"]
-    assert "(no specification stamp)" in stale_runs(config, [run])["run_uzad_anomalygpt_mvtec"][0]
+    assert "(no specification stamp)" in stale_runs(config, [run])["run_uzad_anomalygpt_seed0_mvtec"][0]
     run["spec"] = {"digest": "x", "spec": "not a mapping"}
-    assert "(no specification stamp)" in stale_runs(config, [run])["run_uzad_anomalygpt_mvtec"][0]
+    assert "(no specification stamp)" in stale_runs(config, [run])["run_uzad_anomalygpt_seed0_mvtec"][0]
 
 
 def test_a_hand_edited_number_is_refused(config):
     run = stamped_run(config)
     run["mean"]["image_auroc"] = 0.123
-    lines = stale_runs(config, [run])["run_uzad_anomalygpt_mvtec"]
+    lines = stale_runs(config, [run])["run_uzad_anomalygpt_seed0_mvtec"]
     assert "edited after the run" in lines[0]

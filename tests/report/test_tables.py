@@ -97,7 +97,7 @@ def test_duplicate_runs_for_a_cell_fail(runs, reference, toy, make_run) -> None:
     twin = make_run("clip", "visa", 0.5, 0.5)
     twin["_source"] = "results/demo/uzad/clip/default/mvtec/visa/again.json"
     _run_for(runs, "clip", "visa")["_source"] = "results/demo/uzad/clip/default/mvtec/visa/metrics.json"
-    with pytest.raises(DataError, match="2 runs match.*visa/metrics.json.*again.json"):
+    with pytest.raises(DataError, match="2 runs of one seed match.*visa/metrics.json.*again.json"):
         _table1(runs + [twin], reference, toy)
 
 
@@ -180,3 +180,60 @@ def test_metric_must_be_set_exactly_once(make_run) -> None:
     clash = [RowSpec(("r",), {"target": "u"}, metric="image_auroc")]
     with pytest.raises(ConfigError, match="select different"):
         build_claim_table(runs, clash, [ColumnSpec("t", {"target": "t"})], name="x", title="x", row_header=("r",))
+
+
+# --- training seeds ------------------------------------------------------------------------------------------
+
+
+def _seeded_runs(make_run: Any, values: dict[int, float], targets=("mvtec", "visa")) -> list[dict[str, Any]]:
+    """SIAD-LLM runs of several training seeds (image AUROC ``values[seed]`` + 0.01 per target), no pixel level."""
+    return [make_run("siad_llm", t, values[s] + 0.01 * k, None, run_seed=s, seed=100 * s + k)
+            for s in values for k, t in enumerate(targets)]
+
+
+def _seed_table(runs: list[dict[str, Any]]) -> Any:
+    rows = [RowSpec(("SIAD-LLM",), {"method": "siad_llm"}, "image_auroc", {"MVTecAD": 60.0, AVERAGE: 60.0})]
+    columns = [ColumnSpec("MVTecAD", {"target": "mvtec"}), ColumnSpec("VisA", {"target": "visa"})]
+    return build_claim_table(runs, rows, columns, name="t", title="t", row_header=("method",), average=True)
+
+
+def test_a_cell_of_several_seeds_shows_their_mean_and_spread(make_run) -> None:
+    values = {0: 0.60, 42: 0.70, 111: 0.80}
+    cell = _seed_table(_seeded_runs(make_run, values)).cell(("SIAD-LLM",), "MVTecAD")
+    assert cell.seeds == 3
+    assert cell.reproduced == pytest.approx(70.0)
+    assert cell.std == pytest.approx(10.0)  # sample standard deviation of 60, 70, 80
+    # the interval pools the seeds' replicates: it spans the seeds, wider than any single run's interval
+    assert cell.ci[0] < 61.0 and cell.ci[1] > 79.0
+
+
+def test_one_seed_keeps_the_run_interval_and_no_spread(make_run, runs, reference, toy) -> None:
+    cell = _seed_table(_seeded_runs(make_run, {0: 0.6})).cell(("SIAD-LLM",), "MVTecAD")
+    assert cell.seeds == 1 and cell.std is None
+    assert cell.reproduced == pytest.approx(60.0) and cell.ci == pytest.approx((58.0, 62.0))
+
+
+def test_the_average_is_taken_per_seed_then_over_seeds(make_run) -> None:
+    table = _seed_table(_seeded_runs(make_run, {0: 0.60, 1: 0.64}))
+    average = table.cell(("SIAD-LLM",), AVERAGE)
+    per_seed = [np.mean([0.60, 0.61]), np.mean([0.64, 0.65])]
+    assert average.reproduced == pytest.approx(100 * np.mean(per_seed))
+    assert average.std == pytest.approx(100 * np.std(per_seed, ddof=1))
+    assert average.seeds == 2 and average.ci[0] < 100 * per_seed[0] < 100 * per_seed[1] < average.ci[1]
+
+
+def test_an_average_over_columns_run_with_different_seeds_is_not_computed(make_run) -> None:
+    runs = [r for r in _seeded_runs(make_run, {0: 0.6, 1: 0.7})
+            if not (r["run"]["seed"] == 1 and r["run"]["target"] == "visa")]
+    table = _seed_table(runs)
+    assert table.cell(("SIAD-LLM",), "VisA").seeds == 1 and table.cell(("SIAD-LLM",), "MVTecAD").seeds == 2
+    assert table.cell(("SIAD-LLM",), AVERAGE).reproduced is None
+    assert any("different training seeds" in note for note in table.notes)
+
+
+def test_seed_interval_pools_the_replicates_and_ignores_nan() -> None:
+    from siad.report.tables import seed_interval
+
+    low, high = seed_interval([[0.1, 0.2, float("nan")], [0.8, 0.9, None]], 0.5)
+    assert (low, high) == pytest.approx(tuple(np.quantile([0.1, 0.2, 0.8, 0.9], [0.25, 0.75])))
+    assert seed_interval([[None], []], 0.95) is None

@@ -1,4 +1,4 @@
-# Runs: one job per (setting, method, source) of the runs the tables and the figure need. A job trains each
+# Runs: one job per (setting, method, training seed, source) of the runs the tables and the figure need. A job trains each
 # variant of the method on the source (trained methods; an intact model whose training fingerprint matches is
 # reused), then evaluates every target of that variant, writing per-run metrics.json (stamped with the run's
 # specification digest) and predictions.npz. One process per group pays the imports, the model build and the
@@ -20,13 +20,14 @@ for _group in RUN_GROUPS:
             runs=[(k.variant, k.target) for k in _group.keys],
             setting=_group.setting,
             method=_group.method,
+            seed=_group.seed,
             source=_group.source,
             datasets=_group.datasets,
             spec=PLAN.group_params(_group),
         log:
-            f"{RESULTS}/logs/runs/{_group.setting}/{_group.method}/{_group.source}.log",
+            f"{RESULTS}/logs/runs/{_group.log_name}.log",
         benchmark:
-            f"{RESULTS}/benchmarks/runs/{_group.setting}/{_group.method}/{_group.source}.tsv"
+            f"{RESULTS}/benchmarks/runs/{_group.log_name}.tsv"
         conda:
             "../envs/siad.yaml"
         script:

@@ -15,7 +15,7 @@ def main(smk) -> None:
     from siad.engine.runs import run_group
 
     p = smk.params
-    keys = [RunKey(p.setting, p.method, variant, p.source, target) for variant, target in p.runs]
+    keys = [RunKey(p.setting, p.method, variant, p.source, target, p.seed) for variant, target in p.runs]
     planned = dict(zip(keys, (entry.rpartition("=")[2] for entry in p.spec), strict=True))
     run_group(smk.config, keys, meta_paths=dict(zip(p.datasets, map(Path, smk.input.meta), strict=True)),
               results_root=results_root(smk.config), expected_digests=planned)
