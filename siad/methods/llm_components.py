@@ -14,7 +14,8 @@ released code (CASIA-IVA-Lab/AnomalyGPT @f21c51b) is the reference where it diff
 - :class:`ConvPromptLearner` is the released ``PromptLearner(1, 4096)``: a 5-stage conv net maps the
   224² anomaly map to 9 LLM embeddings appended after 9 learnable base prompts.
 - :func:`focal_loss` and :func:`dice_loss` are the segmentation losses (γ=2, smooth 1e-5; dice
-  smooth 1). ``dice_loss(per_image=False)`` keeps the released squeeze bug as a documented switch.
+  smooth 1). ``dice_loss(per_image=False)`` keeps the released squeeze bug as a documented switch. They live in
+  :mod:`siad.methods.losses` (shared with AnomalyCLIP) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from siad.errors import ConfigError
+from siad.methods.losses import binarize_target, dice_loss, focal_loss
 
 __all__ = [
     "StageDecoder",
@@ -191,51 +193,3 @@ class ConvPromptLearner(nn.Module):
         grid = self.meta_net(anomaly_map)  # [B, dim_out, 3, 3]
         image_prompts = grid.flatten(2).transpose(1, 2)  # [B, 9, dim_out], row-major
         return torch.cat([self.base_prompts.unsqueeze(0).expand(batch, -1, -1), image_prompts], dim=1)
-
-
-def binarize_target(target: Tensor, threshold: float = 0.5) -> Tensor:
-    """Float {0, 1} mask: ``target > threshold`` (AnomalyGPT's soft synthetic labels use 0.3)."""
-    return (target > threshold).to(torch.float32)
-
-
-def _check_map_pair(name: str, pred: Tensor, pred_shape: tuple[int, ...], target: Tensor) -> None:
-    if tuple(pred.shape) != pred_shape or target.dim() != 3:
-        raise ConfigError(f"{name}: shapes do not match, got {tuple(pred.shape)} and target {tuple(target.shape)}.")
-
-
-def focal_loss(
-    probs: Tensor, target: Tensor, *, gamma: float = 2.0, eps: float = 1e-5, threshold: float = 0.5
-) -> Tensor:
-    """Focal loss on probabilities [B, 2, H, W] against a mask [B, H, W] (spec §0, α=1).
-
-    One-hot target clamped to [eps, 1−eps]; p_t = Σ_c onehot·P + eps; loss = mean over all pixels of
-    −(1−p_t)^γ·log p_t. The target is binarised at ``threshold`` first.
-    """
-    b, h, w = target.shape if target.dim() == 3 else (-1, -1, -1)
-    _check_map_pair("focal_loss (probs [B,2,H,W], target [B,H,W])", probs, (b, 2, h, w), target)
-    labels = binarize_target(target, threshold).long()
-    onehot = F.one_hot(labels, num_classes=2).permute(0, 3, 1, 2).to(probs.dtype)
-    onehot = onehot.clamp(eps, 1.0 - eps)
-    p_t = (onehot * probs).sum(dim=1) + eps
-    return (-((1.0 - p_t) ** gamma) * torch.log(p_t)).mean()
-
-
-def dice_loss(
-    prob_abnormal: Tensor, target: Tensor, *, per_image: bool = True, threshold: float = 0.5, smooth: float = 1.0
-) -> Tensor:
-    """Dice loss 1 − mean_b (2Σpg+1)/(Σp+Σg+1) on [B, H, W] maps; finite on empty masks.
-
-    ``per_image=True`` (default) is the method's dice: one coefficient per image. ``per_image=False``
-    reproduces the released code, which squeezes the mask first: at batch size 1 every *row* becomes a
-    "sample", so the loss is a per-row dice averaged over rows (spec §6); for B > 1 it equals the
-    per-image dice.
-    """
-    _check_map_pair("dice_loss (prob_abnormal [B,H,W], target [B,H,W])", prob_abnormal, tuple(target.shape), target)
-    g = binarize_target(target, threshold).to(prob_abnormal.dtype)
-    p = prob_abnormal
-    if per_image or p.shape[0] != 1:
-        p, g = p.flatten(1), g.flatten(1)
-    else:  # released squeeze bug: [1, H, W] → [H, W], rows are the samples
-        p, g = p[0], g[0]
-    coeff = (2.0 * (p * g).sum(dim=1) + smooth) / (p.sum(dim=1) + g.sum(dim=1) + smooth)
-    return 1.0 - coeff.mean()
