@@ -474,3 +474,39 @@ def test_perceptual_near_duplicates_are_reported_not_refused(workspace, mvtec_mo
                         metrics_path=tmp_path / "m.json", predictions_path=tmp_path / "p.npz")
     assert [train, victim] in [pair[:2] for pair in body["near_duplicates"]]
     assert json.loads((tmp_path / "m.json").read_text())["near_duplicates"] == body["near_duplicates"]
+
+
+# --- settings and training seeds ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setting", ["uzad", "pseudo", "zad"])
+def test_every_setting_trains_on_its_own_set_and_records_it(workspace, setting):
+    tmp, config, metas = workspace
+    model_dir = tmp / "settings" / setting
+    key = RunKey(setting, "test_mean_image", "default", "mvtec", "", 0)
+    method = fit_run(config, key, meta_path=metas["mvtec"], model_dir=model_dir)
+    assert method.seen_setting == setting
+    info = json.loads((model_dir / "model.json").read_text())
+    expected = {"uzad": (12, 0), "pseudo": (12, 7), "zad": (16, 8)}[setting]  # 0.55 of 12 rounds to 7
+    assert (info["training_set"]["images"], info["training_set"]["anomalous"]) == expected
+    # the content leakage guard knows every image the model saw: the source's test split under zad
+    test_hashes = {r["sha256"] for rs in json.loads(metas["mvtec"].read_text())["test"].values() for r in rs}
+    seen = {r["sha256"] for r in info["training_images"]}
+    assert bool(seen & test_hashes) == (setting == "zad")
+
+
+def test_the_same_seed_gives_identical_numbers_and_another_seed_differs(workspace):
+    tmp, config, metas = workspace
+
+    def run(seed: int, folder: str) -> dict:
+        key = RunKey("pseudo", "test_mean_image", "default", "mvtec", "visa", seed)
+        runs.run_group(config, [key], meta_paths=metas, results_root=tmp / folder, progress=False)
+        body = json.loads((key.run_dir(tmp / folder) / "metrics.json").read_text())
+        assert body["run"]["seed"] == seed and f"seed{seed}" in str(key.run_dir(tmp / folder))
+        return body
+
+    first, again, other = run(0, "seeds_a"), run(0, "seeds_b"), run(1, "seeds_a")
+    assert first["mean"] == again["mean"] and first["classes"] == again["classes"]
+    assert first["mean"] != other["mean"]  # another training seed: other pseudo-anomalies, another model
+    assert other["spec"]["spec"]["seed"] == 1 and other["spec"]["spec"]["config_seed"] == first["spec"]["spec"][
+        "config_seed"]

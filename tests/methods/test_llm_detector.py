@@ -62,3 +62,29 @@ def test_demo_schedule_moves_the_weights_on_the_smallest_demo_source(name, mvtec
     assert len(method.loss_history) >= 2
     after = method.trainable.state_dict()
     assert [k for k in before if torch.equal(before[k], after[k])] == []
+
+
+@pytest.mark.parametrize("setting", ["zad", "pseudo"])
+def test_given_labels_train_without_twins_and_answer_from_the_masks(setting, tiny_llm_params, mvtec_standin,
+                                                                    monkeypatch):
+    """Under zad (real anomalies) and pseudo (the engine's pseudo-anomalies) the LLM detectors train on the set's
+    images with their labels and masks, 2 x batch_size a step; only uzad makes the method's own NSA twins."""
+    from siad.engine.settings import TrainingSetRequest, build_training_set
+
+    method = build_method("anomalygpt", tiny_llm_params, seed=0)
+    root, meta = mvtec_standin
+    data = build_training_set(TrainingSetRequest(
+        setting=setting, name="mvtec", root=root, meta=meta, classes=["bottle"], normal_images="train",
+        transform=method.transform, input_size=method.input_size, seed=0, options={"anomalous_fraction": 0.5}))
+    batches = []
+    monkeypatch.setattr(method, "training_batch", lambda *a, **k: pytest.fail("uzad's twins made under " + setting))
+    real_loss = method.training_loss
+    monkeypatch.setattr(method, "training_loss", lambda batch: batches.append(batch) or real_loss(batch))
+    method.fit(data, setting)
+    per_step = 2 * tiny_llm_params["batch_size"]
+    assert [len(b["answers"]) for b in batches] == [per_step] * (len(data) // per_step) + (
+        [len(data) % per_step] if len(data) % per_step else [])
+    answers = [a for b in batches for a in b["answers"]]
+    anomalous = [bool(m.any()) for b in batches for m in b["mask"]]
+    assert any(anomalous) and not all(anomalous)
+    assert all(a.startswith("Yes") == flag for a, flag in zip(answers, anomalous))
