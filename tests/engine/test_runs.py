@@ -263,7 +263,8 @@ def test_run_group_trains_each_variant_once_then_reuses_the_current_model(worksp
     config = copy.deepcopy(config)
     config["methods"]["test_mean_image"]["variants"] = {"small": {"size": 16}}
     results = tmp / "group_results"
-    keys = [RunKey("uzad", "test_mean_image", v, "mvtec", t, 0) for v in ("default", "small") for t in ("visa", "headct")]
+    keys = [RunKey("uzad", "test_mean_image", v, "mvtec", t, 0)
+            for v in ("default", "small") for t in ("visa", "headct")]
     fits = []
     real_fit = runs.fit_run
     monkeypatch.setattr(runs, "fit_run", lambda *a, **k: fits.append(a[1].variant) or real_fit(*a, **k))
