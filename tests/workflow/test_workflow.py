@@ -12,7 +12,7 @@ import yaml
 
 from siad.data.registry import get_dataset
 from siad.engine.protocol import protocol_runs
-from siad.report.paper import required_runs
+from siad.plan import build_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.workflow
@@ -46,14 +46,18 @@ def dry_run_jobs(output: str) -> list[tuple[str, dict[str, str], list[str]]]:
     return parsed
 
 
-def run_jobs(output: str) -> dict[str, list[tuple[str, str, str, str]]]:
-    """rule name -> (method, variant, source, target) of the runs each ``run_*`` job writes (from its outputs)."""
+def run_paths(output: str) -> dict[str, list[tuple[str, ...]]]:
+    """rule name -> (setting, method, variant, seed folder, source, target) of the runs each ``run_*`` job writes."""
     jobs = {}
     for rule, _, outputs in dry_run_jobs(output):
         if rule.startswith("run_"):
-            parts = [Path(o).parts for o in outputs if o.endswith("metrics.json")]
-            jobs[rule] = [(p[-5], p[-4], p[-3], p[-2]) for p in parts]
+            jobs[rule] = [Path(o).parts[-7:-1] for o in outputs if o.endswith("metrics.json")]
     return jobs
+
+
+def run_jobs(output: str) -> dict[str, list[tuple[str, str, str, str]]]:
+    """rule name -> (method, variant, source, target) of the runs each ``run_*`` job writes (from its outputs)."""
+    return {rule: [(m, v, s, t) for _, m, v, _, s, t in runs] for rule, runs in run_paths(output).items()}
 
 
 def write_config(tmp_path: Path, config: dict) -> Path:
@@ -67,22 +71,31 @@ def demo_config() -> dict:
 
 
 @pytest.mark.parametrize("profile", ["config.yaml", "demo.yaml"])
-def test_dry_run_has_one_job_per_setting_method_source_covering_every_required_run(tmp_path, profile):
+def test_dry_run_has_one_job_per_setting_method_seed_source_covering_every_required_run(tmp_path, profile):
     config = yaml.safe_load((ROOT / "config" / profile).read_text())
     result = snakemake(tmp_path, "-n", "all", configfile=ROOT / "config" / profile)
     assert result.returncode == 0, result.stderr + result.stdout
-    jobs = run_jobs(result.stdout + result.stderr)
-    runs = [run for group in jobs.values() for run in group]
-    required = [(k.method, k.variant, k.source, k.target) for k in required_runs(config)]
-    assert len(runs) == len(set(runs)) and set(required) <= set(runs)
-    for rule, group in jobs.items():
-        assert len({(m, s) for m, _, s, _ in group}) == 1, rule  # one (method, source) per job
+    paths = run_paths(result.stdout + result.stderr)
+    runs = [run for group in paths.values() for run in group]
+    required = [(k.setting, k.method, k.variant, k.seed_folder, k.source, k.target) for k in build_plan(config).runs]
+    assert len(runs) == len(set(runs)) and set(runs) == set(required)
+    for rule, group in paths.items():
+        assert len({(st, m, sd, s) for st, m, _, sd, s, _ in group}) == 1, rule  # one (setting, method, seed, source)
+    seeds = {f"seed{s}" for s in config["training"]["seeds"]}
+    trained = {(st, m) for st, m, _, sd, s, _ in runs if s != "none"}
+    assert {st for st, _ in trained} == {"uzad", "pseudo", "zad"}  # Tables 1 and 2, the ZAD table
+    for setting, method in trained:  # every trained run under every training seed
+        assert {sd for st, m, _, sd, _, _ in runs if (st, m) == (setting, method)} == seeds
+    assert {sd for _, _, _, sd, s, _ in runs if s == "none"} == {f"seed{config['seed']}"}  # training-free: once
     table1 = [
         (key.method, key.variant, key.source, key.target)
         for key in protocol_runs(config["protocol"], setting="uzad", method="clip", variant="default",
-                                 training_free=True)
+                                 training_free=True, seeds=[config["seed"]])
     ]
-    assert len(table1) == 9 and sorted(jobs["run_uzad_clip_none"]) == sorted(table1)
+    clip_rule = f"run_uzad_clip_seed{config['seed']}_none"
+    assert len(table1) == 9 and sorted(run_jobs(result.stdout + result.stderr)[clip_rule]) == sorted(table1)
+    print(f"{profile}: {len(paths)} run jobs, {len(runs)} runs")
+    jobs = run_jobs(result.stdout + result.stderr)
     siad = [run for rule, group in jobs.items() if "siad_llm" in rule for run in group]
     assert {v for _, v, _, _ in siad} == {"default", *config["methods"]["siad_llm"]["variants"]}
 
@@ -97,13 +110,13 @@ def test_trained_method_gets_one_job_per_source(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     jobs = run_jobs(output)
-    assert sorted(jobs) == ["run_uzad_anovl_none", "run_uzad_clip_none", "run_uzad_test_mean_image_br35h",
-                            "run_uzad_test_mean_image_mvtec"]
+    assert sorted(jobs) == ["run_uzad_anovl_seed0_none", "run_uzad_clip_seed0_none",
+                            "run_uzad_test_mean_image_seed0_br35h", "run_uzad_test_mean_image_seed0_mvtec"]
     for source in ("mvtec", "br35h"):
         targets = next(e["targets"] for e in config["protocol"] if e["source"] == source)
-        assert sorted(jobs[f"run_uzad_test_mean_image_{source}"]) == sorted(
+        assert sorted(jobs[f"run_uzad_test_mean_image_seed0_{source}"]) == sorted(
             ("test_mean_image", "default", source, t) for t in targets)
-    assert sorted(t for _, _, _, t in jobs["run_uzad_clip_none"]) == ["headct", "sdd", "visa"]
+    assert sorted(t for _, _, _, t in jobs["run_uzad_clip_seed0_none"]) == ["headct", "sdd", "visa"]
     assert not [rule for rule, _, _ in dry_run_jobs(output) if rule in ("fit", "evaluate")]
 
 
@@ -198,7 +211,8 @@ def test_tiny_demo_end_to_end_and_resumable(tiny_run):
 
 # --- reruns: a change reruns exactly the jobs that depend on it, nothing else --------------------------------
 
-RUN_JOBS = {"run_uzad_clip_none", "run_uzad_anovl_none", "run_uzad_anomalygpt_mvtec", "run_uzad_anomalygpt_br35h"}
+RUN_JOBS = {"run_uzad_clip_seed0_none", "run_uzad_anovl_seed0_none", "run_uzad_anomalygpt_seed0_mvtec",
+            "run_uzad_anomalygpt_seed0_br35h"}
 TINY_DATASETS = ("mvtec", "visa", "sdd", "br35h", "headct")
 PREPARE = {f"prepare_dataset[{d}]" for d in TINY_DATASETS}
 STANDIN = {f"synthesize_standin[{d}]" for d in TINY_DATASETS}
@@ -224,21 +238,28 @@ def dry_run_with(tmp_path: Path, mutate=None, preload: Path | None = None) -> se
 
 @pytest.mark.parametrize(("mutate", "expected"), [
     (None, set()),
-    (lambda c: c["methods"]["clip"]["params"].update(logit_scale=50.0), {"run_uzad_clip_none", "report", "speed"}),
+    (lambda c: c["methods"]["clip"]["params"].update(logit_scale=50.0),
+     {"run_uzad_clip_seed0_none", "report", "speed"}),
     (lambda c: c["methods"]["anomalygpt"]["params"].update(lr=0.002),
-     {"run_uzad_anomalygpt_mvtec", "run_uzad_anomalygpt_br35h", "report", "speed"}),
+     {"run_uzad_anomalygpt_seed0_mvtec", "run_uzad_anomalygpt_seed0_br35h", "report", "speed"}),
     (lambda c: c["evaluation"].update(size=16), RUN_JOBS | {"report"}),
     (lambda c: c["evaluation"].update(aupro_limit=0.05), RUN_JOBS | {"report"}),
-    (lambda c: c.update(seed=7), RUN_JOBS | PREPARE | STANDIN | {"report", "speed"}),
+    # the top-level seed seeds the stand-ins, the frozen random weights and the bootstrap; with no training.seeds it is
+    # also the one training seed, so every run moves to seed7
+    (lambda c: c.update(seed=7), {j.replace("seed0", "seed7") for j in RUN_JOBS} | PREPARE | STANDIN
+     | {"report", "speed"}),
+    # another training seed adds that seed's jobs of the trained method; the seed-0 runs stay as they are
+    (lambda c: c["training"].update(seeds=[0, 5]),
+     {"run_uzad_anomalygpt_seed5_mvtec", "run_uzad_anomalygpt_seed5_br35h", "report"}),
     (lambda c: c["data"]["standin"].update(n_test_normal=4), RUN_JOBS | PREPARE | STANDIN | {"report"}),
     (lambda c: c["data"]["options"].update(medical_protocol="dra_75_25"),
-     {"prepare_dataset[br35h]", "prepare_dataset[headct]", "run_uzad_clip_none", "run_uzad_anomalygpt_br35h",
-      "report"}),
+     {"prepare_dataset[br35h]", "prepare_dataset[headct]", "run_uzad_clip_seed0_none",
+      "run_uzad_anomalygpt_seed0_br35h", "report"}),
     (lambda c: c["methods"]["clip"].update(display_name="CLIP (ViT-L)"), {"report"}),
     (lambda c: c["methods"]["clip"].update(variants={"cold": {"logit_scale": 10.0}}), set()),  # no table uses it
     (lambda c: c["datasets"]["visa"].update(classes=["candle", "pcb1"]),
-     {"synthesize_standin[visa]", "prepare_dataset[visa]", "run_uzad_clip_none", "run_uzad_anovl_none",
-      "run_uzad_anomalygpt_mvtec", "report"}),
+     {"synthesize_standin[visa]", "prepare_dataset[visa]", "run_uzad_clip_seed0_none", "run_uzad_anovl_seed0_none",
+      "run_uzad_anomalygpt_seed0_mvtec", "report"}),
 ])
 def test_a_config_change_reruns_exactly_the_jobs_that_depend_on_it(tiny_run, mutate, expected):
     tmp_path, _ = tiny_run
@@ -252,7 +273,7 @@ def test_a_changed_default_in_code_reruns_that_method_only(tiny_run, tmp_path):
                        "cls = get_method_class('anomalygpt')\n"
                        "cls.defaults = {**cls.defaults, 'label_threshold': 0.4}\n")
     assert dry_run_with(workdir, preload=preload) == {
-        "run_uzad_anomalygpt_mvtec", "run_uzad_anomalygpt_br35h", "report", "speed"}
+        "run_uzad_anomalygpt_seed0_mvtec", "run_uzad_anomalygpt_seed0_br35h", "report", "speed"}
 
 
 def test_an_edited_image_re_prepares_its_dataset_and_reruns_its_readers(tiny_run):
@@ -295,8 +316,8 @@ def test_the_report_refuses_a_stale_metrics_file(tiny_run):
         os.utime(metrics, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     log = (tmp_path / "results" / "demo" / "logs" / "report.log").read_text()
     assert result.returncode != 0 and "computed under another run specification" in log
-    assert "uzad/clip/default/none/visa/metrics.json" in log and "stamp does not match" in log
-    assert "--forcerun run_uzad_clip_none" in log
+    assert "uzad/clip/default/seed0/none/visa/metrics.json" in log and "stamp does not match" in log
+    assert "--forcerun run_uzad_clip_seed0_none" in log
     assert not tables.exists() or tables.read_bytes() == before
 
 
