@@ -1,4 +1,4 @@
-"""The workflow plan, computed once at start-up: the validated config, every run the tables and the figure need,
+"""The workflow plan, computed once at start-up: the validated config, every run the tables and the figures need,
 their jobs, and the digests that decide what Snakemake reruns.
 
 This module sits above the config, engine and report layers (it imports all three; none of them imports it),
@@ -11,7 +11,7 @@ so the config never has to know about tables. The Snakefile builds one :class:`W
   folder (:func:`siad.data.folder_state.dataset_state_param`), so an edited image or a changed option
   prepares it again;
 - stand-ins: their options, seed and generator code;
-- the report, the figure and the speed table: their config sections and code.
+- the report, the figures and the speed table: their config sections and code.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from siad.engine.protocol import RunKey
 from siad.engine.runs import RunGroup, group_runs
 from siad.engine.spec import RunSpec, method_code_hash, resolve_run_spec
 from siad.report.checks import check_report_config
-from siad.report.figures import figure4_runs
 from siad.report.paper import required_runs
+from siad.report.paper_figures import figure_runs
 
 #: The code every dataset's preparation runs (besides its own converter), hashed as it is.
 PREPARATION_MODULES = ("siad.data.prepare", "siad.data.records", "siad.data.imageio", "siad.data.converters.common",
@@ -48,7 +48,7 @@ class WorkflowPlan:
     """What one Snakemake invocation will build, resolved once."""
 
     config: Mapping[str, Any]
-    runs: tuple[RunKey, ...]  # every run the configured tables and the figure read
+    runs: tuple[RunKey, ...]  # every run the configured tables and figures read
     groups: tuple[RunGroup, ...]  # one job each
     specs: Mapping[RunKey, RunSpec]
 
@@ -57,12 +57,12 @@ class WorkflowPlan:
         return [f"{k.variant}/{k.target}={self.specs[k].planned_digest}" for k in group.keys]
 
     def report_params(self) -> str:
-        """Digest of what the tables read besides the metrics files: the report config and the report code."""
+        """Digest of what the tables and figures read besides the run files: the report config and the report code."""
         section = {"report": self.config["report"], "protocol": self.config["protocol"],
                    "names": {m: e.get("display_name") for m, e in self.config["methods"].items()},
                    "profile": self.config["profile"], "demo": self.config["demo"]}
-        return json_digest({"config": section, "version": siad.__version__,
-                       "code": modules_hash(("siad.report.paper", "siad.report.figures"))})
+        code = modules_hash(("siad.report.paper", "siad.report.figures", "siad.report.paper_figures"))
+        return json_digest({"config": section, "version": siad.__version__, "code": code})
 
     def speed_params(self) -> str:
         """Digest of what the speed table depends on: its section, its rows' resolved method params (code defaults
@@ -81,8 +81,8 @@ class WorkflowPlan:
 
 
 def build_plan(config: Mapping[str, Any]) -> WorkflowPlan:
-    """Validate ``config`` and resolve the run specification of every run it needs."""
-    runs = tuple(dict.fromkeys([*required_runs(config), *figure4_runs(config)]))
+    """Validate ``config`` and resolve the run specification of every run its tables and figures need."""
+    runs = tuple(dict.fromkeys([*required_runs(config), *figure_runs(config)]))
     specs = {key: resolve_run_spec(config, key) for key in runs}
     return WorkflowPlan(config=config, runs=runs, groups=tuple(group_runs(runs)), specs=specs)
 

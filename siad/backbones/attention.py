@@ -188,6 +188,7 @@ def variant_features(
     ln_post: bool = False,
     project: bool = False,
     run_original: bool = True,
+    positional_embedding: Tensor | None = None,
 ) -> VariantFeatures:
     """Run the original stream and the variant's stream in one pass; return both at ``taps``.
 
@@ -200,6 +201,8 @@ def variant_features(
             uses both on the last V-V tokens).
         run_original: single path only: False skips the original stream after ``start_block`` (no
             ``original`` taps beyond it, no image embedding). The dual path always needs it.
+        positional_embedding: replaces the model's own positional embedding (``[1 + N, D]``, e.g. AnomalyCLIP's
+            run-time bilinear resize, :func:`siad.backbones.features.resize_positional_embedding`); None keeps it.
     """
     if variant.path == "dual" and not run_original:
         raise ConfigError("a dual-path attention variant reads the original stream: run_original must be True")
@@ -207,7 +210,7 @@ def variant_features(
     taps = normalize_taps(taps, len(blocks))
     start = variant.resolve_start(len(blocks))
     wanted = set(taps)
-    original: Tensor | None = embed_images(visual, images)
+    original: Tensor | None = embed_images(visual, images, positional_embedding)
     modified: Tensor | None = None
     tapped_original: dict[int, Tensor] = {}
     tapped_modified: dict[int, Tensor] = {}

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from siad.errors import ConfigError
@@ -30,6 +32,7 @@ __all__ = [
     "embed_images",
     "image_embedding",
     "normalize_taps",
+    "resize_positional_embedding",
     "split_tokens",
     "stage_features",
     "tokens_to_grid",
@@ -121,10 +124,52 @@ def check_images(visual: nn.Module, images: Tensor) -> None:
         )
 
 
-def embed_images(visual: nn.Module, images: Tensor) -> Tensor:
-    """Patch embedding + CLS + positional embedding + ``ln_pre``: the input of block 0, ``[B, 1 + N, D]``."""
-    check_images(visual, images)
-    return visual._embeds(images)
+def resize_positional_embedding(
+    positional_embedding: Tensor, grid: int, *, mode: str = "bilinear", antialias: bool = False
+) -> Tensor:
+    """A ViT positional embedding ``[1 + g², D]`` resized to ``[1 + grid², D]``: the CLS row kept, the patch rows
+    resized as a ``g×g`` image with ``F.interpolate(mode, align_corners=False)``.
+
+    ``mode="bilinear"`` without antialias is AnomalyCLIP's run-time resize (its ``VisionTransformer.forward``);
+    ``mode="bicubic", antialias=True`` is what open_clip's ``resize_pos_embed`` does when weights are loaded at
+    another ``image_size``.
+    """
+    side = round((positional_embedding.shape[0] - 1) ** 0.5)
+    if positional_embedding.ndim != 2 or side * side + 1 != positional_embedding.shape[0]:
+        raise ConfigError(
+            f"positional embedding of shape {tuple(positional_embedding.shape)} is not [1 + g², D] (CLS + square grid)"
+        )
+    if side == grid:
+        return positional_embedding
+    width = positional_embedding.shape[1]
+    patches = positional_embedding[1:].reshape(1, side, side, width).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=(grid, grid), mode=mode, align_corners=False, antialias=antialias)
+    patches = patches.permute(0, 2, 3, 1).reshape(grid * grid, width)
+    return torch.cat([positional_embedding[:1], patches], dim=0)
+
+
+def embed_images(visual: nn.Module, images: Tensor, positional_embedding: Tensor | None = None) -> Tensor:
+    """Patch embedding + CLS + positional embedding + ``ln_pre``: the input of block 0, ``[B, 1 + N, D]``.
+
+    ``positional_embedding`` (``[1 + N, D]``) replaces the model's own, e.g. one resized at run time
+    (:func:`resize_positional_embedding`) for images larger than the model was built for; the images must then
+    give ``N`` patches. None (default) is the model's own ``_embeds``.
+    """
+    if positional_embedding is None:
+        check_images(visual, images)
+        return visual._embeds(images)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ConfigError(f"images of shape {tuple(images.shape)} are not [B, 3, H, W]")
+    x = visual.conv1(images)  # [B, D, gh, gw], as open_clip's VisionTransformer._embeds
+    if x.shape[-2] * x.shape[-1] + 1 != positional_embedding.shape[0]:
+        raise ConfigError(
+            f"images of shape {tuple(images.shape)} give {x.shape[-2]}x{x.shape[-1]} patches, but the positional "
+            f"embedding has {positional_embedding.shape[0] - 1} patch rows; resize it to the images' grid"
+        )
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+    cls = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
+    x = torch.cat([cls, x], dim=1) + positional_embedding.to(x.dtype)
+    return visual.ln_pre(visual.patch_dropout(x))
 
 
 def image_embedding(visual: nn.Module, stream: Tensor) -> Tensor:
@@ -175,6 +220,7 @@ def stage_features(
     ln_post: bool = False,
     project: bool = False,
     with_image_embedding: bool = True,
+    positional_embedding: Tensor | None = None,
 ) -> StageFeatures:
     """Tokens after each block in ``taps`` and the final image embedding, from one forward pass.
 
@@ -186,12 +232,13 @@ def stage_features(
             Raw tokens by default (AnomalyGPT's taps are raw residual tokens).
         with_image_embedding: run all blocks and return ``encode_image``'s output; False stops after the
             last tap (cheaper when only early blocks are needed) and returns None for it.
+        positional_embedding: replaces the model's own (see :func:`embed_images`); None keeps it.
     """
     blocks = vision_blocks(visual)
     taps = normalize_taps(taps, len(blocks))
     last = len(blocks) - 1 if with_image_embedding else max(taps)
     wanted = set(taps)
-    stream = embed_images(visual, images)
+    stream = embed_images(visual, images, positional_embedding)
     recorded: dict[int, Tensor] = {}
     for index, block in enumerate(blocks[: last + 1]):
         stream = block(stream)

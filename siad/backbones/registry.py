@@ -141,6 +141,8 @@ _add(BackboneSpec("openai-vit-l-14-336", "ViT-L-14-336", "openai", 336, quick_ge
 # The same weights at 518 px (37x37 grid). FiLo, AdaCLIP and AA-CLIP build the model from a config without
 # quick_gelu, so they run *exact* GELU on OpenAI weights (spec: reproduce this); AnomalyCLIP keeps QuickGELU.
 _add(BackboneSpec("openai-vit-l-14-336-518-gelu", "ViT-L-14-336", "openai", 518, quick_gelu=False, taps=L14_TAPS))
+# QuickGELU at 518 with open_clip's bicubic load-time resize. AnomalyCLIP does NOT use this entry: it builds
+# `openai-vit-l-14-336` at 336 and resizes the positional embedding bilinearly at run time, as its release does.
 _add(BackboneSpec("openai-vit-l-14-336-518-quickgelu", "ViT-L-14-336", "openai", 518, quick_gelu=True, taps=L14_TAPS))
 # AnoVL (and WinCLIP): ViT-B-16-plus-240, LAION-400M. The released AnoVL code uses `laion400m_e32`
 # (test_zero_shot.sh); the paper says e31. open_clip 3.3's cfg for this tag points its `hf_hub` at the
@@ -168,6 +170,12 @@ _add(BackboneSpec("tiny-vit-demo", "tiny-ViT-demo", None, 64, taps=(0, 1, 2, 3))
 # tiny-vit-l14-demo: ViT-L/14-shaped stand-in for the 518-px CLIP-family entries (8 blocks, patch 14,
 # 112 px: 8x8 grid), taps 6/12/18/24 of 24 scaled to 2/4/6/8 of 8.
 _add(BackboneSpec("tiny-vit-l14-demo", "tiny-ViT-L-14-demo", None, 112, taps=(1, 3, 5, 7)))
+# tiny-vit-l14-quickgelu-demo: AnomalyCLIP's demo stand-in for the QuickGELU OpenAI ViT-L/14@336 (built at its native
+# size, run larger with AnomalyCLIP's run-time bilinear resize of the positional embedding): 8 blocks, patch 14,
+# built at 56 px (4x4 grid) and run at 112 px (8x8 grid); a 12-block text tower so the 8 compound prompts of depth 9
+# run as in the paper. Taps 6/12/18/24 of 24 scaled to 2/4/6/8 of 8.
+_add(BackboneSpec("tiny-vit-l14-quickgelu-demo", "tiny-ViT-L-14-quickgelu-demo", None, 56, quick_gelu=True,
+                  taps=(1, 3, 5, 7)))
 # tiny-vit-b16plus-demo: ViT-B/16+-shaped stand-in for AnoVL (12 blocks so "V-V on all 12 blocks" runs as
 # in the paper; width 48, patch 16, 112 px: 7x7 grid, odd like the real 15x15); AnoVL's taps 3/6/9/12.
 _add(BackboneSpec("tiny-vit-b16plus-demo", "tiny-ViT-B-16-plus-demo", None, 112, taps=B16_PLUS_TAPS))

@@ -3,8 +3,9 @@
 ``runs`` reads metrics.json files, ``reference`` the claimed numbers, ``tables`` builds the generic
 :class:`ClaimTable` (and paper Tables 1/2), ``render`` writes Markdown / LaTeX / CSV, ``claims``
 lists every claimed number with a verdict. ``paper`` is the registry of rendered tables (``siad_tables``:
-SIAD-LLM Tables 3-5; ``llm_tables``: the LLM-judgement side table), ``orderings`` checks the papers'
-ordering claims, ``figures`` draws the Figure-4-style qualitative figure.
+SIAD-LLM Tables 3-5; ``setting_tables``: Table 2 and the ZAD table; ``llm_tables``: the LLM-judgement side
+table), ``orderings`` checks the papers' ordering claims, ``figures`` draws the Figure-4-style qualitative
+figure (and holds the panel code), ``paper_figures`` SIAD-LLM Figures 1 and 2.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ from typing import Any
 
 from siad.config import method_variants
 from siad.errors import ConfigError, SiadError
-from siad.report.figures import figure4_runs
 from siad.report.paper import required_runs
+from siad.report.paper_figures import figure_runs
 
 
 def check_report_config(config: Mapping[str, Any]) -> None:
@@ -27,25 +27,28 @@ def check_report_config(config: Mapping[str, Any]) -> None:
 
 
 def _check_report_methods(config: Mapping[str, Any]) -> None:
-    """The methods named by the report sections (tables, LLM side table, ablations, figure) must be configured."""
+    """The methods named by the report sections (tables, LLM side table, ablations, figures) must be configured."""
     report = config["report"]
     named = {"table1/methods": report["table1"]["methods"],
              "table7/methods": report.get("table7", {}).get("methods", []),
              "llm_judgement/methods": report.get("llm_judgement", {}).get("methods", []),
              "siad_ablations/method": [report["siad_ablations"]["method"]] if "siad_ablations" in report else [],
-             "figure4/methods": report.get("figure4", {}).get("methods", [])}
+             **{f"{name}/{key}": report.get(name, {}).get(key, [])
+                for name, key in (("table2", "methods"), ("table2", "repeat_uzad"), ("zad", "methods"),
+                                  ("figure1", "methods"), ("figure2", "methods"), ("figure4", "methods"))}}
     for key, methods in named.items():
         for name in methods:
             if name not in config["methods"]:
                 raise ConfigError(f"report/{key}: {name!r} is not listed under `methods`")
-    for name in report.get("figure4", {}).get("datasets", []):
-        if name not in config["datasets"]:
-            raise ConfigError(f"report/figure4/datasets: {name!r} is not listed under `datasets`")
+    for figure in ("figure2", "figure4"):
+        for name in report.get(figure, {}).get("datasets", []):
+            if name not in config["datasets"]:
+                raise ConfigError(f"report/{figure}/datasets: {name!r} is not listed under `datasets`")
 
 
 def _check_report_runs(config: Mapping[str, Any]) -> None:
-    """Every run a configured table or the figure needs must name a configured method, variant and dataset."""
-    for key in [*required_runs(config), *figure4_runs(config)]:
+    """Every run a configured table or figure needs must name a configured method, variant and dataset."""
+    for key in [*required_runs(config), *figure_runs(config)]:
         if key.method not in config["methods"]:
             raise ConfigError(f"report: a table needs method {key.method!r}, which is not listed under `methods`")
         if key.variant not in method_variants(config, key.method):

@@ -3,7 +3,9 @@
 A claim is "inside CI" when the printed claimed value lies in the closed bootstrap interval of the
 reproduced number (compared exactly as printed, no tolerance for the paper's rounding), "outside CI"
 otherwise, "no CI" when we have a number but no interval, and "not reproduced" when we have no
-number (missing run, or metric not defined). Cells without a claimed number are not listed.
+number (missing run, or metric not defined). Cells without a claimed number are not listed. The claims of a
+method this suite does not run (rows of status ``not_run``: not implemented yet, or not configured) are listed
+with the verdict "not run" and left out of the checked counts.
 
 Tables may also carry ordering claims (:class:`~siad.report.tables.OrderCheck`, e.g. "the full
 model has the highest Average"); they follow in a section of their own.
@@ -16,15 +18,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from siad.errors import DataError
-from siad.report.render import DEMO_STAMP, fmt_pct
-from siad.report.tables import ORDER_VERDICTS, Cell, ClaimTable
+from siad.report.render import DEMO_STAMP, NOT_RUN_TEXT, fmt_pct
+from siad.report.tables import NOT_RUN, ORDER_VERDICTS, Cell, ClaimTable
 
 INSIDE, OUTSIDE, NO_CI, NOT_REPRODUCED = "inside CI", "outside CI", "no CI", "not reproduced"
 VERDICTS = (INSIDE, OUTSIDE, NO_CI, NOT_REPRODUCED)
+#: The verdict of a claim whose method is not run: listed, never counted as checked.
+NOT_RUN_VERDICT = "not run"
 
 
 def verdict(cell: Cell) -> str:
     """The verdict for a cell that has a claimed number."""
+    if cell.status == NOT_RUN:
+        return NOT_RUN_VERDICT
     if cell.reproduced is None:
         return NOT_REPRODUCED
     if cell.ci is None:
@@ -110,7 +116,10 @@ def _unclaimed_count(tables: Sequence[ClaimTable]) -> int:
 def _summary(rows: Sequence[ClaimRow], unclaimed: int) -> str:
     counts = Counter(r.verdict for r in rows)
     parts = ", ".join(f"{counts[v]} {v}" for v in VERDICTS)
-    return (f"**{len(rows)} claimed numbers checked:** {parts}. "
+    checked = len(rows) - counts[NOT_RUN_VERDICT]
+    not_run = (f" {counts[NOT_RUN_VERDICT]} claimed numbers belong to methods this suite does not run: listed as "
+               f"\"{NOT_RUN_VERDICT}\", not checked." if counts[NOT_RUN_VERDICT] else "")
+    return (f"**{checked} claimed numbers checked:** {parts}.{not_run} "
             f"({unclaimed} reproduced numbers have no claim and are not listed.)")
 
 
@@ -148,7 +157,8 @@ def claims_check(tables: Sequence[ClaimTable]) -> str:
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for r in rows:
         keys = list(r.row) if key_header != ["row"] else [" / ".join(r.row)]
-        values = [r.table, *keys, r.column, fmt_pct(r.cell.claimed), fmt_pct(r.cell.reproduced),
+        reproduced = NOT_RUN_TEXT if r.verdict == NOT_RUN_VERDICT else fmt_pct(r.cell.reproduced)
+        values = [r.table, *keys, r.column, fmt_pct(r.cell.claimed), reproduced,
                   _fmt_diff(r.difference), _fmt_ci(r.cell), r.verdict]
         lines.append("| " + " | ".join(map(_escape, values)) + " |")
     lines += _ordering_section(tables)

@@ -22,6 +22,10 @@ Choices (the paper does not say how its examples were picked):
   dataset. Panels are resized to ``size`` × ``size`` (images bilinear, masks nearest).
 * A dataset without masks (the medical ones) shows "(no ground-truth mask)" in the mask column; a run
   that recorded no answers shows "(no answer recorded)" under its maps.
+
+The panel code (choice of images, scaled maps, the image | mask | maps grid) is shared with the qualitative
+panel of Figure 2(b) (:mod:`siad.report.paper_figures`), which shows maps without answers; :func:`save_figure`
+writes every figure.
 """
 
 from __future__ import annotations
@@ -56,14 +60,17 @@ ANSWER_MAX = 240  # longer answers are cut (with "…") so the figure stays read
 
 
 @dataclass(frozen=True)
-class Figure4Spec:
-    """What the figure shows (``report.figure4``, checked)."""
+class PanelSpec:
+    """What a qualitative panel shows (``report.figure4``, or Figure 2(b)'s part of ``report.figure2``)."""
 
     methods: tuple[str, ...]
     datasets: tuple[str, ...]
     count: int
     setting: str = "uzad"
     size: int = 224
+
+
+Figure4Spec = PanelSpec  # the name the Figure-4 code and its tests use
 
 
 @dataclass
@@ -181,15 +188,15 @@ def _answer(run: _RunData, i: int) -> str:
     return text if len(text) <= ANSWER_MAX else text[: ANSWER_MAX - 1] + "…"
 
 
-def _dataset_examples(config: Config, spec: Figure4Spec, dataset: str, predictions: Sequence[Path],
-                      meta: Path) -> list[Example]:
+def _dataset_examples(config: Config, spec: PanelSpec, dataset: str, predictions: Sequence[Path],
+                      meta: Path, section: str = SECTION) -> list[Example]:
     runs = [_read_run(path) for path in predictions]
     first = runs[0].arrays
     picks = select_examples(first["cls_names"], first["img_paths"], first["labels"], spec.count,
                             dataset_rng(int(config["seed"]), dataset))
     if not picks:
         raise DataError(f"{runs[0].source}: no anomalous test image to show; check the dataset's test split "
-                        f"or remove {dataset!r} from report/{SECTION}/datasets")
+                        f"or remove {dataset!r} from report/{section}/datasets")
     root = dataset_root(config, dataset)
     masks = {r["img_path"]: r["mask_path"] for rs in load_meta(meta)["test"].values() for r in rs}
     examples = []
@@ -226,26 +233,45 @@ def collect_examples(config: Config, predictions: Sequence[str | Path], metas: S
     spec = figure4_spec(config)
     if spec is None:
         raise ConfigError(f"report/{SECTION} is not configured; add it (methods, datasets, count) to draw the figure")
+    examples, demo = panel_examples(config, spec, SECTION, predictions, metas)
+    return spec, examples, demo
+
+
+def panel_examples(config: Config, spec: PanelSpec, section: str, predictions: Sequence[str | Path],
+                   metas: Sequence[str | Path]) -> tuple[list[Example], bool]:
+    """The rows of a qualitative panel (datasets in ``spec`` order) and whether its runs are demo runs.
+
+    ``predictions``: the runs' predictions.npz files, dataset-major with methods in ``spec.methods`` order, each
+    with its metrics.json beside it; ``metas``: the datasets' meta.json files in ``spec.datasets`` order.
+
+    Raises:
+        ConfigError: the number of files does not match ``spec`` (``section`` names the config key).
+        DataError: a run's predictions or metrics are missing or inconsistent.
+    """
     n = len(spec.methods)
     if len(predictions) != n * len(spec.datasets) or len(metas) != len(spec.datasets):
-        raise ConfigError(f"report/{SECTION}: {len(predictions)} predictions and {len(metas)} dataset indexes given "
-                          f"for {len(spec.datasets)} datasets x {n} methods; pass the files of figure4_runs(config)")
+        raise ConfigError(f"report/{section}: {len(predictions)} predictions and {len(metas)} dataset indexes given "
+                          f"for {len(spec.datasets)} datasets x {n} methods; pass the files of its runs")
     paths = [Path(p) for p in predictions]
     demo = demo_flag(load_runs([p.parent / "metrics.json" for p in paths]))
     examples = [e for k, d in enumerate(spec.datasets)
-                for e in _dataset_examples(config, spec, d, paths[k * n:(k + 1) * n], Path(metas[k]))]
-    return spec, examples, demo or bool(config["demo"])
+                for e in _dataset_examples(config, spec, d, paths[k * n:(k + 1) * n], Path(metas[k]), section)]
+    return examples, demo or bool(config["demo"])
 
 
 # --- drawing -----------------------------------------------------------------------------------
 
 
-def _title(setting: str, demo: bool, width: int) -> str:
-    """The figure title wrapped to ``width`` characters; demo figures start with the demo stamp."""
-    title = textwrap.fill(f"Qualitative results, {setting.upper()} (in the style of SIAD-LLM Fig. 4): anomalous test "
-                          "images, ground truth, anomaly maps (scaled per method and dataset) and each method's "
-                          "LLM answer", width)
+def stamped_title(text: str, demo: bool, width: int) -> str:
+    """A figure title wrapped to ``width`` characters; demo figures start with the demo stamp."""
+    title = textwrap.fill(text, width)
     return (textwrap.fill(DEMO_STAMP, width) + "\n\n" + title) if demo else title
+
+
+def _title(setting: str, demo: bool, width: int) -> str:
+    return stamped_title(f"Qualitative results, {setting.upper()} (in the style of SIAD-LLM Fig. 4): anomalous test "
+                         "images, ground truth, anomaly maps (scaled per method and dataset) and each method's "
+                         "LLM answer", demo, width)
 
 
 def draw_figure4(examples: Sequence[Example], method_names: Sequence[str], *, setting: str, demo: bool) -> Any:
@@ -255,7 +281,16 @@ def draw_figure4(examples: Sequence[Example], method_names: Sequence[str], *, se
     n_cols = 2 + len(method_names)
     width_in = 1.9 * n_cols
     fig = Figure(figsize=(width_in, 2.6 * len(examples) + (1.4 if demo else 0.8)), layout="constrained")
-    axes = np.asarray(fig.subplots(len(examples), n_cols, squeeze=False))
+    draw_examples(fig, examples, method_names, answers=True)
+    fig.suptitle(_title(setting, demo, int(15 * width_in)), fontsize=8, color="darkred" if demo else "black")
+    return fig
+
+
+def draw_examples(target: Any, examples: Sequence[Example], method_names: Sequence[str], *, answers: bool) -> None:
+    """Draw a panel into ``target`` (a matplotlib Figure or SubFigure): one row per example, image | mask | one map
+    per method overlaid on the image; ``answers``: each method's LLM answer under its map."""
+    n_cols = 2 + len(method_names)
+    axes = np.asarray(target.subplots(len(examples), n_cols, squeeze=False))
     headers = ["Image", "Ground truth", *method_names]
     for r, example in enumerate(examples):
         row = axes[r]
@@ -269,14 +304,13 @@ def draw_figure4(examples: Sequence[Example], method_names: Sequence[str], *, se
         for ax, anomaly_map, answer in zip(row[2:], example.maps, example.answers):
             ax.imshow(example.image)
             ax.imshow(anomaly_map, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
-            ax.set_xlabel(textwrap.fill(answer, ANSWER_WIDTH), fontsize=6)
+            if answers:
+                ax.set_xlabel(textwrap.fill(answer, ANSWER_WIDTH), fontsize=6)
         for c, ax in enumerate(row):
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(headers[c], fontsize=9)
-    fig.suptitle(_title(setting, demo, int(15 * width_in)), fontsize=8, color="darkred" if demo else "black")
-    return fig
 
 
 def _save_atomic(fig: Any, path: Path, fmt: str) -> Path:
@@ -292,9 +326,20 @@ def _save_atomic(fig: Any, path: Path, fmt: str) -> Path:
     return path
 
 
+def save_figure(fig: Any, out_dir: str | Path, stem: str) -> list[Path]:
+    """Write ``fig`` as ``<stem>.png`` and ``<stem>.pdf`` into ``out_dir``, each atomically; return the paths."""
+    return [_save_atomic(fig, Path(out_dir) / f"{stem}.{ext}", ext) for ext in FORMATS]
+
+
 def render_figure4(config: Config, predictions: Sequence[str | Path], metas: Sequence[str | Path],
                    out_dir: str | Path) -> list[Path]:
     """Draw the figure (inputs as in :func:`collect_examples`); write ``<FIGURE_STEM>.{png,pdf}`` to ``out_dir``."""
     spec, examples, demo = collect_examples(config, predictions, metas)
     fig = draw_figure4(examples, [display(config, m) for m in spec.methods], setting=spec.setting, demo=demo)
-    return [_save_atomic(fig, Path(out_dir) / f"{FIGURE_STEM}.{ext}", ext) for ext in FORMATS]
+    return save_figure(fig, out_dir, FIGURE_STEM)
+
+
+# --- several training seeds -----------------------------------------------------------------------------------
+
+#: The fields of a run's identity that tell its cell apart; runs differing only in ``seed`` share a cell.
+CELL_FIELDS = ("profile", "demo", "setting", "method", "variant", "source", "target")

@@ -24,7 +24,14 @@ from siad.report.claims import claims_check
 from siad.report.reference import load_reference
 from siad.report.render import write_table, write_text_atomic
 from siad.report.runs import load_runs, refuse_stale_runs
-from siad.report.tables import ClaimTable, ColumnSpec, RowSpec, build_claim_table, build_table1
+from siad.report.tables import (
+    ClaimTable,
+    ColumnSpec,
+    RowSpec,
+    build_claim_table,
+    build_table1,
+    reference_methods,
+)
 
 Config = Mapping[str, Any]
 
@@ -85,7 +92,21 @@ def protocol_targets(config: Config) -> dict[str, str]:
 
 
 def display(config: Config, method: str) -> str:
+    """The row label of ``method`` (its ``display_name``, matching the paper's)."""
     return config["methods"][method]["display_name"]
+
+
+def target_runs(config: Config, setting: str, methods: Sequence[str], targets: Sequence[str] | None = None
+                ) -> list[RunKey]:
+    """Every run of ``methods`` (default variant, all their seeds) on ``targets`` (default: every protocol target)
+    under ``setting``, method-major; training-free methods' one run (:func:`run_setting`)."""
+    targets = list(protocol_targets(config)) if targets is None else targets
+    return [key for m in methods for t in targets for key in run_keys(config, setting, m, "default", t)]
+
+
+def setting_overrides(config: Config, methods: Sequence[str], setting: str) -> dict[str, str]:
+    """Method -> the setting its runs carry in a table of ``setting`` (the training-free ones' one setting)."""
+    return {m: run_setting(m, setting) for m in methods}
 
 
 # --- SIAD-LLM Table 1 ---------------------------------------------------------------------------
@@ -93,21 +114,28 @@ def display(config: Config, method: str) -> str:
 
 def _table1_runs(config: Config) -> list[RunKey]:
     section = config["report"]["table1"]
-    setting = section.get("setting", "uzad")
-    return [key for method in section["methods"] for target in protocol_targets(config)
-            for key in run_keys(config, setting, method, "default", target)]
+    return target_runs(config, section.get("setting", "uzad"), section["methods"])
+
+
+def medical_targets(datasets: Mapping[str, str]) -> set[str]:
+    """The medical datasets among ``datasets`` (config names): no pixel level there."""
+    return {d for d in datasets if get_dataset(d).domain == "medical"}
 
 
 def _table1(config: Config, runs: Sequence[Mapping[str, Any]], reference: pd.DataFrame) -> ClaimTable:
+    """Table 1 in the paper's row order: the reference's methods not in ``report.table1.methods`` are "not run"."""
     section = config["report"]["table1"]
     datasets = protocol_targets(config)
+    setting = section.get("setting", "uzad")
     return build_table1(
         runs,
         reference,
         methods={m: display(config, m) for m in section["methods"]},
         datasets=datasets,
-        medical={d for d in datasets if get_dataset(d).domain == "medical"},
-        setting=section.get("setting", "uzad"),
+        medical=medical_targets(datasets),
+        setting=setting,
+        setting_overrides=setting_overrides(config, section["methods"], setting),
+        order=reference_methods(reference),
     )
 
 
@@ -312,9 +340,9 @@ def variant_row(config: Config, key: str, method: str, variant: str, claimed: Ma
 
 __all__ = [
     "PAPER_TABLES", "PaperTable", "build_claim_table", "industrial_targets", "protocol_targets", "render_report",
-    "required_runs", "run_key", "table_columns", "variant_row",
+    "required_runs", "run_key", "run_keys", "run_setting", "table_columns", "target_runs", "variant_row",
 ]
 
 
 # Tables defined in their own modules register themselves in PAPER_TABLES when imported.
-from siad.report import llm_tables, siad_tables  # noqa: E402, F401
+from siad.report import llm_tables, setting_tables, siad_tables  # noqa: E402, F401

@@ -1,7 +1,8 @@
 """Render a :class:`~siad.report.tables.ClaimTable` as Markdown, LaTeX (booktabs) and long CSV.
 
 Every cell reads "reproduced (claimed)": the reproduced number first, the paper's claim after it
-in parentheses (smaller in LaTeX), both in percent with one decimal as in the paper. Demo outputs
+in parentheses (smaller in LaTeX), both in percent with one decimal as in the paper. A number measured under
+several training seeds reads "mean ± std (claimed)" (the sample standard deviation over the seeds). Demo outputs
 carry :data:`DEMO_STAMP` on their first line so they cannot be mistaken for real results.
 """
 
@@ -13,18 +14,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 from siad.files import write_text_atomic
-from siad.report.tables import MISSING, NOT_APPLICABLE, Cell, ClaimTable
+from siad.report.tables import MISSING, NOT_APPLICABLE, NOT_RUN, Cell, ClaimTable
 
 DEMO_STAMP = (
     "DEMO OUTPUT: these numbers come from synthetic stand-in data and random-initialised models; "
     "they are NOT comparable to the paper."
 )
 LEGEND = (
-    "Each cell: reproduced (claimed by the paper), in percent; "
-    "n/a = not reported / not defined; – = not applicable (no pixel masks); missing = no run found."
+    "Each cell: reproduced (claimed by the paper), in percent; mean ± std over training seeds where several; "
+    "n/a = not reported / not defined; – = not applicable (no pixel masks); missing = no run found; "
+    "not run = a method of the paper this suite does not run (the claim only)."
 )
+#: The reproduced side of a cell whose method is not run (status ``not_run``).
+NOT_RUN_TEXT = "not run"
 DASH = "–"
-CSV_VALUE_FIELDS = ("reproduced", "claimed", "ci_low", "ci_high", "status")
+CSV_VALUE_FIELDS = ("reproduced", "claimed", "ci_low", "ci_high", "status", "std", "seeds")
 
 
 def fmt_pct(value: float | None) -> str:
@@ -33,11 +37,15 @@ def fmt_pct(value: float | None) -> str:
 
 
 def reproduced_text(cell: Cell) -> str:
-    """The reproduced part of a cell: a number, "n/a", "missing" or "–"."""
+    """The reproduced part of a cell: a number, "n/a", "missing", "not run" or "–"."""
     if cell.status == NOT_APPLICABLE:
         return DASH
     if cell.status == MISSING:
         return MISSING
+    if cell.status == NOT_RUN:
+        return NOT_RUN_TEXT
+    if cell.std is not None and cell.reproduced is not None:
+        return f"{fmt_pct(cell.reproduced)} ± {fmt_pct(cell.std)}"
     return fmt_pct(cell.reproduced)
 
 
@@ -107,6 +115,7 @@ _LATEX_SPECIALS = {
     "~": r"\textasciitilde{}",
     "^": r"\textasciicircum{}",
     DASH: "--",
+    "±": r"$\pm$",
 }
 
 
@@ -118,7 +127,7 @@ def latex_escape(text: str) -> str:
 def _tex_cell(table: ClaimTable, cell: Cell) -> str:
     if cell.status == NOT_APPLICABLE:
         return "--"
-    return f"{reproduced_text(cell)} {{\\scriptsize({latex_escape(claimed_text(table, cell))})}}"
+    return f"{latex_escape(reproduced_text(cell))} {{\\scriptsize({latex_escape(claimed_text(table, cell))})}}"
 
 
 def _tex_rows(table: ClaimTable) -> list[str]:
@@ -172,7 +181,8 @@ def _csv_number(value: float | None) -> str:
 
 def render_csv(table: ClaimTable) -> str:
     """Long format, one line per cell: table, <row key fields>, <column header>, reproduced, claimed,
-    ci_low, ci_high, status (percent, full precision; empty = none). Demo: a '#' first line."""
+    ci_low, ci_high, status, std, seeds (percent, full precision; empty = none; ``seeds``: how many training seeds
+    the reproduced number averages). Demo: a '#' first line."""
     out = io.StringIO()
     for line in _stamp_lines(table, "# "):
         out.write(line + "\n")
@@ -183,7 +193,8 @@ def render_csv(table: ClaimTable) -> str:
             cell = table.cell(row, column)
             low, high = cell.ci if cell.ci is not None else (None, None)
             values = [cell.reproduced, cell.claimed, low, high]
-            writer.writerow([table.name, *row, column, *map(_csv_number, values), cell.status])
+            writer.writerow([table.name, *row, column, *map(_csv_number, values), cell.status,
+                             _csv_number(cell.std), cell.seeds if cell.reproduced is not None else ""])
     return out.getvalue()
 
 

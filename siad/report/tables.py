@@ -29,6 +29,9 @@ from siad.report.runs import ci_value, confidence, demo_flag, matching_runs, mea
 OK = "ok"
 MISSING = "missing"
 NOT_APPLICABLE = "not_applicable"
+#: A row of a method the paper compares with but this suite did not run (not implemented yet, or not listed in the
+#: table's ``methods``): the paper's claims are shown, the reproduced side reads "not run", never blank or zero.
+NOT_RUN = "not_run"
 
 RowKey = tuple[str, ...]
 
@@ -38,7 +41,8 @@ LEVEL_METRICS: dict[str, str] = {"image": "image_auroc", "pixel": "pixel_auroc"}
 
 @dataclass(frozen=True)
 class Cell:
-    """One table cell, in percent. ``status``: ``ok``, ``missing`` (no run) or ``not_applicable``.
+    """One table cell, in percent. ``status``: ``ok``, ``missing`` (no run), ``not_applicable`` or ``not_run`` (a
+    method the suite does not run: the claim only).
 
     ``reproduced`` is the mean over the training seeds of the cell's runs (``seeds`` of them), ``std`` their sample
     standard deviation (None with one seed), ``ci`` the claims-check interval (:func:`seed_interval`)."""
@@ -110,6 +114,8 @@ class RowSpec:
 
     ``claimed`` maps column name -> claimed percent; ``None`` means the reference has no such row
     (shown as "n/a"). Columns in ``not_applicable`` are shown as "–" (e.g. pixel level of medical sets).
+    ``not_run``: the row's method is not run by this suite; its cells keep the claims with status ``not_run``
+    and no run is looked up.
     """
 
     key: RowKey
@@ -117,6 +123,7 @@ class RowSpec:
     metric: str | None = None
     claimed: Mapping[str, float | None] | None = None
     not_applicable: frozenset[str] = frozenset()
+    not_run: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,8 +159,12 @@ def _claim(row: RowSpec, column: str) -> float | None:
     return None if row.claimed is None else row.claimed.get(column)
 
 
-def _find_runs(runs: Sequence[Mapping[str, Any]], select: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """The runs of one cell, one per training seed, in seed order (empty when none matches)."""
+def runs_by_seed(runs: Sequence[Mapping[str, Any]], select: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The runs of one table cell or figure value, one per training seed, in seed order (empty when none matches).
+
+    Raises:
+        DataError: two matching runs have the same seed (a stale copy, or a selection that misses a field).
+    """
     found = matching_runs(runs, select)
     by_seed: dict[Any, list[Mapping[str, Any]]] = {}
     for run in found:
@@ -186,6 +197,13 @@ def seed_interval(replicates: Sequence[Sequence[float | None]], level: float) ->
     return float(low), float(high)
 
 
+def seed_mean(found: Sequence[Mapping[str, Any]], metric: str) -> float | None:
+    """The mean over seeds of ``metric`` (fraction) of one cell's runs; None when any seed's value is not defined
+    (a failed seed is never hidden behind the others)."""
+    values = [mean_value(run, metric) for run in found]
+    return None if not values or any(v is None for v in values) else float(np.mean(values))
+
+
 def _seed_spread(values: Sequence[float]) -> float | None:
     """Sample standard deviation over seeds (None with one seed)."""
     return float(np.std(values, ddof=1)) if len(values) > 1 else None
@@ -208,7 +226,7 @@ def _fill_cell(
         return Cell(claimed=claimed, status=NOT_APPLICABLE), []
     metric = _cell_metric(row, col)
     select = _cell_select(row, col)
-    found = _find_runs(runs, select)
+    found = runs_by_seed(runs, select)
     if not found:
         notes.append(f"missing run: {_describe(select)}")
         return Cell(claimed=claimed, status=MISSING), []
@@ -293,6 +311,12 @@ def _common_confidence(used: Sequence[Mapping[str, Any]]) -> float | None:
     return levels.pop() if levels else None
 
 
+def _not_run_cells(row: RowSpec, names: Sequence[str]) -> dict[str, Cell]:
+    """The cells of a row whose method is not run: its claims, status ``not_run`` ("–" where not applicable)."""
+    return {n: Cell(claimed=_claim(row, n), status=NOT_APPLICABLE if n in row.not_applicable else NOT_RUN)
+            for n in names}
+
+
 def _run_warnings(used: Sequence[Mapping[str, Any]]) -> list[str]:
     return [f"{run_label(r)}: {w}" for r in used for w in r.get("warnings", []) or []]
 
@@ -311,7 +335,7 @@ def build_claim_table(
     notes: Sequence[str] = (),
 ) -> ClaimTable:
     """Fill every (row, column) cell from exactly one matching run; optionally add an Average column
-    (with a bootstrap CI unless ``average_ci`` is False).
+    (with a bootstrap CI unless ``average_ci`` is False). Rows marked ``not_run`` keep their claims only.
 
     Raises:
         DataError: several runs match one cell, demo and real runs are mixed, or confidence levels differ.
@@ -321,7 +345,11 @@ def build_claim_table(
     all_notes = list(notes)
     cells: dict[tuple[RowKey, str], Cell] = {}
     used_all: list[Mapping[str, Any]] = []
+    names = [c.name for c in columns] + ([AVERAGE] if average else [])
     for row in rows:
+        if row.not_run:
+            cells.update({(row.key, n): cell for n, cell in _not_run_cells(row, names).items()})
+            continue
         row_cells: dict[str, Cell] = {}
         used: dict[str, list[Mapping[str, Any]]] = {}
         for col in columns:
@@ -341,7 +369,7 @@ def build_claim_table(
         title=title,
         row_header=tuple(row_header),
         row_keys=[r.key for r in rows],
-        columns=[c.name for c in columns] + ([AVERAGE] if average else []),
+        columns=names,
         cells=cells,
         notes=list(dict.fromkeys(all_notes)),
         demo=demo,
@@ -378,6 +406,28 @@ def average_scope_notes(reference: pd.DataFrame, columns: Sequence[str], keys: S
             "Average is shown as n/a and not checked (the reproduced Average is over the columns shown)."]
 
 
+def reference_methods(reference: pd.DataFrame) -> list[str]:
+    """The reference's ``method`` values in its row order, each once (the paper's row order of a table)."""
+    return list(dict.fromkeys(map(str, reference["method"]))) if "method" in reference.columns else []
+
+
+def method_rows(methods: Mapping[str, str], order: Sequence[str]) -> list[tuple[str | None, str]]:
+    """(config name, display name) per row: the display names of ``order`` first (config name None where no
+    configured method has that display name: a "not run" row), then the configured methods ``order`` lacks."""
+    by_display = {display: name for name, display in methods.items()}
+    rows: list[tuple[str | None, str]] = [(by_display.get(d), d) for d in dict.fromkeys(order)]
+    return rows + [(name, display) for name, display in methods.items() if display not in order]
+
+
+def _level_row(reference: pd.DataFrame, level: str, metric: str, method: str | None, display: str,
+               select: Mapping[str, Any], skip: frozenset[str], columns: Sequence[str]) -> RowSpec | None:
+    """One (level, method) row; a not-run method without claims at this level gets no row."""
+    claimed = reference_claims(reference, {"level": level, "method": display}, columns)
+    if method is None:
+        return None if claimed is None else RowSpec((level, display), {}, metric, claimed, skip, not_run=True)
+    return RowSpec((level, display), select, metric, claimed, skip)
+
+
 def dataset_rows(
     reference: pd.DataFrame,
     *,
@@ -388,12 +438,15 @@ def dataset_rows(
     variant: str = "default",
     setting_overrides: Mapping[str, str] | None = None,
     levels: Mapping[str, str] = LEVEL_METRICS,
+    order: Sequence[str] | None = None,
 ) -> tuple[list[RowSpec], list[str]]:
     """Rows of a (level, method) x dataset table like Tables 1 and 2, plus notes on absent claims.
 
     All methods of one level come before the next level. Levels whose metric is a pixel metric are
     not applicable on ``medical`` datasets. ``setting_overrides`` maps a method to another setting
-    (Table 2 repeats SIAD-LLM's UZAD row).
+    (Table 2 repeats SIAD-LLM's UZAD row; training-free methods have their one run). ``order``: the paper's
+    row order as display names (e.g. :func:`reference_methods`): its methods that are not configured become
+    "not run" rows keeping their claims (None: the configured methods only, in their order).
     """
     _check_names(medical, datasets)
     overrides = dict(setting_overrides or {})
@@ -403,13 +456,23 @@ def dataset_rows(
     rows, notes = [], []
     for level, metric in levels.items():
         skip = medical_names if metric.startswith("pixel") else frozenset()
-        for method, display in methods.items():
-            claimed = reference_claims(reference, {"level": level, "method": display}, columns)
-            if claimed is None:
-                notes.append(f"{source}: no {level}-level row for method {display!r}; its claims show as n/a")
+        for method, display in method_rows(methods, order or ()):
             select = {"setting": overrides.get(method, setting), "method": method, "variant": variant}
-            rows.append(RowSpec((level, display), select, metric, claimed, skip))
+            row = _level_row(reference, level, metric, method, display, select, skip, columns)
+            if method is not None and row.claimed is None:
+                notes.append(f"{source}: no {level}-level row for method {display!r}; its claims show as n/a")
+            if row is not None:
+                rows.append(row)
     return rows, notes
+
+
+def not_run_note(rows: Sequence[RowSpec]) -> list[str]:
+    """A note naming the rows of methods this suite did not run (none when every row ran)."""
+    names = list(dict.fromkeys(r.key[-1] for r in rows if r.not_run))
+    if not names:
+        return []
+    return [f"Not run: {', '.join(names)} (not implemented in this suite yet, or not listed in this table's "
+            "`methods`): their rows show the paper's claims only, and the claims check lists them as \"not run\"."]
 
 
 def build_dataset_table(
@@ -424,20 +487,23 @@ def build_dataset_table(
     setting: str,
     variant: str = "default",
     setting_overrides: Mapping[str, str] | None = None,
+    order: Sequence[str] | None = None,
+    notes: Sequence[str] = (),
 ) -> ClaimTable:
-    """A (level, method) x dataset table with an Average column (paper Tables 1 and 2).
+    """A (level, method) x dataset table with an Average column (paper Tables 1 and 2, the ZAD table).
 
     ``methods`` and ``datasets`` map config names to display names, in display order; display
-    names must match the reference's ``method`` values and column headers.
+    names must match the reference's ``method`` values and column headers. ``order``: see
+    :func:`dataset_rows`; ``notes`` come first in the table's notes.
     """
-    rows, notes = dataset_rows(
+    rows, row_notes = dataset_rows(
         reference, methods=methods, datasets=datasets, medical=medical, setting=setting,
-        variant=variant, setting_overrides=setting_overrides,
+        variant=variant, setting_overrides=setting_overrides, order=order,
     )
     columns = [ColumnSpec(display, {"target": cfg}) for cfg, display in datasets.items()]
-    notes = _reference_notes(reference, datasets, average=True) + notes
+    all_notes = [*notes, *not_run_note(rows), *_reference_notes(reference, datasets, average=True), *row_notes]
     return build_claim_table(
-        runs, rows, columns, name=name, title=title, row_header=("level", "method"), average=True, notes=notes
+        runs, rows, columns, name=name, title=title, row_header=("level", "method"), average=True, notes=all_notes
     )
 
 
@@ -449,11 +515,13 @@ def build_table1(
     datasets: Mapping[str, str],
     medical: set[str],
     setting: str = "uzad",
+    setting_overrides: Mapping[str, str] | None = None,
+    order: Sequence[str] | None = None,
 ) -> ClaimTable:
-    """Paper Table 1: image- then pixel-level AUROC per method and dataset, default variants."""
+    """Paper Table 1: image- then pixel-level AUROC per method and dataset, default variants (``order``: the
+    paper's rows, its unconfigured methods "not run"; see :func:`dataset_rows`)."""
     title = f"Table 1: zero-shot anomaly detection, {setting.upper()} setting, AUROC (%)"
     return build_dataset_table(
         runs, reference, name="table1", title=title, methods=methods, datasets=datasets,
-        medical=medical, setting=setting,
+        medical=medical, setting=setting, setting_overrides=setting_overrides, order=order,
     )
-

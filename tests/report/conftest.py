@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from siad.methods import METHODS as METHOD_REGISTRY
 from siad.methods import Method
@@ -150,7 +151,7 @@ class _ToyLLMDetector(Method):
         raise AssertionError
 
 
-for _name in ("toy_siad_llm", "toy_anomalygpt"):
+for _name in ("toy_siad_llm", "toy_anomalygpt", "toy_anomalyclip"):  # toy_anomalyclip: a trained baseline's rows
     if _name not in METHOD_REGISTRY:
         METHOD_REGISTRY.add(_name, _ToyLLMDetector)
 
@@ -185,3 +186,55 @@ def _llm_config() -> dict[str, Any]:
 def llm_config() -> dict[str, Any]:
     """A fresh copy per test (tests mutate it)."""
     return _llm_config()
+
+
+# --- qualitative panels (Figures 4 and 2(b)) --------------------------------------------------------------------
+
+PANEL_CLASSES = ("bottle", "carpet")
+
+
+def _write_dataset(root: Path, meta_path: Path) -> list[dict[str, Any]]:
+    """Two classes, 2 normal + 2 anomalous test images each (64 px), masks for the anomalous ones; the index
+    (meta.json) at ``meta_path``. Returns the test records."""
+    rng = np.random.default_rng(0)
+    records = []
+    for cls in PANEL_CLASSES:
+        for k in range(4):
+            anomalous = k >= 2
+            img_path = f"{cls}/test/{'broken' if anomalous else 'good'}/{k:03d}.png"
+            (root / img_path).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / img_path)
+            mask_path = ""
+            if anomalous:
+                mask_path = f"{cls}/ground_truth/broken/{k:03d}_mask.png"
+                (root / mask_path).parent.mkdir(parents=True, exist_ok=True)
+                mask = np.zeros((64, 64), np.uint8)
+                mask[10:30, 20:40] = 255
+                Image.fromarray(mask).save(root / mask_path)
+            records.append({"img_path": img_path, "mask_path": mask_path, "cls_name": cls, "specie_name": "",
+                            "anomaly": int(anomalous)})
+    meta = {"train": {}, "test": {c: [r for r in records if r["cls_name"] == c] for c in PANEL_CLASSES}}
+    meta_path.parent.mkdir(parents=True, exist_ok=True)
+    meta_path.write_text(json.dumps(meta))
+    return records
+
+
+def _write_predictions(path: Path, records: list[dict[str, Any]], answers: list[str] | None = None) -> None:
+    """A predictions.npz of ``records``: map i is 0.2 * (i % 4) everywhere (32 x 32)."""
+    from siad.engine.evaluate import Predictions, save_predictions
+
+    maps = [np.full((32, 32), 0.2 * (i % 4), np.float32) for i in range(len(records))]
+    preds = Predictions([r["cls_name"] for r in records], [r["img_path"] for r in records],
+                        np.array([r["anomaly"] for r in records]), np.zeros(len(records), np.float32), maps, [],
+                        answers=answers)
+    save_predictions(preds, path)
+
+
+@pytest.fixture
+def write_dataset() -> Callable[[Path, Path], list[dict[str, Any]]]:
+    return _write_dataset
+
+
+@pytest.fixture
+def write_predictions() -> Callable[..., None]:
+    return _write_predictions

@@ -3,9 +3,18 @@ from __future__ import annotations
 import pytest
 
 from siad.errors import DataError
-from siad.report.claims import INSIDE, NO_CI, NOT_REPRODUCED, OUTSIDE, claim_rows, claims_check, verdict
+from siad.report.claims import (
+    INSIDE,
+    NO_CI,
+    NOT_REPRODUCED,
+    NOT_RUN_VERDICT,
+    OUTSIDE,
+    claim_rows,
+    claims_check,
+    verdict,
+)
 from siad.report.render import DEMO_STAMP
-from siad.report.tables import MISSING, Cell, build_table1
+from siad.report.tables import MISSING, NOT_RUN, Cell, build_table1, reference_methods
 
 
 @pytest.mark.parametrize(
@@ -17,6 +26,7 @@ from siad.report.tables import MISSING, Cell, build_table1
         (Cell(claimed=63.1, reproduced=61.0, ci=(59.0, 63.0)), OUTSIDE),
         (Cell(claimed=60.0, reproduced=61.0, ci=None), NO_CI),
         (Cell(claimed=60.0, reproduced=None, status=MISSING), NOT_REPRODUCED),
+        (Cell(claimed=60.0, reproduced=None, status=NOT_RUN), NOT_RUN_VERDICT),
     ],
 )
 def test_verdict(cell: Cell, expected: str) -> None:
@@ -77,3 +87,16 @@ def test_mixed_demo_tables_fail(table, reference, toy, standard_runs) -> None:
     assert "DEMO" not in claims_check([real])
     with pytest.raises(DataError, match="mixes demo tables"):
         claims_check([table, real])
+
+
+def test_claims_of_methods_not_run_are_listed_but_not_checked(runs, reference, toy) -> None:
+    del toy.methods["clip"]
+    table = build_table1(runs, reference, methods=toy.methods, datasets=toy.datasets, medical=toy.medical,
+                         order=reference_methods(reference))
+    verdicts = [r.verdict for r in claim_rows([table])]
+    assert verdicts.count(NOT_RUN_VERDICT) == 9  # CLIP: 5 image + 4 pixel claims (HeadCT pixel: no claim)
+    report = claims_check([table])
+    summary = next(ln for ln in report.splitlines() if "claimed numbers checked" in ln)
+    assert summary.startswith("**8 claimed numbers checked:** 4 inside CI, 4 outside CI, 0 no CI, 0 not reproduced. "
+                              "9 claimed numbers belong to methods this suite does not run")
+    assert _line(report, "CLIP", "image", "MVTecAD")[4:] == ["60.9", "not run", "n/a", "n/a", NOT_RUN_VERDICT]

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from siad.engine.evaluate import Predictions, save_predictions
 from siad.errors import ConfigError, DataError
 from siad.report.figures import (
     FIGURE_STEM,
@@ -25,7 +24,7 @@ from siad.report.figures import (
 )
 from siad.report.render import DEMO_STAMP
 
-CLASSES = ("bottle", "carpet")
+CLASSES = ("bottle", "carpet")  # the classes of the write_dataset fixture
 
 
 def meta_file(results: Path, dataset: str) -> Path:
@@ -51,51 +50,22 @@ def test_selection_is_anomalous_only_round_robin_over_classes_and_seeded():
     assert len(select_examples(cls_names, img_paths, labels, 50, dataset_rng(0, "mvtec"))) == sum(labels)
 
 
-def _write_dataset(root: Path, results: Path) -> list[dict[str, Any]]:
-    """Two classes, 2 normal + 2 anomalous test images each (64 px); masks for the anomalous ones."""
-    rng = np.random.default_rng(0)
-    records = []
-    for cls in CLASSES:
-        for k in range(4):
-            anomalous = k >= 2
-            img_path = f"{cls}/test/{'broken' if anomalous else 'good'}/{k:03d}.png"
-            (root / img_path).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / img_path)
-            mask_path = ""
-            if anomalous:
-                mask_path = f"{cls}/ground_truth/broken/{k:03d}_mask.png"
-                (root / mask_path).parent.mkdir(parents=True, exist_ok=True)
-                mask = np.zeros((64, 64), np.uint8)
-                mask[10:30, 20:40] = 255
-                Image.fromarray(mask).save(root / mask_path)
-            records.append({"img_path": img_path, "mask_path": mask_path, "cls_name": cls, "specie_name": "",
-                            "anomaly": int(anomalous)})
-    meta = {"train": {}, "test": {c: [r for r in records if r["cls_name"] == c] for c in CLASSES}}
-    meta_file(results, "mvtec").parent.mkdir(parents=True)
-    meta_file(results, "mvtec").write_text(json.dumps(meta))
-    return records
-
-
-def _write_run(run_dir: Path, records: list[dict[str, Any]], make_run, method: str, answers: list[str] | None,
-               demo: bool = True) -> None:
-    maps = [np.full((32, 32), 0.2 * (i % 4), np.float32) for i in range(len(records))]
-    preds = Predictions([r["cls_name"] for r in records], [r["img_path"] for r in records],
-                        np.array([r["anomaly"] for r in records]), np.zeros(len(records), np.float32), maps, [],
-                        answers=answers)
-    save_predictions(preds, run_dir / "predictions.npz")
+def _write_run(run_dir: Path, records: list[dict[str, Any]], make_run, write_predictions, method: str,
+               answers: list[str] | None, demo: bool = True) -> None:
+    write_predictions(run_dir / "predictions.npz", records, answers)
     (run_dir / "metrics.json").write_text(json.dumps(make_run(method, "mvtec", 0.7, 0.8, demo=demo)))
 
 
 @pytest.fixture
-def figure_setup(llm_config, tmp_path, make_run):
+def figure_setup(llm_config, tmp_path, make_run, write_dataset, write_predictions):
     root, results = tmp_path / "data" / "mvtec", tmp_path / "results"
-    records = _write_dataset(root, results)
+    records = write_dataset(root, meta_file(results, "mvtec"))
     llm_config["datasets"]["mvtec"]["root"] = str(root)
     llm_config["datasets"]["mvtec"].pop("classes")
     answers = [f"Yes, there is an anomaly in image {i}, at the top left of the image." for i in range(len(records))]
     for key in figure4_runs(llm_config):
         run_answers = answers if key.method == "toy_anomalygpt" else None
-        _write_run(key.run_dir(results), records, make_run, key.method, run_answers)
+        _write_run(key.run_dir(results), records, make_run, write_predictions, key.method, run_answers)
     return llm_config, results, records
 
 
@@ -148,17 +118,18 @@ def test_inputs_must_match_the_configured_runs(figure_setup):
         collect_examples(config, predictions[:1], metas)
 
 
-def test_a_run_missing_an_image_is_refused(figure_setup, make_run):
+def test_a_run_missing_an_image_is_refused(figure_setup, make_run, write_predictions):
     config, results, records = figure_setup
     key = figure4_runs(config)[1]
-    _write_run(key.run_dir(results), records[:3], make_run, key.method, None)  # lost the anomalous images
+    lost = records[:3]  # lost the anomalous images
+    _write_run(key.run_dir(results), lost, make_run, write_predictions, key.method, None)
     with pytest.raises(DataError, match="has no prediction for"):
         collect_examples(config, *_inputs(config, results))
 
 
-def test_mixed_demo_and_real_runs_are_refused(figure_setup, make_run):
+def test_mixed_demo_and_real_runs_are_refused(figure_setup, make_run, write_predictions):
     config, results, records = figure_setup
     key = figure4_runs(config)[1]
-    _write_run(key.run_dir(results), records, make_run, key.method, None, demo=False)
+    _write_run(key.run_dir(results), records, make_run, write_predictions, key.method, None, demo=False)
     with pytest.raises(DataError, match="demo and non-demo"):
         collect_examples(config, *_inputs(config, results))

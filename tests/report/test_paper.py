@@ -162,3 +162,25 @@ def test_render_report_refuses_unstamped_runs_by_default(tmp_path, make_run, wri
     with pytest.raises(DataError, match="another run specification"):
         render_report(config, paths, tmp_path / "tables", REFERENCES)
     assert not (tmp_path / "tables").exists()
+
+
+def test_table1_shows_every_paper_row_and_marks_the_unconfigured_ones_not_run(make_run):
+    config = demo_config()
+    config["report"]["table1"]["methods"] = ["clip", "siad_llm"]
+    runs = [make_run("clip", t, 0.6, None if t in ("brainmri", "headct", "br35h") else 0.5, seed=i)
+            for i, t in enumerate(config["datasets"])]
+    table = PAPER_TABLES.get("table1_uzad").build(config, runs, load_reference(REFERENCES / "siad_table1_uzad.csv"))
+    assert [k[1] for k in table.row_keys if k[0] == "image"] == ["CLIP", "AdaCLIP", "AnomalyCLIP", "AnomalyGPT",
+                                                                 "FiLo", "AA-CLIP", "SIAD-LLM"]
+    assert table.cell(("image", "FiLo"), "SDD").status == "not_run"
+    assert table.cell(("image", "FiLo"), "SDD").claimed == pytest.approx(19.8)
+    assert table.cell(("image", "SIAD-LLM"), "SDD").status == "missing"  # configured, but no run given
+    assert table.cell(("image", "CLIP"), "SDD").reproduced == pytest.approx(60.0)
+    assert any(n.startswith("Not run: AdaCLIP, AnomalyCLIP, AnomalyGPT, FiLo, AA-CLIP") for n in table.notes)
+
+
+def test_table1_under_another_setting_keeps_the_training_free_run():
+    config = demo_config()
+    config["report"]["table1"].update(methods=["clip", "siad_llm"], setting="zad")
+    keys = PAPER_TABLES.get("table1_uzad").runs(config)
+    assert {(k.setting, k.method) for k in keys} == {("uzad", "clip"), ("zad", "siad_llm")}

@@ -15,7 +15,7 @@ from siad.report.render import (
     render_markdown,
     write_table,
 )
-from siad.report.tables import NOT_APPLICABLE, ClaimTable, build_table1
+from siad.report.tables import NOT_APPLICABLE, ClaimTable, build_table1, reference_methods
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_latex_escapes_specials(table: ClaimTable) -> None:
 def test_csv_round_trips_with_pandas(table: ClaimTable) -> None:
     df = pd.read_csv(io.StringIO(render_csv(table)), comment="#")
     assert list(df.columns) == ["table", "level", "method", "dataset", "reproduced", "claimed", "ci_low",
-                                "ci_high", "status"]
+                                "ci_high", "status", "std", "seeds"]
     assert len(df) == len(table.row_keys) * len(table.columns)
     for rec in df.itertuples():
         cell = table.cell((rec.level, rec.method), rec.dataset)
@@ -123,3 +123,34 @@ def test_rendering_is_deterministic(runs: list[dict[str, Any]], reference, toy) 
         return build_table1(runs, reference, methods=toy.methods, datasets=toy.datasets, medical=toy.medical)
 
     assert render_csv(make()) == render_csv(make())
+
+
+def test_not_run_rows_render_with_their_claims_in_every_format(runs, reference, toy) -> None:
+    del toy.methods["clip"]  # CLIP is in the reference, so its rows become "not run" in the paper's order
+    table = build_table1(runs, reference, methods=toy.methods, datasets=toy.datasets, medical=toy.medical,
+                         order=reference_methods(reference))
+    assert [k[1] for k in table.row_keys] == ["CLIP", "SIAD-LLM", "CLIP", "SIAD-LLM"]
+    md = render_markdown(table)
+    assert _md_row(md, "image", "CLIP")[2:] == ["not run (60.9)", "not run (49.1)", "not run (59.3)",
+                                                 "not run (56.5)", "not run (56.5)"]
+    assert _md_row(md, "pixel", "CLIP")[5] == "–"
+    assert "- Not run: CLIP (not implemented in this suite yet" in md and "not run = a method" in md
+    assert r"not run {\scriptsize(60.9)}" in render_latex(table)
+    lines = render_csv(table).splitlines()
+    assert "table1,image,CLIP,MVTecAD,,60.9,,,not_run,," in lines
+    assert "table1,pixel,CLIP,HeadCT,,,,,not_applicable,," in lines
+    assert not any("missing run" in n for n in table.notes)  # a not-run row looks up no run
+
+
+def test_a_cell_of_several_seeds_reads_mean_plus_minus_std(table: ClaimTable) -> None:
+    from dataclasses import replace
+
+    row = ("image", "CLIP")
+    table.cells[(row, "VisA")] = replace(table.cell(row, "VisA"), std=1.25, seeds=3)
+    assert _md_row(render_markdown(table), "image", "CLIP")[3] == "49.2 ± 1.2 (49.1)"
+    assert "49.2 $\\pm$ 1.2 {\\scriptsize(49.1)}" in render_latex(table)
+    frame = pd.read_csv(io.StringIO(render_csv(table)), comment="#")
+    visa = frame[(frame["method"] == "CLIP") & (frame["level"] == "image") & (frame["dataset"] == "VisA")].iloc[0]
+    assert visa["std"] == pytest.approx(1.25) and visa["seeds"] == 3
+    mvtec = frame[(frame["method"] == "CLIP") & (frame["level"] == "image") & (frame["dataset"] == "MVTecAD")].iloc[0]
+    assert pd.isna(mvtec["std"]) and mvtec["seeds"] == 1

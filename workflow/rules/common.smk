@@ -8,7 +8,7 @@ from siad.engine.spec import meta_path as spec_meta_path
 from siad.errors import SiadError
 from siad.data.folder_state import dataset_state_param, standin_state_param
 from siad.plan import build_plan, prepare_params, standin_params, validate_workflow_config
-from siad.report.figures import figure4_outputs, figure4_runs
+from siad.report.paper_figures import figure_outputs
 from siad.report.paper import PAPER_TABLES, required_runs
 
 # Validate the config and resolve every run's specification once; every `params:` digest below comes from it,
@@ -23,7 +23,7 @@ RESULTS = str(results_root(config))
 TABLES = str(tables_root(config))
 DATASETS = list(config["datasets"])
 
-# one job per (setting, method, source) of the runs the tables and the figure need
+# one job per (setting, method, source) of the runs the tables and the figures need
 RUN_GROUPS = PLAN.groups
 
 
@@ -65,6 +65,6 @@ def report_outputs():
 
 
 def all_outputs():
-    """Everything `snakemake all` builds: every table, the claims check, the speed table and the figure."""
+    """Everything `snakemake all` builds: every table, the claims check, the speed table and the figures."""
     speed = [f"{TABLES}/speed.md", f"{TABLES}/speed.csv"] if "speed" in config else []
-    return report_outputs() + speed + figure4_outputs(TABLES, config)
+    return report_outputs() + speed + figure_outputs(TABLES, config)

@@ -1,5 +1,15 @@
-# Report: the paper's tables with claimed numbers beside reproduced ones, the claims check, the figure.
+# Report: the paper's tables with claimed numbers beside reproduced ones, the claims check, the figures.
 from siad.report.figures import FIGURE_STEM, figure4_runs
+from siad.report.paper_figures import (
+    FIGURE1,
+    FIGURE2,
+    REFERENCES as FIGURE_REFERENCES,
+    STEMS as FIGURE_STEMS,
+    figure1_runs,
+    figure2_panel_runs,
+    figure2_datasets,
+    figure2_runs,
+)
 
 
 rule report:
@@ -37,3 +47,47 @@ rule figure4:
         "../envs/siad.yaml"
     script:
         "../scripts/render_figure.py"
+
+
+# SIAD-LLM Fig. 1 (right) and Fig. 2: `all` asks for each one when report.figure1 / report.figure2 is configured.
+# Inputs: exactly the run files each figure reads, the dataset indexes of its qualitative panel and its claims.
+rule figure1:
+    input:
+        metrics=[run_file(key, "metrics.json") for key in figure1_runs(config)],
+        predictions=[],
+        metas=[],
+        references=[repo_file(f"config/reference/{name}") for name in FIGURE_REFERENCES[FIGURE1]],
+    output:
+        png=f"{TABLES}/{FIGURE_STEMS[FIGURE1]}.png",
+        pdf=f"{TABLES}/{FIGURE_STEMS[FIGURE1]}.pdf",
+    params:
+        figure=FIGURE1,
+        reference_dir=repo_file("config/reference"),
+        spec=PLAN.report_params(),
+    log:
+        f"{RESULTS}/logs/figure1.log",
+    conda:
+        "../envs/siad.yaml"
+    script:
+        "../scripts/render_paper_figure.py"
+
+
+rule figure2:
+    input:
+        metrics=[run_file(key, "metrics.json") for key in figure2_runs(config)],
+        predictions=[run_file(key, "predictions.npz") for key in figure2_panel_runs(config)],
+        metas=[meta_path(d) for d in figure2_datasets(config)],
+        references=[repo_file(f"config/reference/{name}") for name in FIGURE_REFERENCES[FIGURE2]],
+    output:
+        png=f"{TABLES}/{FIGURE_STEMS[FIGURE2]}.png",
+        pdf=f"{TABLES}/{FIGURE_STEMS[FIGURE2]}.pdf",
+    params:
+        figure=FIGURE2,
+        reference_dir=repo_file("config/reference"),
+        spec=PLAN.report_params(),
+    log:
+        f"{RESULTS}/logs/figure2.log",
+    conda:
+        "../envs/siad.yaml"
+    script:
+        "../scripts/render_paper_figure.py"
