@@ -219,12 +219,13 @@ class AnomalyCLIP(BackboneMethod):
 
     # -- training --------------------------------------------------------------------------------------------
 
-    def _training_features(self, train_data: torch.utils.data.Dataset) -> tuple[VisualFeatures, Tensor, Tensor]:
-        """One pass over the training set: frozen features, masks [N, S, S] bool and labels [N]."""
+    def _training_features(self, train_data: torch.utils.data.Dataset) -> tuple[VisualFeatures, Tensor, Tensor, Tensor]:
+        """One pass over the training set: frozen features, masks [N, S, S] bool, labels [N] and whether each mask is
+        pixel truth [N] (the items' ``mask_valid``; True when a set does not say)."""
         size = self.input_size
         loader = torch.utils.data.DataLoader(train_data, batch_size=self.params["batch_size"], shuffle=False,
                                              collate_fn=_collate)
-        globals_, locals_, masks, labels = [], [], [], []
+        globals_, locals_, masks, labels, valid = [], [], [], [], []
         bar = tqdm(loader, desc="anomalyclip features", unit="batch", disable=not self.params["progress"])
         for batch in bar:
             images = batch["image"]
@@ -237,14 +238,16 @@ class AnomalyCLIP(BackboneMethod):
             locals_.append(feats.local_features)
             masks.append(torch.stack([m.bool() for m in batch["mask"]]))
             labels.append(batch["label"])
+            valid.append(batch["mask_valid"])
         if not globals_:
             raise DataError("anomalyclip: the training set is empty")
-        return VisualFeatures(torch.cat(globals_), torch.cat(locals_)), torch.cat(masks), torch.cat(labels)
+        features = VisualFeatures(torch.cat(globals_), torch.cat(locals_))
+        return features, torch.cat(masks), torch.cat(labels), torch.cat(valid)
 
     def fit(self, train_data: torch.utils.data.Dataset, setting: str) -> None:
         """Train the prompt learner on the engine's training set of ``setting`` (uzad, pseudo and zad alike)."""
         p = self.params
-        features, masks, labels = self._training_features(train_data)
+        features, masks, labels, valid = self._training_features(train_data)
         learner = self.model.prompt_learner
         optimizer = torch.optim.Adam(learner.parameters(), lr=p["lr"], betas=tuple(p["betas"]))
         generator = torch.Generator().manual_seed(self.seed)
@@ -258,7 +261,8 @@ class AnomalyCLIP(BackboneMethod):
         for _ in range(p["epochs"]):
             for index in order:
                 batch = features[index].to(self.device)
-                terms = self.model.loss(batch, masks[index].to(self.device), labels[index].to(self.device))
+                terms = self.model.loss(batch, masks[index].to(self.device), labels[index].to(self.device),
+                                        mask_valid=valid[index])
                 if not torch.isfinite(terms.total):
                     raise NumericalError(f"anomalyclip: the training loss became {float(terms.total)}; lower `lr`")
                 optimizer.zero_grad(set_to_none=True)
@@ -321,4 +325,5 @@ def _collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "label": torch.tensor([int(it["label"]) for it in items]),
         "img_path": [it.get("img_path", "") for it in items],
         "image_sha256": [it.get("image_sha256") or "" for it in items],
+        "mask_valid": torch.tensor([bool(it.get("mask_valid", True)) for it in items]),
     }

@@ -304,16 +304,25 @@ class LossTerms:
 
 
 def loss_terms(
-    logits: Tensor, maps: Sequence[Tensor], masks: Tensor, labels: Tensor, *, local_weight: float = 4.0
+    logits: Tensor, maps: Sequence[Tensor], masks: Tensor, labels: Tensor, *, local_weight: float = 4.0,
+    mask_valid: Tensor | None = None,
 ) -> LossTerms:
     """CE(logits [B, 2], labels [B]) + λ·Σ_l [Focal(S_l, M) + Dice(S_l[:, 1], M) + Dice(S_l[:, 0], 1 − M)].
 
     ``maps``: per layer [B, 2, S, S] probabilities; ``masks`` [B, S, S] (bool or float, binarised at 0.5). Dice is
     per image (the release's BinaryDiceLoss for B > 1; its ``gt.squeeze()`` breaks B = 1, which is computed
-    per image here).
+    per image here). ``mask_valid`` [B] bool: the images whose mask is pixel truth (None: all); the pixel terms are
+    taken over those only (an anomalous image of a dataset without masks has no pixel truth; the release never
+    trains on one), and are 0 when there is none.
     """
     target = masks.to(maps[0].dtype)
     ce = F.cross_entropy(logits, labels.long().to(logits.device))
+    if mask_valid is not None:
+        keep = mask_valid.to(torch.bool).to(target.device)
+        maps, target = [m[keep] for m in maps], target[keep]
+    if target.shape[0] == 0:
+        zero = ce.new_zeros(())
+        return LossTerms(ce, zero, zero, zero, ce)
     focal = torch.stack([focal_loss(m, target) for m in maps]).sum()
     dice_a = torch.stack([dice_loss(m[:, 1], target) for m in maps]).sum()
     dice_n = torch.stack([dice_loss(m[:, 0], 1 - target) for m in maps]).sum()
@@ -396,11 +405,13 @@ class AnomalyCLIPModel:
         """Per feature layer, S_l [B, 2, S, S] (upsampled probabilities)."""
         return [similarity_maps(p, self.config.image_size) for p in self.patch_probabilities(features, text)]
 
-    def loss(self, features: VisualFeatures, masks: Tensor, labels: Tensor, text: Tensor | None = None) -> LossTerms:
-        """The training loss of a batch (text recomputed from the learnables unless given)."""
+    def loss(self, features: VisualFeatures, masks: Tensor, labels: Tensor, text: Tensor | None = None, *,
+             mask_valid: Tensor | None = None) -> LossTerms:
+        """The training loss of a batch (text recomputed from the learnables unless given; ``mask_valid``: see
+        :func:`loss_terms`)."""
         text = self.text_features() if text is None else text
         return loss_terms(self.image_logits(features, text), self.similarity_maps(features, text), masks, labels,
-                          local_weight=self.config.local_weight)
+                          local_weight=self.config.local_weight, mask_valid=mask_valid)
 
     @torch.no_grad()
     def raw_maps(self, features: VisualFeatures, text: Tensor) -> Tensor:

@@ -13,8 +13,10 @@
 A method receives the set and never re-derives it. Every item has the fields of
 :class:`siad.data.loading.AnomalyDataset` (``image`` transformed, ``mask`` bool at ``mask_size``, ``label``,
 ``has_mask``, ``cls_name``, ``img_path``) plus ``image_sha256``, the content identity of the image the method sees
-(feature caches key on it); the set's ``records`` are the index records it was built from (the content leakage
-guard and methods that read raw files, such as the LLM detectors under ``uzad``, use them).
+(feature caches key on it) and ``mask_valid``: whether ``mask`` is the image's pixel truth (a normal image's is
+all-False by definition; an anomalous image of a dataset without masks, such as the medical sets under ``zad``,
+has none, and pixel losses must skip it); the set's ``records`` are the index records it was built from (the
+content leakage guard and methods that read raw files, such as the LLM detectors under ``uzad``, use them).
 
 A pseudo-anomaly depends only on (run seed, item index), never on the order items are read in: every epoch, worker
 and rerun sees the same set.
@@ -90,7 +92,9 @@ class IndexedTrainingSet(AnomalyDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = super().__getitem__(index)
-        item["image_sha256"] = self.records[index].get("sha256") or ""
+        record = self.records[index]
+        item["image_sha256"] = record.get("sha256") or ""
+        item["mask_valid"] = not record["anomaly"] or bool(record["mask_path"])
         return item
 
 
@@ -156,9 +160,7 @@ class PseudoAnomalySet(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         if index not in self.anomalous:
-            item = self.normal[index]
-            item["image_sha256"] = record.get("sha256") or ""
-            return item
+            return self.normal[index]
         image, mask = self.pseudo_anomaly(index)
         return {
             "image": self.normal.transform(Image.fromarray(image)),
@@ -168,6 +170,7 @@ class PseudoAnomalySet(torch.utils.data.Dataset):
             "cls_name": record["cls_name"],
             "img_path": f"{record['img_path']}#pseudo{self.seed}",
             "image_sha256": hashlib.sha256(image.tobytes() + repr(image.shape).encode()).hexdigest(),
+            "mask_valid": True,
         }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from siad.llm.answers import (
     POSITION_WORDS,
+    UNLOCATED_YES,
     ParsedAnswer,
     anomalygpt_sentence,
     parse_answer,
@@ -20,6 +21,7 @@ from siad.llm.loader import LlmSpec, LoadedLlm, load_llm, merge_lora, tiny_llm_s
 
 __all__ = [
     "POSITION_WORDS",
+    "UNLOCATED_YES",
     "ConversationBatch",
     "GenerationConfig",
     "LlmSpec",

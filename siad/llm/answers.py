@@ -50,6 +50,9 @@ Style = Literal["siad", "anomalygpt"]
 Box = tuple[int, int, int, int]  # (row0, row1, col0, col1), half-open, as siad.data.pseudo returns pasted patches
 ANOMALYGPT_NO = "No, there is no anomaly in the image."
 SIAD_NO = "No, there are no anomalies in the image."
+#: The training answer for an anomalous image whose anomaly is not located: a real anomaly of a dataset without
+#: pixel masks (the medical sets under ``zad``). Both wordings say "Yes" and name no position. [choice]
+UNLOCATED_YES = "Yes, there is an anomaly in the image."
 
 
 def _binary(mask: np.ndarray | torch.Tensor, threshold: float) -> np.ndarray:

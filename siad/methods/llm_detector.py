@@ -43,6 +43,7 @@ from siad.data.imageio import read_image
 from siad.data.pseudo import Box, CutPastePoisson, PatchParams, anomalygpt_params
 from siad.errors import ConfigError, DataError, NumericalError
 from siad.llm import (
+    UNLOCATED_YES,
     ConversationBatch,
     GenerationConfig,
     LlmSpec,
@@ -562,6 +563,18 @@ class LlmDetector(BackboneMethod):
             references[cls_name] = torch.cat([torch.rot90(image, k, dims=(-2, -1)) for k in range(4)])
         return self.memory_tokens(references)
 
+    def batch_pixel_losses(self, probs: Tensor, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        """:meth:`pixel_losses` over the batch's images whose mask is pixel truth (``batch["mask_valid"]``; all when
+        absent); (0, 0) when none is."""
+        valid = batch.get("mask_valid")
+        if valid is None:
+            return self.pixel_losses(probs, batch["mask"])
+        keep = torch.as_tensor(valid, dtype=torch.bool, device=probs.device)
+        if not keep.any():
+            zero = probs.sum() * 0.0
+            return zero, zero
+        return self.pixel_losses(probs[keep], batch["mask"][keep])
+
     def pixel_losses(self, probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """(focal, dice) summed over the stages against the binarised pseudo mask, as released."""
         focal = sum(focal_loss(probs[:, k], target) for k in range(probs.shape[1]))
@@ -572,7 +585,7 @@ class LlmDetector(BackboneMethod):
         """AnomalyGPT's loss on one ``[normal || pseudo]`` batch: CE(answer) + Σ_stages (focal + dice)."""
         stages, embedding = self.encode_images(batch["image"])
         out = self.forward_pass(self.visual_tokens(stages), self.text_features(batch["cls_name"]))
-        focal, dice = self.pixel_losses(out.probs, batch["mask"])  # always on the text map, as released
+        focal, dice = self.batch_pixel_losses(out.probs, batch)  # always on the text map, as released
         prompts = out.prompts
         if batch.get("memory_prompt"):
             memory = self.memory_map(stages, batch["cls_name"], self._train_memory)
@@ -619,16 +632,19 @@ class LlmDetector(BackboneMethod):
     def labelled_batch(self, items: Sequence[Mapping[str, Any]], rng: np.random.Generator) -> dict[str, Any]:
         """A training batch of items whose labels and masks the setting gives (``pseudo``: the suite's pseudo-anomalies,
         ``zad``: the source's real anomalies): images as given, masks at map size, answers read from the masks (the
-        ``components`` reading: no pasted patches to count)."""
+        ``components`` reading: no pasted patches to count). An anomalous image without pixel truth (a dataset
+        without masks) answers "Yes" without a position and is left out of the pixel losses (``mask_valid``)."""
         size = self.params["map_size"]
         masks = torch.stack([torch.as_tensor(item["mask"]) for item in items]).float()
         target = F.interpolate(masks[:, None], size=(size, size), mode="nearest")[:, 0]
         labels = [bool(item["label"]) for item in items]
+        valid = [bool(item.get("mask_valid", True)) for item in items]
         answers = [target_answer(m if label else torch.zeros_like(m), style=self.params["answer_style"])
-                   for m, label in zip(target, labels)]
+                   if ok or not label else UNLOCATED_YES for m, label, ok in zip(target, labels, valid)]
         memory_prompt = bool(self._train_memory) and rng.random() < self.params["train_memory_prompt_p"]
         return {"image": torch.stack([item["image"] for item in items]).to(self.device), "mask": target.to(self.device),
-                "cls_name": [item["cls_name"] for item in items], "answers": answers, "memory_prompt": memory_prompt}
+                "cls_name": [item["cls_name"] for item in items], "answers": answers, "memory_prompt": memory_prompt,
+                "mask_valid": valid}
 
     def fit(self, train_data: torch.utils.data.Dataset, setting: str) -> None:
         """Train the trainable modules (released schedule).

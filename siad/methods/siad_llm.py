@@ -257,10 +257,10 @@ class SiadLlm(LlmDetector):
         stages, embedding = self.encode_images(batch["image"])
         tokens = self.visual_tokens(stages)
         final = self.forward_pass(tokens, self.text_features(batch["cls_name"]))
-        passes = [(p["pass_weights"][0], *self.pixel_losses(final.probs, batch["mask"]))]
+        passes = [(p["pass_weights"][0], *self.batch_pixel_losses(final.probs, batch))]
         if p["self_improvement"]:
             final = self.refined_pass(tokens, final, self.training_response(embedding, final, batch))
-            passes.append((p["pass_weights"][1], *self.pixel_losses(final.probs, batch["mask"])))
+            passes.append((p["pass_weights"][1], *self.batch_pixel_losses(final.probs, batch)))
         total = sum(w for w, _, _ in passes)
         focal = sum(w * f for w, f, _ in passes) / total
         dice = sum(w * d for w, _, d in passes) / total

@@ -340,6 +340,21 @@ def test_loss_terms_on_a_hand_made_case():
     assert float(two.total) == pytest.approx(ce + 2 * (focal + dice_a + dice_n), rel=1e-5)
 
 
+def test_pixel_terms_skip_images_without_pixel_truth():
+    torch.manual_seed(0)
+    maps = [torch.rand(3, 2, 4, 4).softmax(1)]
+    masks = torch.rand(3, 4, 4) > 0.7
+    logits, labels = torch.randn(3, 2), torch.tensor([0, 1, 1])
+    valid = torch.tensor([True, True, False])  # image 2: an anomaly of a dataset without masks
+    kept = loss_terms(logits, maps, masks, labels, mask_valid=valid)
+    subset = loss_terms(logits[:2], [maps[0][:2]], masks[:2], labels[:2])
+    assert float(kept.focal) == pytest.approx(float(subset.focal))
+    assert float(kept.dice_anomaly) == pytest.approx(float(subset.dice_anomaly))
+    assert float(kept.ce) == pytest.approx(float(loss_terms(logits, maps, masks, labels).ce))  # CE sees every image
+    none = loss_terms(logits, maps, masks, labels, mask_valid=torch.zeros(3, dtype=torch.bool))
+    assert float(none.focal) == float(none.dice_normal) == 0.0 and float(none.total) == float(none.ce)
+
+
 def test_module_functions_agree_with_the_model_methods(model):
     feats = model.encode_image(_images(2, seed=4))
     text = model.text_features().detach()

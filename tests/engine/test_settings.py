@@ -114,3 +114,26 @@ def test_setting_options_carry_their_defaults():
     assert setting_options({"training": {"pseudo": {"anomalous_fraction": 0.6}}}, "pseudo") == {
         "anomalous_fraction": 0.6}
     assert setting_options({}, "uzad") == setting_options({}, "zad") == {}
+
+
+def test_zad_on_a_dataset_without_masks_marks_anomalous_masks_as_unknown(tmp_path, request_for_mvtec_pseudo):
+    from siad.data.prepare import prepare_dataset
+    from siad.data.records import load_meta
+    from siad.data.synthetic import write_standin
+
+    write_standin("br35h", tmp_path / "br35h", seed=0, size=32)
+    prepare_dataset("br35h", tmp_path / "br35h", tmp_path / "meta.json", verify_counts=False)
+    meta = load_meta(tmp_path / "meta.json", tmp_path / "br35h")
+    data = build_training_set(TrainingSetRequest(
+        setting="zad", name="br35h", root=tmp_path / "br35h", meta=meta, classes=None, normal_images="train",
+        transform=image_transform(SIZE, OPENAI_MEAN, OPENAI_STD), input_size=SIZE, seed=0, options={}))
+    got = items(data)
+    assert {item["label"] for item in got} == {0, 1}
+    # a normal image's mask is all-False by definition; an anomalous one of a mask-less dataset has no pixel truth
+    assert all(item["mask_valid"] == (item["label"] == 0) for item in got)
+    assert all(item["mask_valid"] for item in items(build_training_set(request_for_mvtec_pseudo())))
+
+
+@pytest.fixture
+def request_for_mvtec_pseudo(mvtec_standin):
+    return lambda: request(mvtec_standin, "pseudo")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -88,3 +89,24 @@ def test_given_labels_train_without_twins_and_answer_from_the_masks(setting, tin
     anomalous = [bool(m.any()) for b in batches for m in b["mask"]]
     assert any(anomalous) and not all(anomalous)
     assert all(a.startswith("Yes") == flag for a, flag in zip(answers, anomalous))
+
+
+def test_an_anomaly_without_pixel_truth_answers_yes_and_skips_the_pixel_losses(tiny_llm_params, monkeypatch):
+    from siad.llm import UNLOCATED_YES
+
+    method = build_method("anomalygpt", tiny_llm_params, seed=0)
+    size = method.input_size
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    located = mask.clone()
+    located[: size // 3, : size // 3] = True
+    image = torch.zeros(3, size, size)
+    items = [{"image": image, "mask": mask, "label": 0, "cls_name": "brain", "mask_valid": True},
+             {"image": image, "mask": mask, "label": 1, "cls_name": "brain", "mask_valid": False},
+             {"image": image, "mask": located, "label": 1, "cls_name": "brain", "mask_valid": True}]
+    batch = method.labelled_batch(items, np.random.default_rng(0))
+    assert batch["answers"][1] == UNLOCATED_YES
+    assert batch["answers"][0].startswith("No") and "top left" in batch["answers"][2]
+    seen = []
+    monkeypatch.setattr(method, "pixel_losses", lambda probs, target: seen.append(len(target)) or (probs.sum(),) * 2)
+    method.batch_pixel_losses(torch.rand(3, 4, 2, 8, 8), batch)
+    assert seen == [2]
