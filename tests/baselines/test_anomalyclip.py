@@ -377,7 +377,7 @@ def test_training_lowers_the_loss_and_touches_only_the_learnables():
     before_clip = _clip_state(method)
     before = {k: v.clone() for k, v in method.model.prompt_learner.state_dict().items()}
     data = ToyData(8)
-    feats, masks, labels = method._training_features(data)
+    feats, masks, labels, _ = method._training_features(data)
     with torch.no_grad():
         start = float(method.model.loss(feats, masks, labels).total)
     method.fit(data, "zad")
