@@ -154,11 +154,16 @@ def tiny_demo() -> dict:
     config["protocol"] = [{"source": "mvtec", "targets": ["visa", "sdd"]}, {"source": "br35h", "targets": ["headct"]}]
     config["data"]["standin"] = {"size": 32, "n_train": 2, "n_test_normal": 3, "n_test_anomalous": 3}
     config["evaluation"].update(size=32, n_bootstrap=20)
-    config["report"]["tables"] = ["table1_uzad", "siad_table7_training_free"]
+    config["report"]["tables"] = ["table1_uzad", "table2_pseudo", "table_zad", "siad_table7_training_free"]
     config["report"]["table7"] = {"methods": ["anovl"]}  # SIAD-LLM's row would train it: too slow here
-    for figure in ("figure1", "figure2", "figure4"):  # not all their datasets are targets here; more training
-        config["report"].pop(figure, None)
-    config["report"]["table1"]["methods"] = ["clip", "anomalygpt"]  # one trained method: grouped evaluation
+    config["report"].pop("figure4", None)  # not all its datasets are targets here
+    config["report"]["table1"]["methods"] = ["clip", "anomalygpt"]  # one trained LLM method: grouped evaluation
+    # the settings' tables and figures with the cheap trained baseline: AnomalyCLIP under uzad, pseudo and zad
+    config["report"]["table2"] = {"methods": ["anomalyclip"], "repeat_uzad": []}
+    config["report"]["zad"] = {"methods": ["clip", "anomalyclip"]}
+    config["report"]["figure1"] = {"methods": ["clip", "anomalygpt"]}
+    config["report"]["figure2"] = {"methods": ["clip", "anomalyclip"], "datasets": ["visa", "sdd"], "count": 1}
+    config["methods"]["anomalyclip"]["params"].update(epochs=1)
     config["training"] = {"normal_images": "train", "normal_images_per_dataset": {"br35h": "all"}}
     config["speed"]["llm"].update(batch_sizes=[1, 2], n_batches=1, warmup=0)
     config["speed"].update(backbone="tiny-vit-b16plus-demo", image_size=112, n_images=2, warmup=1)
@@ -178,22 +183,29 @@ def tiny_run(tmp_path_factory):
 def test_tiny_demo_end_to_end_and_resumable(tiny_run):
     tmp_path, configfile = tiny_run
     tables = tmp_path / "tables" / "demo"
-    for name in ("table1_uzad.md", "table1_uzad.tex", "table1_uzad.csv", "claims_check.md",
-                 "siad_table7_training_free.md", "speed.md", "speed.csv"):
+    for name in ("table1_uzad.md", "table1_uzad.tex", "table1_uzad.csv", "claims_check.md", "table2_pseudo.md",
+                 "table_zad.md", "siad_table7_training_free.md", "speed.md", "speed.csv"):
         first_line = (tables / name).read_text().splitlines()[0]
         assert "synthetic" in first_line and "random-initialised" in first_line, name
+    for figure in ("figure1_auroc", "figure2_zero_shot"):
+        assert (tables / f"{figure}.png").stat().st_size > 0 and (tables / f"{figure}.pdf").stat().st_size > 0
+    for table, setting in (("table2_pseudo.md", "pseudo"), ("table_zad.md", "zad")):  # AnomalyCLIP's own runs
+        assert re.search(r"\| image \| AnomalyCLIP \| \d+\.\d \(\d+\.\d\) \|", (tables / table).read_text()), table
+        model = tmp_path / "results" / "demo" / setting / "anomalyclip" / "default" / "seed0" / "mvtec" / "model.json"
+        counts = json.loads(model.read_text())["training_set"]
+        assert 0 < counts["anomalous"] < counts["images"], (setting, counts)
     table = (tables / "table1_uzad.md").read_text()
     assert re.search(r"\| image \| CLIP \| \d+\.\d \(\d+\.\d\) \| \d+\.\d \(\d+\.\d\) \| \d+\.\d \(\d+\.\d\)", table)
     pixel_row = next(line for line in table.splitlines() if line.startswith("| pixel | CLIP"))
     assert pixel_row.count("–") == 1  # HeadCT has no masks
     for target in ("visa", "sdd", "headct"):
-        run_dir = tmp_path / "results" / "demo" / "uzad" / "clip" / "default" / "none" / target
+        run_dir = tmp_path / "results" / "demo" / "uzad" / "clip" / "default" / "seed0" / "none" / target
         assert (run_dir / "metrics.json").is_file()
-    assert (tmp_path / "results" / "demo" / "benchmarks" / "runs" / "uzad" / "clip" / "none.tsv").is_file()
+    assert (tmp_path / "results" / "demo" / "benchmarks" / "runs" / "uzad" / "clip" / "seed0" / "none.tsv").is_file()
     assert re.search(r"\| image \| AnomalyGPT \| \d+\.\d \(\d+\.\d\) \|", table)
-    trained = tmp_path / "results" / "demo" / "uzad" / "anomalygpt" / "default"
+    trained = tmp_path / "results" / "demo" / "uzad" / "anomalygpt" / "default" / "seed0"
     for source, targets in (("mvtec", ("visa", "sdd")), ("br35h", ("headct",))):
-        assert (tmp_path / "results" / "demo" / "logs" / "runs" / "uzad" / "anomalygpt" /
+        assert (tmp_path / "results" / "demo" / "logs" / "runs" / "uzad" / "anomalygpt" / "seed0" /
                 f"{source}.log").is_file()  # one job per source
         assert (trained / source / "model.json").is_file()
         for target in targets:
@@ -212,8 +224,11 @@ def test_tiny_demo_end_to_end_and_resumable(tiny_run):
 
 # --- reruns: a change reruns exactly the jobs that depend on it, nothing else --------------------------------
 
+ANOMALYCLIP_JOBS = {f"run_{setting}_anomalyclip_seed0_{source}" for setting in ("uzad", "pseudo", "zad")
+                    for source in ("mvtec", "br35h")}
 RUN_JOBS = {"run_uzad_clip_seed0_none", "run_uzad_anovl_seed0_none", "run_uzad_anomalygpt_seed0_mvtec",
-            "run_uzad_anomalygpt_seed0_br35h"}
+            "run_uzad_anomalygpt_seed0_br35h"} | ANOMALYCLIP_JOBS
+FIGURES = {"figure1", "figure2"}
 TINY_DATASETS = ("mvtec", "visa", "sdd", "br35h", "headct")
 PREPARE = {f"prepare_dataset[{d}]" for d in TINY_DATASETS}
 STANDIN = {f"synthesize_standin[{d}]" for d in TINY_DATASETS}
@@ -240,27 +255,32 @@ def dry_run_with(tmp_path: Path, mutate=None, preload: Path | None = None) -> se
 @pytest.mark.parametrize(("mutate", "expected"), [
     (None, set()),
     (lambda c: c["methods"]["clip"]["params"].update(logit_scale=50.0),
-     {"run_uzad_clip_seed0_none", "report", "speed"}),
+     {"run_uzad_clip_seed0_none", "report", "speed"} | FIGURES),
     (lambda c: c["methods"]["anomalygpt"]["params"].update(lr=0.002),
-     {"run_uzad_anomalygpt_seed0_mvtec", "run_uzad_anomalygpt_seed0_br35h", "report", "speed"}),
-    (lambda c: c["evaluation"].update(size=16), RUN_JOBS | {"report"}),
-    (lambda c: c["evaluation"].update(aupro_limit=0.05), RUN_JOBS | {"report"}),
+     {"run_uzad_anomalygpt_seed0_mvtec", "run_uzad_anomalygpt_seed0_br35h", "report", "speed", "figure1"}),
+    (lambda c: c["methods"]["anomalyclip"]["params"].update(lr=0.002), ANOMALYCLIP_JOBS | {"report", "figure2"}),
+    (lambda c: c["training"]["pseudo"].update(anomalous_fraction=0.5),
+     {"run_pseudo_anomalyclip_seed0_mvtec", "run_pseudo_anomalyclip_seed0_br35h", "report"}),
+    (lambda c: c["evaluation"].update(size=16), RUN_JOBS | {"report"} | FIGURES),
+    (lambda c: c["evaluation"].update(aupro_limit=0.05), RUN_JOBS | {"report"} | FIGURES),
     # the top-level seed seeds the stand-ins, the frozen random weights and the bootstrap; with no training.seeds it is
     # also the one training seed, so every run moves to seed7
     (lambda c: c.update(seed=7), {j.replace("seed0", "seed7") for j in RUN_JOBS} | PREPARE | STANDIN
-     | {"report", "speed"}),
-    # another training seed adds that seed's jobs of the trained method; the seed-0 runs stay as they are
+     | {"report", "speed"} | FIGURES),
+    # another training seed adds that seed's jobs of the trained methods; the seed-0 runs stay as they are
     (lambda c: c["training"].update(seeds=[0, 5]),
-     {"run_uzad_anomalygpt_seed5_mvtec", "run_uzad_anomalygpt_seed5_br35h", "report"}),
-    (lambda c: c["data"]["standin"].update(n_test_normal=4), RUN_JOBS | PREPARE | STANDIN | {"report"}),
+     {"run_uzad_anomalygpt_seed5_mvtec", "run_uzad_anomalygpt_seed5_br35h", "report"} | FIGURES
+     | {j.replace("seed0", "seed5") for j in ANOMALYCLIP_JOBS}),
+    (lambda c: c["data"]["standin"].update(n_test_normal=4), RUN_JOBS | PREPARE | STANDIN | {"report"} | FIGURES),
     (lambda c: c["data"]["options"].update(medical_protocol="dra_75_25"),
      {"prepare_dataset[br35h]", "prepare_dataset[headct]", "run_uzad_clip_seed0_none",
-      "run_uzad_anomalygpt_seed0_br35h", "report"}),
-    (lambda c: c["methods"]["clip"].update(display_name="CLIP (ViT-L)"), {"report"}),
+      "run_uzad_anomalygpt_seed0_br35h", "report"} | FIGURES
+     | {j for j in ANOMALYCLIP_JOBS if j.endswith("br35h")}),
+    (lambda c: c["methods"]["clip"].update(display_name="CLIP (ViT-L)"), {"report"} | FIGURES),
     (lambda c: c["methods"]["clip"].update(variants={"cold": {"logit_scale": 10.0}}), set()),  # no table uses it
     (lambda c: c["datasets"]["visa"].update(classes=["candle", "pcb1"]),
      {"synthesize_standin[visa]", "prepare_dataset[visa]", "run_uzad_clip_seed0_none", "run_uzad_anovl_seed0_none",
-      "run_uzad_anomalygpt_seed0_mvtec", "report"}),
+      "run_uzad_anomalygpt_seed0_mvtec", "report"} | FIGURES | {j for j in ANOMALYCLIP_JOBS if j.endswith("mvtec")}),
 ])
 def test_a_config_change_reruns_exactly_the_jobs_that_depend_on_it(tiny_run, mutate, expected):
     tmp_path, _ = tiny_run
@@ -274,7 +294,7 @@ def test_a_changed_default_in_code_reruns_that_method_only(tiny_run, tmp_path):
                        "cls = get_method_class('anomalygpt')\n"
                        "cls.defaults = {**cls.defaults, 'label_threshold': 0.4}\n")
     assert dry_run_with(workdir, preload=preload) == {
-        "run_uzad_anomalygpt_seed0_mvtec", "run_uzad_anomalygpt_seed0_br35h", "report", "speed"}
+        "run_uzad_anomalygpt_seed0_mvtec", "run_uzad_anomalygpt_seed0_br35h", "report", "speed", "figure1"}
 
 
 def test_an_edited_image_re_prepares_its_dataset_and_reruns_its_readers(tiny_run):
@@ -302,7 +322,7 @@ def test_the_report_reads_the_claimed_numbers_as_inputs(tiny_run):
 
 def test_the_report_refuses_a_stale_metrics_file(tiny_run):
     tmp_path, configfile = tiny_run
-    metrics = tmp_path / "results" / "demo" / "uzad" / "clip" / "default" / "none" / "visa" / "metrics.json"
+    metrics = tmp_path / "results" / "demo" / "uzad" / "clip" / "default" / "seed0" / "none" / "visa" / "metrics.json"
     original, stat = metrics.read_bytes(), metrics.stat()
     tables = tmp_path / "tables" / "demo" / "table1_uzad.md"
     before = tables.read_bytes()
