@@ -15,6 +15,18 @@ from typing import Any
 from siad.errors import ConfigError
 
 
+def derived_seed(seed: int, *names: str | int) -> int:
+    """The seed of one component (a tensor, a stream) of a run seeded with ``seed``: a SHA-256 of (seed, names).
+
+    Components get independent streams, and neighbouring run seeds share none: with ``seed + 1`` for a second tensor,
+    training seed 0's second tensor would start as training seed 1's first.
+    """
+    import hashlib
+
+    digest = hashlib.sha256(repr((int(seed), *names)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch and ask for deterministic kernels (same seed → same numbers)."""
     import numpy as np

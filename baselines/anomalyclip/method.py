@@ -60,6 +60,7 @@ class AnomalyCLIP(BackboneMethod):
     """AnomalyCLIP as released: object-agnostic learnable prompts, DPAM, global + local losses."""
 
     training_free: ClassVar[bool] = False
+    training_mask_resize: ClassVar[str] = "bilinear"  # the release: PIL bilinear resize to 518, then > 0.5
     defaults: ClassVar[dict[str, Any]] = {
         **BACKBONE_DEFAULTS,
         "backbone": "openai-vit-l-14-336",  # QuickGELU OpenAI ViT-L/14@336, built at its native 336 px

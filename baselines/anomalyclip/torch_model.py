@@ -44,6 +44,7 @@ from siad.backbones.features import apply_head, resize_positional_embedding
 from siad.errors import ConfigError
 from siad.methods.losses import dice_loss, focal_loss
 from siad.prompts.learnable import ContextVectors, DeepTextPrompts, context_prompt_tokens, encode_text_with_context
+from siad.seeding import derived_seed
 
 __all__ = [
     "POS_RESIZE_MODES",
@@ -148,10 +149,11 @@ class PromptLearner(nn.Module):
                 f"tower has {text_blocks} blocks (0..{text_blocks - 1}); lower depth or use a deeper text tower"
             )
         self.n_ctx, self.depth, self.t_n_ctx, self.width = n_ctx, depth, t_n_ctx, width
-        self.ctx_pos = ContextVectors(n_ctx, width, init_std=init_std, seed=seed)
-        self.ctx_neg = ContextVectors(n_ctx, width, init_std=init_std, seed=seed + 1)
-        # the float16 rounding is applied per sentence copy in deep_prompts(), not by DeepTextPrompts (see there)
-        self.compound = DeepTextPrompts(t_n_ctx, width, blocks=range(1, depth), init_std=init_std, seed=seed + 2)
+        self.ctx_pos = ContextVectors(n_ctx, width, init_std=init_std, seed=derived_seed(seed, "ctx_pos"))
+        self.ctx_neg = ContextVectors(n_ctx, width, init_std=init_std, seed=derived_seed(seed, "ctx_neg"))
+        # the float16 rounding is applied per sentence copy in deep_prompts() (see there)
+        self.compound = DeepTextPrompts(t_n_ctx, width, blocks=range(1, depth), init_std=init_std,
+                                        seed=derived_seed(seed, "compound"))
         self.compound_fp16 = compound_fp16
         device = clip.token_embedding.weight.device
         tokens = context_prompt_tokens(tokenizer, STATE_TEXTS, n_ctx).to(device)
@@ -169,8 +171,8 @@ class PromptLearner(nn.Module):
         through float16 when ``compound_fp16`` is on.
 
         The release expands the tokens to both sentences and *then* calls ``.half()``, so the backward pass rounds
-        each copy's gradient to float16 before the copies are summed in float32 (rounding after the sum, as
-        ``DeepTextPrompts(emulate_fp16=True)`` would, changes the gradient by up to ~1e-3).
+        each copy's gradient to float16 before the copies are summed in float32 (rounding once, after the copies'
+        gradients are summed, changes the gradient by up to ~1e-3).
         """
         copies = {}
         for block, tokens in self.compound().items():

@@ -213,7 +213,10 @@ class FeatureCache:
     ) -> None:
         if store_dtype is not None and not store_dtype.is_floating_point:
             raise ConfigError(f"feature cache: store_dtype {store_dtype} is not a floating dtype; use e.g. float16")
-        self.namespace = canonical_namespace(namespace)
+        # the storage dtype changes what is read back (float16 entries are rounded): part of the namespace, so a run
+        # with another dtype never reads entries of this one
+        stored = {"store_dtype": str(store_dtype).removeprefix("torch.")} if store_dtype is not None else {}
+        self.namespace = canonical_namespace({**namespace, **stored})
         self.digest = namespace_digest(self.namespace)
         self.folder = Path(root) / f"{_label(self.namespace)}-{self.digest[:16]}"
         self.store_dtype = store_dtype

@@ -149,9 +149,18 @@ def check_mask_size(shape: tuple[int, ...], expected_size: tuple[int, int] | Non
                              f"{tuple(expected_size)}", "the mask does not belong to the image: re-extract the dataset")
 
 
-def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a boolean mask to ``(height, width)``."""
+MASK_RESIZES = ("nearest", "bilinear")
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int], mode: str = "nearest") -> np.ndarray:
+    """Resize a boolean mask to ``(height, width)``: ``nearest`` (the suite's evaluation masks; AA-CLIP's training
+    masks) or ``bilinear`` (PIL bilinear resize of the 0/255 mask, then > 0.5 of full scale: how AnomalyCLIP and
+    AdaCLIP make their training masks)."""
+    if mode not in MASK_RESIZES:
+        raise ValueError(f"unknown mask resize {mode!r}; use one of {MASK_RESIZES}")
     if mask.shape == tuple(size):
         return mask
     image = Image.fromarray(mask.astype(np.uint8) * 255)
+    if mode == "bilinear":
+        return np.asarray(image.resize((size[1], size[0]), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0 > 0.5
     return np.asarray(image.resize((size[1], size[0]), Image.Resampling.NEAREST)) > 0

@@ -42,8 +42,9 @@ class AnomalyDataset(torch.utils.data.Dataset):
 
     def __init__(self, root: Path, meta: Meta, split: str = "test", classes: Sequence[str] | None = None,
                  transform: Callable[[Image.Image], torch.Tensor] | None = None,
-                 mask_size: tuple[int, int] | None = None, name: str = "") -> None:
+                 mask_size: tuple[int, int] | None = None, name: str = "", mask_resize: str = "nearest") -> None:
         self.root = Path(root)
+        self.mask_resize = mask_resize  # how masks reach ``mask_size`` (siad.data.imageio.resize_mask)
         self.name = name  # registry name of the dataset (e.g. "mvtec"); methods may key per-dataset settings on it
         self.split = split
         self.transform = transform
@@ -98,7 +99,8 @@ class AnomalyDataset(torch.utils.data.Dataset):
         native = (image.height, image.width)
         size = self.mask_size or native
         if rec["mask_path"]:
-            mask = resize_mask(read_mask(self.root / rec["mask_path"], native, rec.get("mask_sha256")), size)
+            mask = resize_mask(read_mask(self.root / rec["mask_path"], native, rec.get("mask_sha256")), size,
+                               self.mask_resize)
         else:
             mask = np.zeros(size, dtype=bool)
         return {

@@ -227,7 +227,8 @@ def _evaluate_target(
         root,
         meta,
         split="test",
-        classes=config["datasets"][key.target].get("classes"),
+        # sorted as the run specification holds them: the config's order of the classes changes no number
+        classes=sorted(config["datasets"][key.target].get("classes") or []) or None,
         transform=method.transform,
         mask_size=None if size == "original" else (int(size), int(size)),
         name=key.target,
@@ -304,7 +305,7 @@ def fit_run(
         setting=key.setting, name=key.source, root=root, meta=load_meta(meta_path, root),
         classes=config["datasets"][key.source].get("classes"), normal_images=training_normal_images(config, key.source),
         transform=method.transform, input_size=method.input_size, seed=spec.seed,
-        options=spec.training["setting_options"]))
+        options=spec.training["setting_options"], mask_resize=method.training_mask_resize))
     counts = label_counts(dataset)
     log.info("training %s/%s (seed %d) on %s under %s (%d images, %d anomalous)", key.method, key.variant, spec.seed,
              key.source, key.setting, counts["images"], counts["anomalous"])

@@ -60,6 +60,7 @@ class TrainingSetRequest:
     input_size: int
     seed: int
     options: Mapping[str, Any]  # the setting's options (``training.pseudo`` for pseudo)
+    mask_resize: str = "nearest"  # how real masks reach the input size: the method's ``training_mask_resize``
 
 
 TrainingSetBuilder = Callable[[TrainingSetRequest], torch.utils.data.Dataset]
@@ -99,10 +100,20 @@ class IndexedTrainingSet(AnomalyDataset):
 
 
 def _indexed_set(request: TrainingSetRequest) -> IndexedTrainingSet:
+    """The selected classes' records in sorted class order (the configured order of ``classes`` is not part of the
+    run specification, so it must not change the set: pseudo-anomaly choice and batch order depend on item order)."""
     meta = training_meta(request.meta, request.setting, request.normal_images)
-    classes = [c for c in request.classes if c in meta["train"]] if request.classes else None
+    classes = sorted(request.classes) if request.classes else None
+    empty = [c for c in classes or [] if c not in meta["train"]]
+    if empty:
+        raise DataError(
+            f"{request.root}: class(es) {empty} of {request.name!r} have no {request.setting} training images "
+            f"(normal_images={request.normal_images!r}; classes with some: {sorted(meta['train'])}). Fix: leave them "
+            f"out of datasets.{request.name}.classes, or set training.normal_images_per_dataset: "
+            f"{{{request.name}: all}} when the train split is empty")
     return IndexedTrainingSet(request.root, meta, split="train", classes=classes, transform=request.transform,
-                              mask_size=(request.input_size, request.input_size), name=request.name)
+                              mask_size=(request.input_size, request.input_size), name=request.name,
+                              mask_resize=request.mask_resize)
 
 
 class PseudoAnomalySet(torch.utils.data.Dataset):

@@ -165,6 +165,9 @@ class Method(ABC):
     training_free: ClassVar[bool] = False
     defaults: ClassVar[Mapping[str, Any]] = {}
     param_rules: ClassVar[Mapping[str, ParamRule]] = {}
+    #: How the real masks of a training set reach the input size (``nearest`` or ``bilinear``, see
+    #: :func:`siad.data.imageio.resize_mask`): each method's release decides; evaluation masks are always nearest.
+    training_mask_resize: ClassVar[str] = "nearest"
 
     def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0,
                  weights_seed: int | None = None) -> None:

@@ -552,11 +552,12 @@ class LlmDetector(BackboneMethod):
         return [patch_answer(b, shape, union_box=union) for b in boxes]
 
     def train_memory(self, root: Path, records: Sequence[Mapping[str, Any]]) -> dict[str, list[Tensor]]:
-        """The released training memory: per class, its first normal training image (path order) and its
+        """The released training memory: per class, its first normal training image (path order; anomalous records,
+        present under ``zad``, are skipped) and its
         rot90 copies (0°, 90°, 180°, 270°) as reference patches for the memory-map prompts."""
         first: dict[str, Mapping[str, Any]] = {}
-        for record in sorted(records, key=lambda r: r["img_path"]):
-            first.setdefault(record["cls_name"], record)
+        for record in sorted((r for r in records if not r["anomaly"]), key=lambda r: r["img_path"]):
+            first.setdefault(record["cls_name"], record)  # normal images only: under zad the records hold anomalies
         references = {}
         for cls_name, record in first.items():
             image = self._normalise(self._raw_image(root, record)[None])

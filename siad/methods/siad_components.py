@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from siad.errors import ConfigError
 from siad.prompts.ensemble import ENSEMBLES, PromptEnsemble
 from siad.prompts.learnable import ContextVectors, encode_text_with_context, trimmed_length
+from siad.seeding import derived_seed
 
 __all__ = [
     "STAGE_CASES",
@@ -162,8 +163,8 @@ class StagePromptLearner(nn.Module):
             torch.tensor([self.unique_words.index(w) for w in self.stage_words], dtype=torch.long),
             persistent=False,
         )
-        self.normal_ctx = ContextVectors(n_ctx, width, init_std=init_std, seed=seed)
-        self.abnormal_ctx = ContextVectors(n_ctx, width, init_std=init_std, seed=seed + 1)
+        self.normal_ctx = ContextVectors(n_ctx, width, init_std=init_std, seed=derived_seed(seed, "normal_ctx"))
+        self.abnormal_ctx = ContextVectors(n_ctx, width, init_std=init_std, seed=derived_seed(seed, "abnormal_ctx"))
         self._placeholder_id = self._single_token(placeholder)
         self._cache: dict[str, tuple[Tensor, Tensor]] = {}
 

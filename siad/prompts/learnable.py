@@ -30,6 +30,7 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 
 from siad.errors import ConfigError
+from siad.seeding import derived_seed
 
 DeepPrompts = Mapping[int, torch.Tensor] | Sequence[torch.Tensor]
 
@@ -251,8 +252,9 @@ class DeepTextPrompts(nn.Module):
 
     AnomalyCLIP: ``DeepTextPrompts(4, 768, blocks=range(1, 9))`` (compound prompts, depth 9).
     AdaCLIP: ``DeepTextPrompts(5, 768, blocks=(1, 2, 3))`` plus the image-conditioned ``offset`` D_t
-    (its unused static S_t[0] is not created). ``emulate_fp16`` rounds the tokens through float16
-    as AnomalyCLIP's released code does before concatenating them (spec clip_family §7).
+    (its unused static S_t[0] is not created). Block ``i``'s tokens are drawn from ``derived_seed(seed, "deep", i)``.
+    (AnomalyCLIP's release rounds each sentence's copy of the tokens through float16: done by its prompt learner
+    after the copies are made, which is what its gradient needs; see ``baselines/anomalyclip``.)
     """
 
     def __init__(
@@ -263,23 +265,21 @@ class DeepTextPrompts(nn.Module):
         *,
         init_std: float = 0.02,
         seed: int = 0,
-        emulate_fp16: bool = False,
     ) -> None:
         super().__init__()
         self.blocks = tuple(blocks)
         if not self.blocks or len(set(self.blocks)) != len(self.blocks):
             raise ConfigError(f"deep prompt blocks must be distinct and non-empty, got {self.blocks}")
-        self.emulate_fp16 = emulate_fp16
         self.prompts = nn.ParameterList(
-            [nn.Parameter(_seeded_normal((n_tokens, width), init_std, seed + i)) for i in range(len(self.blocks))]
+            [nn.Parameter(_seeded_normal((n_tokens, width), init_std, derived_seed(seed, "deep", i)))
+             for i in range(len(self.blocks))]
         )
 
     def forward(self, offset: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """{block: tokens [n, W]} (or tokens + ``offset``, broadcast, e.g. [B, 1, n, W] per image)."""
         out = {}
         for block, prompt in zip(self.blocks, self.prompts, strict=True):
-            value = prompt if offset is None else prompt + offset
-            out[block] = value.to(torch.float16).to(value.dtype) if self.emulate_fp16 else value
+            out[block] = prompt if offset is None else prompt + offset
         return out
 
 

@@ -1,7 +1,8 @@
 """The claims check: every number the paper claims, next to ours, its CI and a verdict.
 
 A claim is "inside CI" when the printed claimed value lies in the closed bootstrap interval of the
-reproduced number (compared exactly as printed, no tolerance for the paper's rounding), "outside CI"
+reproduced number (compared exactly as printed, no tolerance for the paper's rounding; with several training seeds
+the interval is that of one training run's number, :func:`siad.report.tables.seed_interval`), "outside CI"
 otherwise, "no CI" when we have a number but no interval, and "not reproduced" when we have no
 number (missing run, or metric not defined). Cells without a claimed number are not listed. The claims of a
 method this suite does not run (rows of status ``not_run``: not implemented yet, or not configured) are listed
@@ -58,14 +59,19 @@ class ClaimRow:
 
 
 def claim_rows(tables: Sequence[ClaimTable]) -> list[ClaimRow]:
-    """Every cell with a claimed number, in table, row, column order."""
-    return [
-        ClaimRow(t.name, row, col, cell, verdict(cell))
-        for t in tables
-        for row in t.row_keys
-        for col in t.columns
-        if (cell := t.cell(row, col)).claimed is not None
-    ]
+    """Every cell with a claimed number, in table, row, column order; a claim a table repeats from an earlier one
+    (the same row, column and cell: SIAD-LLM's Table 1 row printed again in Table 2) is listed once, where it first
+    appears, so its verdict is not counted twice."""
+    rows, seen = [], set()
+    for t in tables:
+        for row in t.row_keys:
+            for col in t.columns:
+                cell = t.cell(row, col)
+                if cell.claimed is None or (row, col, cell) in seen:
+                    continue
+                seen.add((row, col, cell))
+                rows.append(ClaimRow(t.name, row, col, cell, verdict(cell)))
+    return rows
 
 
 def _common_demo(tables: Sequence[ClaimTable]) -> bool:
@@ -153,7 +159,10 @@ def claims_check(tables: Sequence[ClaimTable]) -> str:
     lines = [f"> **{DEMO_STAMP}**", ""] if demo else []
     lines += ["# Claims check", "", _summary(rows, _unclaimed_count(tables)), "",
               "_Difference = reproduced − claimed (percentage points); a claim is inside the CI when the "
-              "printed claimed value lies in the closed bootstrap interval of the reproduced number._", ""]
+              "printed claimed value lies in the closed bootstrap interval of the reproduced number (with several "
+              "training seeds: the interval of one run's number, from the seeds' bootstrap replicates pooled; the "
+              "reproduced number is their mean). A claim a table repeats from an earlier table is listed once._",
+              ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for r in rows:
         keys = list(r.row) if key_header != ["row"] else [" / ".join(r.row)]

@@ -18,7 +18,7 @@ import pandas as pd
 from siad.config import training_seeds
 from siad.data.registry import DATASETS, get_dataset
 from siad.engine.protocol import NO_SOURCE, RunKey, protocol_pairs
-from siad.errors import ConfigError
+from siad.errors import ConfigError, DataError
 from siad.registry import Registry
 from siad.report.claims import claims_check
 from siad.report.reference import load_reference
@@ -302,6 +302,7 @@ def render_report(
     runs = load_runs([Path(p) for p in metrics_paths])
     if require_current:
         refuse_stale_runs(config, runs)
+        refuse_missing_runs(config, runs)
     built: list[tuple[str, ClaimTable]] = []
     for name in config["report"]["tables"]:
         table = PAPER_TABLES.get(name)
@@ -311,6 +312,17 @@ def render_report(
     written = [path for stem, table in built for path in write_table(table, out_dir, stem)]
     written.append(write_text_atomic(out_dir / "claims_check.md", check))
     return written
+
+
+def refuse_missing_runs(config: Config, runs: Sequence[Mapping[str, Any]]) -> None:
+    """Raise DataError naming the runs the configured tables need that ``runs`` lacks: a cell must never average a
+    subset of its training seeds (or show "missing") because a file was left out."""
+    present = {RunKey.from_run(run["run"]) for run in runs}
+    missing = [key for key in required_runs(config) if key not in present]
+    if missing:
+        shown = ", ".join(str(key.run_dir("")) for key in missing[:6]) + (" ..." if len(missing) > 6 else "")
+        raise DataError(f"{len(missing)} run(s) the configured tables need have no metrics.json among the files "
+                        f"given: {shown}; run the workflow (snakemake ... all), which computes them")
 
 
 def required_runs(config: Config) -> list[RunKey]:

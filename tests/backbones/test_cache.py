@@ -313,3 +313,11 @@ def test_backbone_namespace_tracks_the_feature_code_and_the_callers_module(monke
         monkeypatch.setattr(code_hash, "module_fingerprint", lambda name, e=edited: real(name) + ("x" if name == e
                                                                                                   else ""))
         assert namespace_digest(backbone_namespace(spec, seed=0, code_modules=("baselines.anovl",))) != base, edited
+
+
+def test_the_storage_dtype_is_part_of_the_namespace(tmp_path):
+    namespace = {"backbone": "tiny", "taps": [1]}
+    half = FeatureCache(tmp_path, namespace, store_dtype=torch.float16)
+    full = FeatureCache(tmp_path, namespace)
+    assert half.folder != full.folder  # a float32 run never reads float16-rounded entries
+    assert FeatureCache(tmp_path, namespace, store_dtype=torch.float16).folder == half.folder

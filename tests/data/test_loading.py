@@ -160,3 +160,14 @@ def test_an_image_or_mask_changed_after_preparation_is_refused(tmp_path):
     mask.write_bytes(mask.read_bytes() + b"\0")
     with pytest.raises(DataError, match="changed since the dataset was prepared"):
         dataset[with_mask]
+
+
+def test_bilinear_mask_resize_thresholds_at_half_scale_as_anomalyclip_does():
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[:2, :2] = True
+    assert resize_mask(mask, (2, 2), "bilinear").tolist() == [[True, False], [False, False]]
+    lone = np.zeros((4, 4), dtype=bool)
+    lone[0, 0] = True  # a quarter of the output pixel: below half scale after the bilinear filter
+    assert not resize_mask(lone, (2, 2), "bilinear").any()
+    with pytest.raises(ValueError, match="unknown mask resize"):
+        resize_mask(mask, (2, 2), "bicubic")

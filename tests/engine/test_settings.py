@@ -137,3 +137,28 @@ def test_zad_on_a_dataset_without_masks_marks_anomalous_masks_as_unknown(tmp_pat
 @pytest.fixture
 def request_for_mvtec_pseudo(mvtec_standin):
     return lambda: request(mvtec_standin, "pseudo")
+
+
+def test_the_configured_class_order_does_not_change_the_set(mvtec_standin):
+    one = build_training_set(request(mvtec_standin, "pseudo", classes=["carpet", "bottle"]))
+    other = build_training_set(request(mvtec_standin, "pseudo", classes=["bottle", "carpet"]))
+    assert [r["img_path"] for r in one.records] == [r["img_path"] for r in other.records]
+    assert one.anomalous == other.anomalous and one.donors == other.donors
+
+
+def test_a_selected_class_without_training_images_is_refused_naming_it(mvtec_standin):
+    root, meta = mvtec_standin
+    no_carpet = {"train": {"bottle": meta["train"]["bottle"]}, "test": meta["test"]}
+    bad = TrainingSetRequest(**{**request(mvtec_standin, "uzad", classes=["bottle", "carpet"]).__dict__,
+                                "meta": no_carpet})
+    with pytest.raises(DataError, match=r"class\(es\) \['carpet'\] of 'mvtec' have no uzad training images"):
+        build_training_set(bad)
+
+
+def test_the_method_decides_how_real_masks_reach_its_input_size(mvtec_standin):
+    nearest = build_training_set(request(mvtec_standin, "zad"))
+    bilinear = build_training_set(TrainingSetRequest(**{**request(mvtec_standin, "zad").__dict__,
+                                                        "mask_resize": "bilinear"}))
+    assert bilinear.mask_resize == "bilinear" and nearest.mask_resize == "nearest"
+    index = next(i for i, r in enumerate(nearest.records) if r["anomaly"])
+    assert bilinear[index]["mask"].any() and bilinear[index]["mask"].shape == nearest[index]["mask"].shape

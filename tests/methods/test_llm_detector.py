@@ -110,3 +110,17 @@ def test_an_anomaly_without_pixel_truth_answers_yes_and_skips_the_pixel_losses(t
     monkeypatch.setattr(method, "pixel_losses", lambda probs, target: seen.append(len(target)) or (probs.sum(),) * 2)
     method.batch_pixel_losses(torch.rand(3, 4, 2, 8, 8), batch)
     assert seen == [2]
+
+
+def test_the_training_memory_takes_normal_images_only(tiny_llm_params, mvtec_standin, monkeypatch):
+    """Under zad the records are the source's test split, whose first path per class is often a defect."""
+    method = build_method("anomalygpt", tiny_llm_params, seed=0)
+    root, meta = mvtec_standin
+    records = sorted((r for rs in meta["test"].values() for r in rs), key=lambda r: r["img_path"])
+    assert records[0]["anomaly"]  # the stand-in's defect folders sort before good/
+    used = []
+    real = method._raw_image
+    monkeypatch.setattr(method, "_raw_image", lambda root, record: used.append(record) or real(root, record))
+    method.train_memory(root, records)
+    assert used and not any(r["anomaly"] for r in used)
+    assert {r["cls_name"] for r in used} == {r["cls_name"] for r in records}

@@ -123,11 +123,11 @@ def test_deep_prompt_sequence_means_blocks_from_one(deep_model, tokens):
         encode_text_with_context(deep_model, tokens, deep_prompts={4: as_map[1]})
 
 
-def test_deep_prompt_fp16_emulation():
-    deep = DeepTextPrompts(5, WIDTH, blocks=(1, 2), seed=0, emulate_fp16=True)
-    values = deep()
-    assert torch.equal(values[1], deep.prompts[0].detach().half().float())
-    assert not torch.equal(values[1], deep.prompts[0].detach())
+def test_deep_prompt_blocks_and_neighbouring_seeds_draw_distinct_tokens():
+    first, second = DeepTextPrompts(5, WIDTH, blocks=(1, 2), seed=0), DeepTextPrompts(5, WIDTH, blocks=(1, 2), seed=1)
+    assert not torch.equal(first.prompts[0], first.prompts[1])
+    assert not torch.equal(first.prompts[1], second.prompts[0])  # seed + 1 would make these equal
+    assert torch.equal(first.prompts[0], DeepTextPrompts(5, WIDTH, blocks=(1, 2), seed=0).prompts[0])
 
 
 def test_per_image_deep_prompt_offsets(deep_model, tokens):

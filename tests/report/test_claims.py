@@ -100,3 +100,14 @@ def test_claims_of_methods_not_run_are_listed_but_not_checked(runs, reference, t
     assert summary.startswith("**8 claimed numbers checked:** 4 inside CI, 4 outside CI, 0 no CI, 0 not reproduced. "
                               "9 claimed numbers belong to methods this suite does not run")
     assert _line(report, "CLIP", "image", "MVTecAD")[4:] == ["60.9", "not run", "n/a", "n/a", NOT_RUN_VERDICT]
+
+
+def test_a_claim_repeated_by_a_later_table_is_listed_once(runs, reference, toy) -> None:
+    from siad.report.claims import claim_rows
+    from siad.report.tables import build_table1
+
+    first = build_table1(runs, reference, methods=toy.methods, datasets=toy.datasets, medical=toy.medical)
+    again = build_table1(runs, reference, methods=toy.methods, datasets=toy.datasets, medical=toy.medical)
+    again.name = "table2"
+    once = claim_rows([first])
+    assert claim_rows([first, again]) == once and {r.table for r in once} == {"table1"}

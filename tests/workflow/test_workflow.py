@@ -105,6 +105,9 @@ def test_trained_method_gets_one_job_per_source(tmp_path):
     config["methods"]["test_mean_image"] = {"display_name": "Mean", "params": {"size": 32},
                                             "variants": {"small": {"size": 16}}}
     config["report"]["table1"]["methods"] = ["clip", "test_mean_image"]
+    config["report"]["tables"] = ["table1_uzad", "siad_table7_training_free"]
+    for figure in ("figure1", "figure2"):
+        config["report"].pop(figure)
     result = snakemake(tmp_path, "-n", "all", configfile=write_config(tmp_path, config),
                        preload=ROOT / "tests" / "engine" / "test_runs.py")
     output = result.stdout + result.stderr
