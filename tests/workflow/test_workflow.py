@@ -262,7 +262,7 @@ def dry_run_with(tmp_path: Path, mutate=None, preload: Path | None = None) -> se
     (lambda c: c["methods"]["anomalygpt"]["params"].update(lr=0.002),
      {"run_uzad_anomalygpt_seed0_mvtec", "run_uzad_anomalygpt_seed0_br35h", "report", "speed", "figure1"}),
     (lambda c: c["methods"]["anomalyclip"]["params"].update(lr=0.002), ANOMALYCLIP_JOBS | {"report", "figure2"}),
-    (lambda c: c["training"]["pseudo"].update(anomalous_fraction=0.5),
+    (lambda c: c["training"].update(pseudo={"anomalous_fraction": 0.5}),
      {"run_pseudo_anomalyclip_seed0_mvtec", "run_pseudo_anomalyclip_seed0_br35h", "report"}),
     (lambda c: c["evaluation"].update(size=16), RUN_JOBS | {"report"} | FIGURES),
     (lambda c: c["evaluation"].update(aupro_limit=0.05), RUN_JOBS | {"report"} | FIGURES),
