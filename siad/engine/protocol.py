@@ -105,8 +105,8 @@ def training_meta(meta: Mapping[str, Any], setting: str, normal_images: str = "t
 
     uzad / pseudo: normal images only (``normal_images``: ``train`` = the train split, the SIAD
     reading of "normal images of the auxiliary dataset"; ``all`` = normal images of train and test).
-    pseudo-anomalies are made from them by the method. zad: the auxiliary *test* split with its real
-    anomalies and masks, as AnomalyCLIP / AdaCLIP train.
+    :mod:`siad.engine.settings` turns a share of them into pseudo-anomalies for ``pseudo``. zad: the auxiliary
+    *test* split with its real anomalies and masks, as AnomalyCLIP / AdaCLIP train.
     """
     if setting == "zad":
         return {"train": {c: list(rs) for c, rs in meta["test"].items()}}

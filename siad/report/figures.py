@@ -337,9 +337,3 @@ def render_figure4(config: Config, predictions: Sequence[str | Path], metas: Seq
     spec, examples, demo = collect_examples(config, predictions, metas)
     fig = draw_figure4(examples, [display(config, m) for m in spec.methods], setting=spec.setting, demo=demo)
     return save_figure(fig, out_dir, FIGURE_STEM)
-
-
-# --- several training seeds -----------------------------------------------------------------------------------
-
-#: The fields of a run's identity that tell its cell apart; runs differing only in ``seed`` share a cell.
-CELL_FIELDS = ("profile", "demo", "setting", "method", "variant", "source", "target")

@@ -286,7 +286,8 @@ FIGURE2_TEXT = ("SIAD-LLM Fig. 2: (a) image AUROC (%) of zero-shot methods under
                 "anomalies; claimed: the methods' own papers via FiLo Table 1, MVTecAD and VisA only), (b) their UZAD "
                 "anomaly maps (scaled per method and dataset), (c) image AUROC under UZAD (claimed: SIAD-LLM Table 1). "
                 "Bars: reproduced (mean over training seeds; a training-free method's one run serves both settings); "
-                "diamonds: claimed.")
+                "diamonds: claimed. ZAD on the medical targets trains on the Br35H / BrainMRI test splits (SIAD's "
+                "source mapping; their anomalies have no masks), where the releases use industrially trained weights.")
 
 
 def draw_figure1(panel: BarPanel, *, demo: bool) -> Any:

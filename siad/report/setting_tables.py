@@ -114,8 +114,9 @@ def zad_reference(filo: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
 
 
 def zad_order(methods: Sequence[str], claimed: Sequence[str]) -> list[str]:
-    """The ZAD rows (display names): the configured ``methods`` and the methods with a claim, in the paper's order
-    (:data:`PAPER_METHODS`); configured methods the paper does not compare follow."""
+    """The ZAD rows of the paper's methods (display names): the configured ``methods`` and the methods with a claim,
+    in the paper's order (:data:`PAPER_METHODS`). Configured methods the paper does not compare are not here: the
+    table builder (``method_rows``) appends them."""
     wanted = set(methods) | set(claimed)
     return [m for m in PAPER_METHODS if m in wanted]
 

@@ -1,6 +1,6 @@
-# Runs: one job per (setting, method, training seed, source) of the runs the tables and the figure need. A job trains each
-# variant of the method on the source (trained methods; an intact model whose training fingerprint matches is
-# reused), then evaluates every target of that variant, writing per-run metrics.json (stamped with the run's
+# Runs: one job per (setting, method, training seed, source) of the runs the tables and the figures need. A job
+# trains each variant of the method on the source (trained methods; an intact model whose training fingerprint
+# matches is reused), then evaluates every target of that variant, writing per-run metrics.json (stamped with the run's
 # specification digest) and predictions.npz. One process per group pays the imports, the model build and the
 # feature caches once. `params.spec` holds each run's config digest (siad/engine/spec.py): a change of method
 # parameters or defaults, variant, seed, device, evaluation settings, data options or code reruns the job.

@@ -1,4 +1,4 @@
-"""One (setting, method, source) group of runs: train each variant if needed, then evaluate its targets."""
+"""One (setting, method, training seed, source) group of runs: train each variant if needed, evaluate its targets."""
 
 from pathlib import Path
 from typing import TYPE_CHECKING
