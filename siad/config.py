@@ -49,7 +49,8 @@ def coerce_text_values(config: Mapping[str, Any], schema: Mapping[str, Any]) -> 
     (``Method.param_rules``).
 
     Snakemake reads nested ``--config`` values as text (``--config data='{verify_counts: false}'`` gives
-    ``"false"``, which is truthy), and YAML reads ``1e-3`` without a dot as text. A boolean that is no boolean
+    ``"false"``, which is truthy), and YAML reads ``1e-3`` without a dot as text. Method parameters are read by
+    their rule (``ParamRule.coerce``: numbers, flags, lists of numbers). A boolean that is no boolean
     spelling is a ConfigError naming the key; text that is no number is left for the schema and the parameter
     rules to refuse, naming the key.
     """
@@ -87,7 +88,6 @@ def _coerce_by_schema(value: Any, schema: Mapping[str, Any], key: str) -> Any:
 def _coerce_method(name: str, entry: Any) -> Any:
     from siad.errors import UnknownNameError
     from siad.methods import get_method_class
-    from siad.methods.base import Number
 
     try:
         rules = get_method_class(name).param_rules
@@ -99,8 +99,7 @@ def _coerce_method(name: str, entry: Any) -> Any:
     def coerce(params: Any) -> Any:
         if not isinstance(params, Mapping):
             return params
-        return {k: _number(v, integer=rules[k].integer) if isinstance(v, str) and isinstance(rules.get(k), Number)
-                else v for k, v in params.items()}
+        return {k: rules[k].coerce(v) if k in rules else v for k, v in params.items()}
 
     entry = dict(entry)
     if "params" in entry:
@@ -111,14 +110,11 @@ def _coerce_method(name: str, entry: Any) -> Any:
 
 
 def _number(text: str, *, integer: bool) -> Any:
-    """``text`` as an int (``integer``) or a float, or unchanged when it is no such number."""
-    try:
-        number = float(text.strip())
-    except ValueError:
-        return text
-    if integer:
-        return int(number) if number.is_integer() else text
-    return number
+    """``text`` as an int (``integer``) or a float, or unchanged when it is no such number (the parameter rules'
+    reading, :meth:`siad.methods.base.Number.coerce`)."""
+    from siad.methods.base import Number
+
+    return Number(integer=integer).coerce(text)
 
 
 def _check_names(config: Mapping[str, Any]) -> None:

@@ -128,3 +128,19 @@ def test_numbers_given_as_text_become_numbers_where_the_schema_or_the_parameter_
     config["evaluation"]["n_bootstrap"] = "thirty"
     with pytest.raises(ConfigError, match="evaluation/n_bootstrap"):
         validate_workflow_config(config)
+
+
+def test_method_switches_and_lists_from_the_command_line_are_read_by_their_rules():
+    import yaml
+
+    from siad.config import validate_config
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "demo.yaml").read_text())
+    config["methods"]["anomalyclip"]["params"].update(compound_fp16="false", features=["4", "8"],
+                                                      betas=["0.5", "0.9"], epochs="3")
+    params = validate_config(config)["methods"]["anomalyclip"]["params"]
+    assert params["compound_fp16"] is False and params["features"] == [4, 8]
+    assert params["betas"] == [0.5, 0.9] and params["epochs"] == 3
+    config["methods"]["anomalyclip"]["params"]["compound_fp16"] = "perhaps"
+    with pytest.raises(ConfigError, match="methods/anomalyclip/params/compound_fp16: 'perhaps' is not accepted"):
+        validate_config(config)

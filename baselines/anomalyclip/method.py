@@ -46,6 +46,10 @@ class BlockList(ParamRule):
               and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value))
         return None if ok else "use a non-empty list of distinct 1-indexed block numbers, e.g. [24]"
 
+    def coerce(self, value: Any) -> Any:
+        each = Number(low=1, integer=True)
+        return [each.coerce(v) for v in value] if isinstance(value, (list, tuple)) else value
+
 
 def _text_layers(arch: str) -> int:
     """Blocks of the text tower of an open_clip architecture (read from its config, nothing built)."""

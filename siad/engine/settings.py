@@ -111,9 +111,13 @@ def _indexed_set(request: TrainingSetRequest) -> IndexedTrainingSet:
             f"(normal_images={request.normal_images!r}; classes with some: {sorted(meta['train'])}). Fix: leave them "
             f"out of datasets.{request.name}.classes, or set training.normal_images_per_dataset: "
             f"{{{request.name}: all}} when the train split is empty")
-    return IndexedTrainingSet(request.root, meta, split="train", classes=classes, transform=request.transform,
+    data = IndexedTrainingSet(request.root, meta, split="train", classes=classes, transform=request.transform,
                               mask_size=(request.input_size, request.input_size), name=request.name,
                               mask_resize=request.mask_resize)
+    if request.setting == "zad" and not any(r["anomaly"] for r in data.records):
+        raise DataError(f"{request.root}: the zad setting trains on the source's real anomalies, but the test split "
+                        f"of {request.name!r} (classes {data.classes}) holds none; choose another source or setting")
+    return data
 
 
 class PseudoAnomalySet(torch.utils.data.Dataset):
@@ -124,8 +128,10 @@ class PseudoAnomalySet(torch.utils.data.Dataset):
     """
 
     def __init__(self, normal: AnomalyDataset, *, input_size: int, seed: int, anomalous_fraction: float) -> None:
-        if not 0.0 < anomalous_fraction < 1.0:
-            raise ConfigError(f"training.pseudo.anomalous_fraction: {anomalous_fraction!r}; use a number in (0, 1)")
+        key = "training.pseudo.anomalous_fraction"
+        if isinstance(anomalous_fraction, bool) or not isinstance(anomalous_fraction, (int, float)) or not (
+                0.0 < anomalous_fraction < 1.0):
+            raise ConfigError(f"{key}: {anomalous_fraction!r}; use a number in (0, 1)")
         self.normal = normal
         self.records: list[Record] = normal.records
         self.root, self.name, self.classes = normal.root, normal.name, normal.classes
@@ -133,6 +139,10 @@ class PseudoAnomalySet(torch.utils.data.Dataset):
         self.seed = seed
         rng = np.random.default_rng([seed, 0x5E7])
         count = int(round(anomalous_fraction * len(self.records)))
+        if not 0 < count < len(self.records):
+            raise ConfigError(
+                f"{key}: {anomalous_fraction} of {self.name!r}'s {len(self.records)} training images is {count}: the "
+                "pseudo set would hold no pseudo-anomaly or no normal image; use a share that leaves both")
         self.anomalous = frozenset(int(i) for i in rng.permutation(len(self.records))[:count])
         self.donors = self._pick_donors(rng)
         self._generators: dict[str, CutPastePoisson] = {}
@@ -186,7 +196,7 @@ class PseudoAnomalySet(torch.utils.data.Dataset):
 
 
 def _pseudo_set(request: TrainingSetRequest) -> PseudoAnomalySet:
-    normal = _indexed_set(TrainingSetRequest(**{**request.__dict__, "setting": "uzad"}))
+    normal = _indexed_set(request)  # training_meta gives pseudo the same normal images as uzad
     fraction = request.options.get("anomalous_fraction", DEFAULT_ANOMALOUS_FRACTION)
     return PseudoAnomalySet(normal, input_size=request.input_size, seed=request.seed, anomalous_fraction=fraction)
 

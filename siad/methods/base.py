@@ -52,6 +52,11 @@ class ParamRule(ABC):
     def problem(self, value: Any) -> str | None:
         """``None`` when ``value`` is acceptable, else the fix to tell the user (e.g. "use a positive integer")."""
 
+    def coerce(self, value: Any) -> Any:
+        """``value`` as this rule reads text (Snakemake's nested ``--config`` values and YAML's ``1e-3`` arrive as
+        strings); anything it cannot read is returned unchanged, for :meth:`problem` to refuse naming the key."""
+        return value
+
 
 @dataclass(frozen=True)
 class Choice(ParamRule):
@@ -81,6 +86,12 @@ class Flag(ParamRule):
 
     def problem(self, value: Any) -> str | None:
         return None if isinstance(value, bool) else "use true or false"
+
+    def coerce(self, value: Any) -> Any:
+        from siad.data.flags import FALSE_WORDS, TRUE_WORDS
+
+        word = value.strip().lower() if isinstance(value, str) else None
+        return True if word in TRUE_WORDS else False if word in FALSE_WORDS else value
 
 
 @dataclass(frozen=True)
@@ -119,6 +130,17 @@ class Number(ParamRule):
         too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
         return fix if too_low or too_high else None
 
+    def coerce(self, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return value
+        if self.integer:
+            return int(number) if number.is_integer() else value
+        return number
+
     def describe(self) -> str:
         """E.g. "an integer ≥ 1", "a finite number in (0, 1]"."""
         kind = "an integer" if self.integer else "a finite number"
@@ -152,6 +174,9 @@ class NumberList(ParamRule):
         if isinstance(value, (list, tuple)) and len(value) == self.length and not any(map(self.each.problem, value)):
             return None
         return f"use a list of {self.length} numbers, each {self.each.describe()}"
+
+    def coerce(self, value: Any) -> Any:
+        return [self.each.coerce(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 class Method(ABC):

@@ -13,12 +13,15 @@ from siad.config import method_variants
 from siad.errors import ConfigError, SiadError
 from siad.report.paper import required_runs
 from siad.report.paper_figures import figure_runs
+from siad.report.setting_tables import table2_settings
 
 
 def check_report_config(config: Mapping[str, Any]) -> None:
     """Refuse a report section that names an unconfigured method, variant or dataset (ConfigError naming the key)."""
     try:
         _check_report_methods(config)
+        if "table2" in config["report"]:  # checked when present, listed in report/tables or not
+            table2_settings(config)
         _check_report_runs(config)
     except ConfigError:
         raise

@@ -14,6 +14,7 @@ methods' own papers report, as FiLo's Table 1 collects them: CLIP, AnomalyCLIP a
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,11 +71,38 @@ def table2_settings(config: Config) -> dict[str, str]:
     both = sorted(set(pseudo) & set(repeated))
     if both:
         raise ConfigError(f"report/{TABLE2}: {both} listed under both `methods` and `repeat_uzad`; keep one")
-    free = [m for m in pseudo if training_free(m)]
+    if not pseudo and not repeated:
+        raise ConfigError(f"report/{TABLE2}: no method under `methods` or `repeat_uzad`; list the trained baselines "
+                          "(e.g. methods: [anomalyclip]) or leave table2_pseudo out of report/tables")
+    free = [m for m in pseudo + repeated if training_free(m)]
     if free:
-        raise ConfigError(f"report/{TABLE2}/methods: {free} need no training, so they have no pseudo-anomaly run; "
-                          "Table 2 lists trained methods (remove them)")
+        raise ConfigError(f"report/{TABLE2}: {free} need no training, so they have no pseudo-anomaly run and no row "
+                          "in the paper's Table 2; Table 2 lists trained methods (remove them)")
+    _check_repeated_rows(config, repeated)
     return {**dict.fromkeys(pseudo, "pseudo"), **dict.fromkeys(repeated, "uzad")}
+
+
+def _check_repeated_rows(config: Config, repeated: Sequence[str]) -> None:
+    """A ``repeat_uzad`` method must be a Table 1 row whose Table 2 row the paper prints as a repeat of it (SIAD-LLM):
+    otherwise its UZAD runs would be checked against claims made under another setting."""
+    from siad.report.reference import load_reference
+
+    outside = [m for m in repeated if m not in config["report"]["table1"]["methods"]]
+    if outside:
+        raise ConfigError(f"report/{TABLE2}/repeat_uzad: {outside} are not Table 1 rows (report/table1/methods), "
+                          "so there is no Table 1 run to repeat; add them there or remove them here")
+    if not repeated:
+        return
+    folder = Path(__file__).resolve().parents[2] / "config" / "reference"
+    table1, table2 = load_reference(folder / "siad_table1_uzad.csv"), load_reference(folder / "siad_table2_pseudo.csv")
+    for method in repeated:
+        name = display(config, method)
+        rows = [frame[frame["method"] == name].drop(columns="method").reset_index(drop=True)
+                for frame in (table1, table2)]
+        if rows[1].empty or not rows[0].equals(rows[1]):
+            raise ConfigError(f"report/{TABLE2}/repeat_uzad: the paper's Table 2 does not repeat {name}'s Table 1 "
+                              "row (only SIAD-LLM's is a repeat); list it under report/table2/methods (its pseudo "
+                              "runs) instead")
 
 
 def _table2_runs(config: Config) -> list[RunKey]:

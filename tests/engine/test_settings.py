@@ -162,3 +162,18 @@ def test_the_method_decides_how_real_masks_reach_its_input_size(mvtec_standin):
     assert bilinear.mask_resize == "bilinear" and nearest.mask_resize == "nearest"
     index = next(i for i, r in enumerate(nearest.records) if r["anomaly"])
     assert bilinear[index]["mask"].any() and bilinear[index]["mask"].shape == nearest[index]["mask"].shape
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.99, "0.5", True])
+def test_a_share_leaving_no_pseudo_anomaly_or_no_normal_image_is_refused(mvtec_standin, fraction):
+    with pytest.raises(ConfigError, match="training.pseudo.anomalous_fraction"):
+        build_training_set(request(mvtec_standin, "pseudo", fraction=fraction))
+
+
+def test_zad_on_a_source_without_anomalies_is_refused(mvtec_standin):
+    root, meta = mvtec_standin
+    normal_only = {"train": meta["train"], "test": {c: [r for r in rs if not r["anomaly"]]
+                                                    for c, rs in meta["test"].items()}}
+    bad = TrainingSetRequest(**{**request(mvtec_standin, "zad").__dict__, "meta": normal_only})
+    with pytest.raises(DataError, match="trains on the source's real anomalies"):
+        build_training_set(bad)

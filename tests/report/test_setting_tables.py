@@ -25,6 +25,7 @@ def config(llm_config: dict[str, Any]) -> dict[str, Any]:
     llm_config["methods"]["toy_anomalyclip"] = {"display_name": "AnomalyCLIP"}
     llm_config["report"]["tables"] = ["table2_pseudo", "table_zad"]
     llm_config["report"]["table2"] = {"methods": ["toy_anomalyclip"], "repeat_uzad": ["toy_siad_llm"]}
+    llm_config["report"]["table1"]["methods"] = ["clip", "toy_siad_llm"]  # the repeated row is a Table 1 row
     llm_config["report"]["zad"] = {"methods": ["clip", "toy_anomalyclip", "toy_siad_llm"]}
     return llm_config
 
@@ -144,3 +145,27 @@ def test_required_runs_list_the_pseudo_and_zad_runs(config):
     assert {("pseudo", "toy_anomalyclip"), ("zad", "toy_anomalyclip"), ("zad", "toy_siad_llm"),
             ("uzad", "toy_siad_llm"), ("uzad", "clip")} == settings
     assert len(keys) == len(set(keys))
+
+
+@pytest.mark.parametrize(("table2", "message"), [
+    ({"methods": [], "repeat_uzad": []}, "no method under `methods` or `repeat_uzad`"),
+    ({"methods": [], "repeat_uzad": ["toy_anomalyclip"]}, "does not repeat AnomalyCLIP's Table 1 row"),
+    ({"methods": ["toy_anomalyclip"], "repeat_uzad": ["clip"]}, "need no training"),
+])
+def test_table2_rows_that_would_be_checked_against_the_wrong_claims_are_refused(config, table2, message):
+    from siad.report.setting_tables import table2_settings
+
+    config["report"]["table1"]["methods"] = ["clip", "toy_anomalyclip", "toy_siad_llm"]
+    config["report"]["table2"] = table2
+    with pytest.raises(ConfigError, match=message):
+        table2_settings(config)
+
+
+def test_a_repeated_row_must_be_a_table1_row(config):
+    from siad.report.setting_tables import table2_settings
+
+    config["report"]["table1"]["methods"] = ["clip"]
+    with pytest.raises(ConfigError, match=r"repeat_uzad: \['toy_siad_llm'\] are not Table 1 rows"):
+        table2_settings(config)
+    config["report"]["table1"]["methods"] = ["clip", "toy_siad_llm"]
+    assert table2_settings(config) == {"toy_anomalyclip": "pseudo", "toy_siad_llm": "uzad"}

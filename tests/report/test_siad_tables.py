@@ -150,8 +150,9 @@ def test_claims_check_lists_the_ordering_claims(llm_config, make_run, tmp_path, 
     ],
 )
 def test_config_validation_names_the_report_key(llm_config, mutate, expected):
-    llm_config["report"]["tables"] += ["siad_table3a_si_sp", "siad_table3b_encoder", "siad_table4_lambda",
-                                       "siad_table5_stage_prompts", "llm_judgement"]
+    needed = ["siad_table3a_si_sp", "siad_table3b_encoder", "siad_table4_lambda", "siad_table5_stage_prompts",
+              "llm_judgement"]
+    llm_config["report"]["tables"] += [t for t in needed if t not in llm_config["report"]["tables"]]
     validate_workflow_config(llm_config)  # the unmutated config is valid
     mutate(llm_config["report"])
     with pytest.raises(ConfigError, match=expected):
