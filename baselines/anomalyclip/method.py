@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from baselines.anomalyclip.torch_model import POS_RESIZE_MODES, AnomalyCLIPConfig, AnomalyCLIPModel, VisualFeatures
-from siad.backbones import BackboneSpec, get_backbone_spec
+from siad.backbones import get_backbone_spec
 from siad.backbones.cache import FeatureCache, backbone_namespace
 from siad.backbones.registry import ensure_model_configs
 from siad.errors import ConfigError, DataError, NumericalError
@@ -65,6 +65,8 @@ class AnomalyCLIP(BackboneMethod):
 
     training_free: ClassVar[bool] = False
     training_mask_resize: ClassVar[str] = "bilinear"  # the release: PIL bilinear resize to 518, then > 0.5
+    # built at its native size; ``image_size`` is the run size, reached by the run-time positional resize
+    backbone_overrides: ClassVar[tuple[str, ...]] = ("checkpoint", "checkpoint_format")
     defaults: ClassVar[dict[str, Any]] = {
         **BACKBONE_DEFAULTS,
         "backbone": "openai-vit-l-14-336",  # QuickGELU OpenAI ViT-L/14@336, built at its native 336 px
@@ -154,14 +156,6 @@ class AnomalyCLIP(BackboneMethod):
         if params["depth"] - 1 >= text_blocks:
             raise cls.param_error("depth", params["depth"], f"compound prompts go before text blocks 1..depth-1; the "
                                   f"backbone's text tower has {text_blocks} blocks: use depth ≤ {text_blocks}")
-
-    def backbone_spec(self) -> BackboneSpec:
-        """The registry spec at its native size (``image_size`` is the run size, reached by the run-time resize)."""
-        keys = ("checkpoint", "checkpoint_format")
-        overrides = {k: self.params[k] for k in keys if self.params[k] is not None}
-        if self.params["random_init"]:
-            overrides.update(pretrained=None, checkpoint=None)
-        return get_backbone_spec(self.params["backbone"], overrides)
 
     @property
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:

@@ -64,10 +64,13 @@ class BackboneMethod(Method):
         spec = self.backbone.spec
         self._transform = image_transform(spec.image_size, spec.mean, spec.std)
 
+    #: The parameters that override the registry spec of the backbone. A method that runs the backbone at another
+    #: size than it is built at (AnomalyCLIP: built at 336 px, run at 518 px) leaves ``image_size`` out.
+    backbone_overrides: ClassVar[tuple[str, ...]] = ("image_size", "checkpoint", "checkpoint_format")
+
     def backbone_spec(self) -> BackboneSpec:
         """The registry spec with this run's overrides (input size, local checkpoint, random weights)."""
-        keys = ("image_size", "checkpoint", "checkpoint_format")
-        overrides = {k: self.params[k] for k in keys if self.params[k] is not None}
+        overrides = {k: self.params[k] for k in self.backbone_overrides if self.params[k] is not None}
         if self.params["random_init"]:
             overrides.update(pretrained=None, checkpoint=None)
         return get_backbone_spec(self.params["backbone"], overrides)
