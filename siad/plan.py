@@ -53,8 +53,8 @@ class WorkflowPlan:
     specs: Mapping[RunKey, RunSpec]
 
     def group_params(self, group: RunGroup) -> list[str]:
-        """The run job's ``params`` entry: ``variant/target=config digest`` of each of its runs."""
-        return [f"{k.variant}/{k.target}={self.specs[k].planned_digest}" for k in group.keys]
+        """The run job's ``params`` entry: ``setting/variant/target=config digest`` of each of its runs."""
+        return [f"{k.setting}/{k.variant}/{k.target}={self.specs[k].planned_digest}" for k in group.keys]
 
     def report_params(self) -> str:
         """Digest of what the tables and figures read besides the run files: the report config and the report code."""

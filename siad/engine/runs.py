@@ -1,6 +1,6 @@
-"""One workflow job = one call here (:func:`run_group`): for one (setting, method, seed, source), train each variant
-(:func:`fit_run`, skipped when a model with the same training fingerprint exists) and evaluate its targets with
-one method instance (:func:`evaluate_runs`; :func:`evaluate_run` for a single target).
+"""One workflow job = one call here (:func:`run_group`): for one (method, seed, source), train each (setting,
+variant) (:func:`fit_run`, skipped when a model with the same training fingerprint exists) and evaluate its targets
+with one method instance (:func:`evaluate_runs`; :func:`evaluate_run` for a single target).
 
 Kept out of the Snakemake scripts so the same code runs from Python, tests and notebooks.
 """
@@ -364,9 +364,10 @@ def trained_model_is_current(spec: RunSpec, model_dir: Path) -> bool:
 
 @dataclass(frozen=True)
 class RunGroup:
-    """The runs of one workflow job: one (setting, method, seed, source), every variant and target asked for."""
+    """The runs of one workflow job: one (method, training seed, source), every setting, variant and target asked
+    for. One process per group pays the process start, the imports and the frozen model once for all of them (the
+    job start-up costs more than a tiny model's whole run)."""
 
-    setting: str
     method: str
     seed: int
     source: str
@@ -375,17 +376,17 @@ class RunGroup:
     @classmethod
     def of(cls, key: RunKey) -> RunGroup:
         """The (empty) group ``key`` belongs to: its rule name and log path, without its members."""
-        return cls(key.setting, key.method, key.seed, key.source, ())
+        return cls(key.method, key.seed, key.source, ())
 
     @property
     def rule_name(self) -> str:
         """The Snakemake rule of this job."""
-        return f"run_{self.setting}_{self.method}_seed{self.seed}_{self.source}"
+        return f"run_{self.method}_seed{self.seed}_{self.source}"
 
     @property
     def log_name(self) -> str:
         """The job's log and benchmark path below ``logs/runs`` / ``benchmarks/runs`` (without a suffix)."""
-        return f"{self.setting}/{self.method}/seed{self.seed}/{self.source}"
+        return f"{self.method}/seed{self.seed}/{self.source}"
 
     @property
     def datasets(self) -> list[str]:
@@ -395,11 +396,10 @@ class RunGroup:
 
 
 def group_runs(keys: Sequence[RunKey]) -> list[RunGroup]:
-    """Runs grouped by (setting, method, seed, source), first-seen order: one workflow job each (see
-    :func:`run_group`)."""
-    groups: dict[tuple[str, str, int, str], list[RunKey]] = {}
+    """Runs grouped by (method, seed, source), first-seen order: one workflow job each (see :func:`run_group`)."""
+    groups: dict[tuple[str, int, str], list[RunKey]] = {}
     for key in dict.fromkeys(keys):
-        groups.setdefault((key.setting, key.method, key.seed, key.source), []).append(key)
+        groups.setdefault((key.method, key.seed, key.source), []).append(key)
     return [RunGroup(*group, tuple(members)) for group, members in groups.items()]
 
 
@@ -407,9 +407,9 @@ def run_group(
     config: Mapping[str, Any], keys: Sequence[RunKey], *, meta_paths: Mapping[str, Path], results_root: Path,
     progress: bool = True, expected_digests: Mapping[RunKey, str] | None = None,
 ) -> None:
-    """One workflow job: every variant of one (setting, method, seed, source) — train it unless an intact model with the
-    same training fingerprint is already there, then evaluate all its targets. Variants run in turn, each with its
-    own method instance; the process start, imports and feature caches are shared.
+    """One workflow job: every (setting, variant) of one (method, seed, source) in turn — train it unless an intact
+    model with the same training fingerprint is already there, then evaluate all its targets. Each (setting, variant)
+    has its own method instance and model folder; the process start, imports and feature caches are shared.
 
     ``meta_paths``: dataset name → its ``meta.json`` (the source and every target). ``expected_digests``: run →
     the config digest the workflow planned it with (the job's ``params``); a run whose specification resolves
@@ -417,16 +417,16 @@ def run_group(
     """
     groups = group_runs(keys)
     if len(groups) != 1:
-        spans = sorted((g.setting, g.method, g.seed, g.source) for g in groups)
-        raise ConfigError(f"run_group: the runs span {spans}; one job covers one (setting, method, seed, source)")
+        spans = sorted((g.method, g.seed, g.source) for g in groups)
+        raise ConfigError(f"run_group: the runs span {spans}; one job covers one (method, seed, source)")
     missing = sorted({d for k in keys for d in (k.source, k.target) if d != NO_SOURCE} - set(meta_paths))
     if missing:
         raise ConfigError(f"run_group: no meta.json given for {missing}")
     specs = {key: resolve_run_spec(config, key, meta_paths) for key in keys}
     _check_planned(specs, expected_digests or {})
-    for variant in dict.fromkeys(k.variant for k in keys):
-        variant_keys = [k for k in keys if k.variant == variant]
-        first = variant_keys[0]
+    for setting, variant in dict.fromkeys((k.setting, k.variant) for k in keys):
+        model_keys = [k for k in keys if (k.setting, k.variant) == (setting, variant)]
+        first = model_keys[0]
         model_dir, method = None, None
         if first.source != NO_SOURCE:
             model_dir = first.model_dir(results_root)
@@ -436,10 +436,10 @@ def run_group(
                 method = fit_run(config, first, meta_path=meta_paths[first.source], model_dir=model_dir,
                                  spec=specs[first])
         evaluate_runs(
-            config, variant_keys, meta_paths=[meta_paths[k.target] for k in variant_keys],
-            metrics_paths=[k.run_dir(results_root) / "metrics.json" for k in variant_keys],
-            predictions_paths=[k.run_dir(results_root) / "predictions.npz" for k in variant_keys],
-            model_dir=model_dir, progress=progress, method=method, specs=[specs[k] for k in variant_keys],
+            config, model_keys, meta_paths=[meta_paths[k.target] for k in model_keys],
+            metrics_paths=[k.run_dir(results_root) / "metrics.json" for k in model_keys],
+            predictions_paths=[k.run_dir(results_root) / "predictions.npz" for k in model_keys],
+            model_dir=model_dir, progress=progress, method=method, specs=[specs[k] for k in model_keys],
         )
 
 

@@ -21,7 +21,7 @@ SOURCE_KEY = "_source"
 RUN_FIELDS = ("profile", "demo", "setting", "method", "variant", "source", "target", "seed")
 REQUIRED_SECTIONS = ("run", "mean", "ci", "mean_replicates", "bootstrap")
 _REGENERATE = ("rerun the job that writes it: `snakemake --cores 1 all --forcerun "
-               "run_<setting>_<method>_seed<seed>_<source>` (plus your --configfile)")
+               "run_<method>_seed<seed>_<source>` (plus your --configfile)")
 
 
 def run_label(run: Mapping[str, Any]) -> str:
@@ -48,8 +48,8 @@ def _refresh(source: str | Path) -> str:
 
     parts = Path(source).parts
     if len(parts) >= 7 and parts[-1] == "metrics.json" and parts[-4].removeprefix("seed").isdigit():
-        setting, method, _, seed, train_source, _ = parts[-7:-1]
-        rule = RunGroup(setting, method, int(seed.removeprefix("seed")), train_source, ()).rule_name
+        _, method, _, seed, train_source, _ = parts[-7:-1]
+        rule = RunGroup(method, int(seed.removeprefix("seed")), train_source, ()).rule_name
         return f"rerun the job that writes it: `snakemake --cores 1 all --forcerun {rule}` (plus your --configfile)"
     return _REGENERATE
 

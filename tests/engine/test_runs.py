@@ -511,3 +511,18 @@ def test_the_same_seed_gives_identical_numbers_and_another_seed_differs(workspac
     assert first["mean"] != other["mean"]  # another training seed: other pseudo-anomalies, another model
     assert other["spec"]["spec"]["seed"] == 1 and other["spec"]["spec"]["config_seed"] == first["spec"]["spec"][
         "config_seed"]
+
+
+def test_one_job_trains_and_evaluates_every_setting_of_its_method_seed_and_source(workspace, monkeypatch):
+    tmp, config, metas = workspace
+    keys = [RunKey(s, "test_mean_image", "default", "mvtec", "visa", 0) for s in ("uzad", "pseudo", "zad")]
+    fits = _count_fits(monkeypatch)
+    runs.run_group(config, keys, meta_paths=metas, results_root=tmp / "all_settings", progress=False)
+    assert fits == ["default"] * 3  # one model per setting, in one process
+    for key in keys:
+        body = json.loads((key.run_dir(tmp / "all_settings") / "metrics.json").read_text())
+        assert body["run"]["setting"] == key.setting
+        assert (key.model_dir(tmp / "all_settings") / "model.json").is_file()
+    with pytest.raises(ConfigError, match=r"one job covers one \(method, seed, source\)"):
+        runs.run_group(config, [keys[0], RunKey("uzad", "test_mean_image", "default", "mvtec", "visa", 1)],
+                       meta_paths=metas, results_root=tmp / "all_settings", progress=False)

@@ -113,8 +113,10 @@ def test_the_plan_schedules_the_figures_zad_runs(config):
     config["report"]["tables"] = ["table1_uzad"]
     config["report"]["table1"]["methods"] = ["clip"]
     rules = {g.rule_name for g in build_plan(config).groups}
-    assert {"run_zad_toy_anomalyclip_mvtec", "run_zad_toy_anomalyclip_visa", "run_uzad_toy_anomalyclip_br35h",
-            "run_uzad_clip_none"} <= {r.replace("_seed0", "") for r in rules}
+    assert {"run_toy_anomalyclip_mvtec", "run_toy_anomalyclip_visa", "run_toy_anomalyclip_br35h",
+            "run_clip_none"} <= {r.replace("_seed0", "") for r in rules}
+    settings = {k.setting for g in build_plan(config).groups if g.method == "toy_anomalyclip" for k in g.keys}
+    assert settings == {"uzad", "zad"}  # Figure 2's (a) and (c): one job per source holds both settings
 
 
 def test_figure1_values_are_domain_means_with_table1_claims(config, make_run):

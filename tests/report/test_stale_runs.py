@@ -50,13 +50,13 @@ def test_a_run_of_another_specification_is_refused_naming_the_change_and_the_com
     config = copy.deepcopy(config)
     mutate(config, tmp_path)
     stale = stale_runs(config, [run])
-    assert list(stale) == ["run_uzad_anomalygpt_seed0_mvtec"]
-    assert len(stale["run_uzad_anomalygpt_seed0_mvtec"]) == 1
-    line = stale["run_uzad_anomalygpt_seed0_mvtec"][0]
+    assert list(stale) == ["run_anomalygpt_seed0_mvtec"]
+    assert len(stale["run_anomalygpt_seed0_mvtec"]) == 1
+    line = stale["run_anomalygpt_seed0_mvtec"][0]
     assert "results/visa.json" in line and changed in line
     with pytest.raises(DataError, match="1 run\\(s\\) were computed under another") as err:
         refuse_stale_runs(config, [run])
-    assert "--forcerun run_uzad_anomalygpt_seed0_mvtec (plus" in str(err.value)
+    assert "--forcerun run_anomalygpt_seed0_mvtec (plus" in str(err.value)
 
 
 def test_stale_runs_of_several_jobs_get_one_command(config):
@@ -64,19 +64,19 @@ def test_stale_runs_of_several_jobs_get_one_command(config):
     config["seed"] = 5
     with pytest.raises(DataError, match="2 run") as err:
         refuse_stale_runs(config, runs)
-    assert "--forcerun run_uzad_anomalygpt_seed0_mvtec run_uzad_clip_seed0_none (plus" in str(err.value)
+    assert "--forcerun run_anomalygpt_seed0_mvtec run_clip_seed0_none (plus" in str(err.value)
 
 
 def test_a_run_without_a_stamp_is_refused(config):
     run = stamped_run(config)
     del run["spec"]
-    assert "(no specification stamp)" in stale_runs(config, [run])["run_uzad_anomalygpt_seed0_mvtec"][0]
+    assert "(no specification stamp)" in stale_runs(config, [run])["run_anomalygpt_seed0_mvtec"][0]
     run["spec"] = {"digest": "x", "spec": "not a mapping"}
-    assert "(no specification stamp)" in stale_runs(config, [run])["run_uzad_anomalygpt_seed0_mvtec"][0]
+    assert "(no specification stamp)" in stale_runs(config, [run])["run_anomalygpt_seed0_mvtec"][0]
 
 
 def test_a_hand_edited_number_is_refused(config):
     run = stamped_run(config)
     run["mean"]["image_auroc"] = 0.123
-    lines = stale_runs(config, [run])["run_uzad_anomalygpt_seed0_mvtec"]
+    lines = stale_runs(config, [run])["run_anomalygpt_seed0_mvtec"]
     assert "edited after the run" in lines[0]

@@ -71,7 +71,7 @@ def demo_config() -> dict:
 
 
 @pytest.mark.parametrize("profile", ["config.yaml", "demo.yaml"])
-def test_dry_run_has_one_job_per_setting_method_seed_source_covering_every_required_run(tmp_path, profile):
+def test_dry_run_has_one_job_per_method_seed_source_covering_every_required_run(tmp_path, profile):
     config = yaml.safe_load((ROOT / "config" / profile).read_text())
     result = snakemake(tmp_path, "-n", "all", configfile=ROOT / "config" / profile)
     assert result.returncode == 0, result.stderr + result.stdout
@@ -80,7 +80,7 @@ def test_dry_run_has_one_job_per_setting_method_seed_source_covering_every_requi
     required = [(k.setting, k.method, k.variant, k.seed_folder, k.source, k.target) for k in build_plan(config).runs]
     assert len(runs) == len(set(runs)) and set(runs) == set(required)
     for rule, group in paths.items():
-        assert len({(st, m, sd, s) for st, m, _, sd, s, _ in group}) == 1, rule  # one (setting, method, seed, source)
+        assert len({(m, sd, s) for _, m, _, sd, s, _ in group}) == 1, rule  # one (method, seed, source): all settings
     seeds = {f"seed{s}" for s in config["training"]["seeds"]}
     trained = {(st, m) for st, m, _, sd, s, _ in runs if s != "none"}
     assert {st for st, _ in trained} == {"uzad", "pseudo", "zad"}  # Tables 1 and 2, the ZAD table
@@ -92,7 +92,7 @@ def test_dry_run_has_one_job_per_setting_method_seed_source_covering_every_requi
         for key in protocol_runs(config["protocol"], setting="uzad", method="clip", variant="default",
                                  training_free=True, seeds=[config["seed"]])
     ]
-    clip_rule = f"run_uzad_clip_seed{config['seed']}_none"
+    clip_rule = f"run_clip_seed{config['seed']}_none"
     assert len(table1) == 9 and sorted(run_jobs(result.stdout + result.stderr)[clip_rule]) == sorted(table1)
     print(f"{profile}: {len(paths)} run jobs, {len(runs)} runs")
     jobs = run_jobs(result.stdout + result.stderr)
@@ -113,13 +113,13 @@ def test_trained_method_gets_one_job_per_source(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     jobs = run_jobs(output)
-    assert sorted(jobs) == ["run_uzad_anovl_seed0_none", "run_uzad_clip_seed0_none",
-                            "run_uzad_test_mean_image_seed0_br35h", "run_uzad_test_mean_image_seed0_mvtec"]
+    assert sorted(jobs) == ["run_anovl_seed0_none", "run_clip_seed0_none",
+                            "run_test_mean_image_seed0_br35h", "run_test_mean_image_seed0_mvtec"]
     for source in ("mvtec", "br35h"):
         targets = next(e["targets"] for e in config["protocol"] if e["source"] == source)
-        assert sorted(jobs[f"run_uzad_test_mean_image_seed0_{source}"]) == sorted(
+        assert sorted(jobs[f"run_test_mean_image_seed0_{source}"]) == sorted(
             ("test_mean_image", "default", source, t) for t in targets)
-    assert sorted(t for _, _, _, t in jobs["run_uzad_clip_seed0_none"]) == ["headct", "sdd", "visa"]
+    assert sorted(t for _, _, _, t in jobs["run_clip_seed0_none"]) == ["headct", "sdd", "visa"]
     assert not [rule for rule, _, _ in dry_run_jobs(output) if rule in ("fit", "evaluate")]
 
 
@@ -227,10 +227,9 @@ def test_tiny_demo_end_to_end_and_resumable(tiny_run):
 
 # --- reruns: a change reruns exactly the jobs that depend on it, nothing else --------------------------------
 
-ANOMALYCLIP_JOBS = {f"run_{setting}_anomalyclip_seed0_{source}" for setting in ("uzad", "pseudo", "zad")
-                    for source in ("mvtec", "br35h")}
-RUN_JOBS = {"run_uzad_clip_seed0_none", "run_uzad_anovl_seed0_none", "run_uzad_anomalygpt_seed0_mvtec",
-            "run_uzad_anomalygpt_seed0_br35h"} | ANOMALYCLIP_JOBS
+ANOMALYCLIP_JOBS = {"run_anomalyclip_seed0_mvtec", "run_anomalyclip_seed0_br35h"}  # uzad, pseudo and zad in each
+RUN_JOBS = {"run_clip_seed0_none", "run_anovl_seed0_none", "run_anomalygpt_seed0_mvtec",
+            "run_anomalygpt_seed0_br35h"} | ANOMALYCLIP_JOBS
 FIGURES = {"figure1", "figure2"}
 TINY_DATASETS = ("mvtec", "visa", "sdd", "br35h", "headct")
 PREPARE = {f"prepare_dataset[{d}]" for d in TINY_DATASETS}
@@ -258,12 +257,12 @@ def dry_run_with(tmp_path: Path, mutate=None, preload: Path | None = None) -> se
 @pytest.mark.parametrize(("mutate", "expected"), [
     (None, set()),
     (lambda c: c["methods"]["clip"]["params"].update(logit_scale=50.0),
-     {"run_uzad_clip_seed0_none", "report", "speed"} | FIGURES),
+     {"run_clip_seed0_none", "report", "speed"} | FIGURES),
     (lambda c: c["methods"]["anomalygpt"]["params"].update(lr=0.002),
-     {"run_uzad_anomalygpt_seed0_mvtec", "run_uzad_anomalygpt_seed0_br35h", "report", "speed", "figure1"}),
+     {"run_anomalygpt_seed0_mvtec", "run_anomalygpt_seed0_br35h", "report", "speed", "figure1"}),
     (lambda c: c["methods"]["anomalyclip"]["params"].update(lr=0.002), ANOMALYCLIP_JOBS | {"report", "figure2"}),
     (lambda c: c["training"].update(pseudo={"anomalous_fraction": 0.5}),
-     {"run_pseudo_anomalyclip_seed0_mvtec", "run_pseudo_anomalyclip_seed0_br35h", "report"}),
+     {"run_anomalyclip_seed0_mvtec", "run_anomalyclip_seed0_br35h", "report"}),
     (lambda c: c["evaluation"].update(size=16), RUN_JOBS | {"report"} | FIGURES),
     (lambda c: c["evaluation"].update(aupro_limit=0.05), RUN_JOBS | {"report"} | FIGURES),
     # the top-level seed seeds the stand-ins, the frozen random weights and the bootstrap; with no training.seeds it is
@@ -272,18 +271,18 @@ def dry_run_with(tmp_path: Path, mutate=None, preload: Path | None = None) -> se
      | {"report", "speed"} | FIGURES),
     # another training seed adds that seed's jobs of the trained methods; the seed-0 runs stay as they are
     (lambda c: c["training"].update(seeds=[0, 5]),
-     {"run_uzad_anomalygpt_seed5_mvtec", "run_uzad_anomalygpt_seed5_br35h", "report"} | FIGURES
+     {"run_anomalygpt_seed5_mvtec", "run_anomalygpt_seed5_br35h", "report"} | FIGURES
      | {j.replace("seed0", "seed5") for j in ANOMALYCLIP_JOBS}),
     (lambda c: c["data"]["standin"].update(n_test_normal=4), RUN_JOBS | PREPARE | STANDIN | {"report"} | FIGURES),
     (lambda c: c["data"]["options"].update(medical_protocol="dra_75_25"),
-     {"prepare_dataset[br35h]", "prepare_dataset[headct]", "run_uzad_clip_seed0_none",
-      "run_uzad_anomalygpt_seed0_br35h", "report"} | FIGURES
+     {"prepare_dataset[br35h]", "prepare_dataset[headct]", "run_clip_seed0_none",
+      "run_anomalygpt_seed0_br35h", "report"} | FIGURES
      | {j for j in ANOMALYCLIP_JOBS if j.endswith("br35h")}),
     (lambda c: c["methods"]["clip"].update(display_name="CLIP (ViT-L)"), {"report"} | FIGURES),
     (lambda c: c["methods"]["clip"].update(variants={"cold": {"logit_scale": 10.0}}), set()),  # no table uses it
     (lambda c: c["datasets"]["visa"].update(classes=["candle", "pcb1"]),
-     {"synthesize_standin[visa]", "prepare_dataset[visa]", "run_uzad_clip_seed0_none", "run_uzad_anovl_seed0_none",
-      "run_uzad_anomalygpt_seed0_mvtec", "report"} | FIGURES | {j for j in ANOMALYCLIP_JOBS if j.endswith("mvtec")}),
+     {"synthesize_standin[visa]", "prepare_dataset[visa]", "run_clip_seed0_none", "run_anovl_seed0_none",
+      "run_anomalygpt_seed0_mvtec", "report"} | FIGURES | {j for j in ANOMALYCLIP_JOBS if j.endswith("mvtec")}),
 ])
 def test_a_config_change_reruns_exactly_the_jobs_that_depend_on_it(tiny_run, mutate, expected):
     tmp_path, _ = tiny_run
@@ -297,7 +296,7 @@ def test_a_changed_default_in_code_reruns_that_method_only(tiny_run, tmp_path):
                        "cls = get_method_class('anomalygpt')\n"
                        "cls.defaults = {**cls.defaults, 'label_threshold': 0.4}\n")
     assert dry_run_with(workdir, preload=preload) == {
-        "run_uzad_anomalygpt_seed0_mvtec", "run_uzad_anomalygpt_seed0_br35h", "report", "speed", "figure1"}
+        "run_anomalygpt_seed0_mvtec", "run_anomalygpt_seed0_br35h", "report", "speed", "figure1"}
 
 
 def test_an_edited_image_re_prepares_its_dataset_and_reruns_its_readers(tiny_run):
@@ -341,7 +340,7 @@ def test_the_report_refuses_a_stale_metrics_file(tiny_run):
     log = (tmp_path / "results" / "demo" / "logs" / "report.log").read_text()
     assert result.returncode != 0 and "computed under another run specification" in log
     assert "uzad/clip/default/seed0/none/visa/metrics.json" in log and "stamp does not match" in log
-    assert "--forcerun run_uzad_clip_seed0_none" in log
+    assert "--forcerun run_clip_seed0_none" in log
     assert not tables.exists() or tables.read_bytes() == before
 
 

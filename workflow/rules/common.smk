@@ -23,7 +23,7 @@ RESULTS = str(results_root(config))
 TABLES = str(tables_root(config))
 DATASETS = list(config["datasets"])
 
-# one job per (setting, method, training seed, source) of the runs the tables and the figures need
+# one job per (method, training seed, source) of the runs the tables and the figures need (every setting)
 RUN_GROUPS = PLAN.groups
 
 

@@ -1,9 +1,10 @@
-# Runs: one job per (setting, method, training seed, source) of the runs the tables and the figures need. A job
-# trains each variant of the method on the source (trained methods; an intact model whose training fingerprint
-# matches is reused), then evaluates every target of that variant, writing per-run metrics.json (stamped with the run's
-# specification digest) and predictions.npz. One process per group pays the imports, the model build and the
-# feature caches once. `params.spec` holds each run's config digest (siad/engine/spec.py): a change of method
-# parameters or defaults, variant, seed, device, evaluation settings, data options or code reruns the job.
+# Runs: one job per (method, training seed, source) of the runs the tables and the figures need, every setting in
+# one process (the job start-up costs more than a demo model's whole run). A job trains each (setting, variant) of
+# the method on the source (trained methods; an intact model whose training fingerprint matches is reused), then
+# evaluates every target of it, writing per-run metrics.json (stamped with the run's specification digest) and
+# predictions.npz. `params.spec` holds each run's config digest (siad/engine/spec.py): a change of method
+# parameters or defaults, setting options, variant, seed, device, evaluation settings, data options or code reruns
+# the job.
 
 
 for _group in RUN_GROUPS:
@@ -17,8 +18,7 @@ for _group in RUN_GROUPS:
             metrics=[run_file(k, "metrics.json") for k in _group.keys],
             predictions=[run_file(k, "predictions.npz") for k in _group.keys],
         params:
-            runs=[(k.variant, k.target) for k in _group.keys],
-            setting=_group.setting,
+            runs=[(k.setting, k.variant, k.target) for k in _group.keys],
             method=_group.method,
             seed=_group.seed,
             source=_group.source,
