@@ -24,7 +24,8 @@ _FIX = "copy the file from shared/reference/ into config/reference/ again"
 def load_reference(path: Path) -> pd.DataFrame:
     """Read a reference CSV; the '#' lines (without the '# ') are kept in ``df.attrs["comments"]``.
 
-    ``df.attrs["source"]`` holds the path, for error messages. Empty cells become NaN.
+    ``df.attrs["source"]`` holds the path (relative to the repository when inside it), for notes and error
+    messages. Empty cells become NaN.
 
     Raises:
         DataError: the file is missing, unreadable, or not a CSV with a header.
@@ -43,8 +44,18 @@ def load_reference(path: Path) -> pd.DataFrame:
     except (pd.errors.ParserError, ValueError) as exc:
         raise DataError(f"{path}: malformed CSV ({exc}); {_FIX}") from exc
     df.attrs["comments"] = comments
-    df.attrs["source"] = str(path)
+    df.attrs["source"] = _shown_path(path)
     return df
+
+
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the repository when it lies in it (``config/reference/<name>``: table notes then read the
+    same on every machine), else as given."""
+    repository = Path(__file__).resolve().parents[2]
+    try:
+        return str(path.resolve().relative_to(repository))
+    except ValueError:
+        return str(path)
 
 
 def _as_claim(value: object, where: str) -> float | None:

@@ -317,8 +317,16 @@ def _not_run_cells(row: RowSpec, names: Sequence[str]) -> dict[str, Cell]:
             for n in names}
 
 
-def _run_warnings(used: Sequence[Mapping[str, Any]]) -> list[str]:
-    return [f"{run_label(r)}: {w}" for r in used for w in r.get("warnings", []) or []]
+def _run_warnings(used: Sequence[Mapping[str, Any]], shown: set[str]) -> list[str]:
+    """The runs' warnings that concern the table: those naming a ``shown`` metric, or no metric of the run at all (a
+    warning about AU-PRO has no place under an AUROC table)."""
+    notes = []
+    for run in used:
+        others = set(run.get("mean", {})) - shown
+        for warning in run.get("warnings", []) or []:
+            if any(m in warning for m in shown) or not any(m in warning for m in others):
+                notes.append(f"{run_label(run)}: {warning}")
+    return notes
 
 
 def build_claim_table(
@@ -363,7 +371,8 @@ def build_claim_table(
             if note:
                 all_notes.append(note)
     unique_used = list({id(r): r for r in used_all}.values())
-    all_notes.extend(_run_warnings(unique_used))
+    shown = {m for m in [*(r.metric for r in rows), *(c.metric for c in columns)] if m}
+    all_notes.extend(_run_warnings(unique_used, shown))
     return ClaimTable(
         name=name,
         title=title,

@@ -15,7 +15,7 @@ def test_comments_kept_and_body_parsed(reference: pd.DataFrame, reference_path: 
         "Toy reference: Table 1 shape, AUROC in percent.",
         "Pixel level not reported for medical sets.",
     ]
-    assert reference.attrs["source"] == str(reference_path)
+    assert reference.attrs["source"] == str(reference_path)  # outside the repository: as given
     assert list(reference.columns) == ["level", "method", "MVTecAD", "VisA", "BTAD", "HeadCT", "Average"]
     assert len(reference) == 4
     assert reference.loc[0, "MVTecAD"] == pytest.approx(60.9)
@@ -82,3 +82,9 @@ def test_shipped_table1_reference_parses() -> None:
     claims = reference_claims(ref, {"level": "pixel", "method": "SIAD-LLM"}, columns)
     assert (claims["MVTecAD"], claims["BrainMRI"], claims["Average"]) == (86.0, None, 90.0)
     assert reference_claims(ref, {"level": "pixel", "method": "SIAD-LLM"}, ["MVTecAD", "Average"])["Average"] is None
+
+
+def test_a_repository_reference_is_named_relative_to_the_repository() -> None:
+    root = Path(__file__).resolve().parents[2]
+    shown = load_reference(root / "config" / "reference" / "filo_table1.csv").attrs["source"]
+    assert shown == "config/reference/filo_table1.csv"  # table notes read the same on every machine

@@ -237,3 +237,13 @@ def test_seed_interval_pools_the_replicates_and_ignores_nan() -> None:
     low, high = seed_interval([[0.1, 0.2, float("nan")], [0.8, 0.9, None]], 0.5)
     assert (low, high) == pytest.approx(tuple(np.quantile([0.1, 0.2, 0.8, 0.9], [0.25, 0.75])))
     assert seed_interval([[None], []], 0.95) is None
+
+
+def test_a_table_lists_the_warnings_of_its_own_metrics_only(runs, reference, toy) -> None:
+    run = _run_for(runs, "clip", "visa")
+    run["mean"]["aupro_cflow_legacy"] = None
+    run["warnings"] = ["class 'candle': aupro_cflow_legacy not defined (degenerate threshold grid)",
+                       "class 'candle': image_auroc not defined (one label only)", "the map was constant"]
+    notes = _table1(runs, reference, toy).notes
+    assert not any("aupro_cflow_legacy" in n for n in notes)  # not a metric of Table 1
+    assert any("image_auroc not defined" in n for n in notes) and any("the map was constant" in n for n in notes)
