@@ -11,7 +11,7 @@ from typing import Any
 
 from siad.config import method_variants
 from siad.errors import ConfigError, SiadError
-from siad.report.paper import required_runs
+from siad.report.paper import check_listed, required_runs
 from siad.report.paper_figures import figure_runs
 from siad.report.setting_tables import table2_settings
 
@@ -40,13 +40,9 @@ def _check_report_methods(config: Mapping[str, Any]) -> None:
                 for name, key in (("table2", "methods"), ("table2", "repeat_uzad"), ("zad", "methods"),
                                   ("figure1", "methods"), ("figure2", "methods"), ("figure4", "methods"))}}
     for key, methods in named.items():
-        for name in methods:
-            if name not in config["methods"]:
-                raise ConfigError(f"report/{key}: {name!r} is not listed under `methods`")
+        check_listed(config, key, methods)
     for figure in ("figure2", "figure4"):
-        for name in report.get(figure, {}).get("datasets", []):
-            if name not in config["datasets"]:
-                raise ConfigError(f"report/{figure}/datasets: {name!r} is not listed under `datasets`")
+        check_listed(config, f"{figure}/datasets", report.get(figure, {}).get("datasets", []), "datasets")
 
 
 def _check_report_runs(config: Mapping[str, Any]) -> None:

@@ -46,7 +46,7 @@ from siad.data.records import load_meta
 from siad.data.registry import get_dataset
 from siad.engine.protocol import RunKey
 from siad.errors import ConfigError, DataError
-from siad.report.paper import Config, display, run_keys
+from siad.report.paper import Config, check_listed, display, run_keys
 from siad.report.render import DEMO_STAMP
 from siad.report.runs import demo_flag, load_runs
 
@@ -95,12 +95,8 @@ def figure4_spec(config: Config) -> Figure4Spec | None:
     section = config["report"].get(SECTION)
     if not section:
         return None
-    for method in section["methods"]:
-        if method not in config["methods"]:
-            raise ConfigError(f"report/{SECTION}/methods: {method!r} is not listed under `methods`")
-    for dataset in section["datasets"]:
-        if dataset not in config["datasets"]:
-            raise ConfigError(f"report/{SECTION}/datasets: {dataset!r} is not listed under `datasets`")
+    check_listed(config, f"{SECTION}/methods", section["methods"])
+    check_listed(config, f"{SECTION}/datasets", section["datasets"], "datasets")
     return Figure4Spec(tuple(section["methods"]), tuple(section["datasets"]), int(section["count"]),
                        section.get("setting", "uzad"), int(section.get("size", 224)))
 

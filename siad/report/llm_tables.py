@@ -22,7 +22,7 @@ import pandas as pd
 
 from siad.engine.protocol import RunKey
 from siad.errors import ConfigError, DataError
-from siad.report.paper import PAPER_TABLES, Config, PaperTable, display, protocol_targets, run_keys
+from siad.report.paper import PAPER_TABLES, Config, PaperTable, check_listed, display, protocol_targets, run_keys
 from siad.report.render import DASH
 from siad.report.runs import matching_runs, run_label
 from siad.report.tables import ClaimTable, ColumnSpec, RowSpec, build_claim_table
@@ -41,9 +41,7 @@ def llm_section(config: Config) -> Mapping[str, Any]:
     if not section:
         raise ConfigError(f"report/{SECTION} is missing, but table {SECTION!r} is listed in report/tables; add "
                           f"report/{SECTION}/methods (the LLM methods, e.g. [anomalygpt, siad_llm])")
-    for method in section["methods"]:
-        if method not in config["methods"]:
-            raise ConfigError(f"report/{SECTION}/methods: {method!r} is not listed under `methods`")
+    check_listed(config, f"{SECTION}/methods", section["methods"])
     return section
 
 

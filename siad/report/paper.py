@@ -91,6 +91,14 @@ def protocol_targets(config: Config) -> dict[str, str]:
     return {name: get_dataset(name).display_name for name in DATASETS.names() if name in targets}
 
 
+def check_listed(config: Config, key: str, names: Sequence[str], kind: str = "methods") -> None:
+    """Refuse a name under ``report/<key>`` that the config does not list under ``<kind>`` (``methods`` or
+    ``datasets``): the one check every report section's names go through."""
+    for name in names:
+        if name not in config[kind]:
+            raise ConfigError(f"report/{key}: {name!r} is not listed under `{kind}`")
+
+
 def display(config: Config, method: str) -> str:
     """The row label of ``method`` (its ``display_name``, matching the paper's)."""
     return config["methods"][method]["display_name"]

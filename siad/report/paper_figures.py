@@ -37,7 +37,7 @@ from siad.report.figures import (
     save_figure,
     stamped_title,
 )
-from siad.report.paper import Config, display, protocol_targets, run_keys, run_setting, target_runs
+from siad.report.paper import Config, check_listed, display, protocol_targets, run_keys, run_setting, target_runs
 from siad.report.reference import load_reference, reference_claims
 from siad.report.runs import demo_flag, load_runs, refuse_stale_runs
 from siad.report.setting_tables import zad_reference
@@ -78,9 +78,7 @@ def figure_methods(config: Config, name: str) -> list[str] | None:
     section = config["report"].get(name)
     if not section:
         return None
-    for method in section["methods"]:
-        if method not in config["methods"]:
-            raise ConfigError(f"report/{name}/methods: {method!r} is not listed under `methods`")
+    check_listed(config, f"{name}/methods", section["methods"])
     return list(section["methods"])
 
 

@@ -26,6 +26,7 @@ from siad.report.paper import (
     PAPER_TABLES,
     Config,
     PaperTable,
+    check_listed,
     display,
     medical_targets,
     protocol_targets,
@@ -50,9 +51,7 @@ def report_section(config: Config, name: str, example: str) -> Mapping[str, Any]
         raise ConfigError(f"report/{name} is missing, but its table is listed in report/tables; add "
                           f"report/{name}/methods (e.g. {example})")
     for key in ("methods", "repeat_uzad"):
-        for method in section.get(key, []):
-            if method not in config["methods"]:
-                raise ConfigError(f"report/{name}/{key}: {method!r} is not listed under `methods`")
+        check_listed(config, f"{name}/{key}", section.get(key, []))
     return section
 
 

@@ -47,6 +47,7 @@ from siad.report.paper import (
     PAPER_TABLES,
     Config,
     PaperTable,
+    check_listed,
     industrial_targets,
     run_keys,
     variant_row,
@@ -93,8 +94,7 @@ def ablation_section(config: Config) -> Mapping[str, Any]:
 
 def _method(config: Config) -> str:
     method = ablation_section(config)["method"]
-    if method not in config["methods"]:
-        raise ConfigError(f"report/{SECTION}/method: {method!r} is not listed under `methods`")
+    check_listed(config, f"{SECTION}/method", [method])
     return method
 
 
