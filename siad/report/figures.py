@@ -70,7 +70,6 @@ class PanelSpec:
     size: int = 224
 
 
-Figure4Spec = PanelSpec  # the name the Figure-4 code and its tests use
 
 
 @dataclass
@@ -86,7 +85,7 @@ class Example:
     answers: list[str]  # per method
 
 
-def figure4_spec(config: Config) -> Figure4Spec | None:
+def figure4_spec(config: Config) -> PanelSpec | None:
     """The figure's configuration, or None when ``report.figure4`` is absent.
 
     Raises:
@@ -97,7 +96,7 @@ def figure4_spec(config: Config) -> Figure4Spec | None:
         return None
     check_listed(config, f"{SECTION}/methods", section["methods"])
     check_listed(config, f"{SECTION}/datasets", section["datasets"], "datasets")
-    return Figure4Spec(tuple(section["methods"]), tuple(section["datasets"]), int(section["count"]),
+    return PanelSpec(tuple(section["methods"]), tuple(section["datasets"]), int(section["count"]),
                        section.get("setting", "uzad"), int(section.get("size", 224)))
 
 
@@ -214,7 +213,7 @@ def _dataset_examples(config: Config, spec: PanelSpec, dataset: str, predictions
 
 
 def collect_examples(config: Config, predictions: Sequence[str | Path], metas: Sequence[str | Path]
-                     ) -> tuple[Figure4Spec, list[Example], bool]:
+                     ) -> tuple[PanelSpec, list[Example], bool]:
     """The figure's spec, its rows (datasets in config order) and whether the runs are demo runs.
 
     ``predictions`` are the runs' predictions.npz files in :func:`figure4_runs` order (dataset-major,

@@ -103,12 +103,17 @@ def test_zad_table_asks_for_zad_runs_and_clip_s_one_run(config):
     assert len(keys) == 3 * len(config["datasets"])
 
 
-def test_zad_table_shows_the_methods_own_claims_from_filo_table1(config, make_run):
+def _zad_table(config, make_run):
+    """The ZAD table of CLIP's one UZAD run (0.74), toy AnomalyCLIP (0.90) and SIAD-LLM (0.60) under zad."""
     targets = list(protocol_targets(config))
     runs = (_runs(make_run, "clip", "uzad", 0.74, targets, NO_SOURCE)
             + _runs(make_run, "toy_anomalyclip", "zad", 0.90, targets)
             + _runs(make_run, "toy_siad_llm", "zad", 0.60, targets))
-    table = PAPER_TABLES.get("table_zad").build(config, runs, load_reference(REFERENCES / "filo_table1.csv"))
+    return PAPER_TABLES.get("table_zad").build(config, runs, load_reference(REFERENCES / "filo_table1.csv"))
+
+
+def test_zad_table_shows_the_methods_own_claims_from_filo_table1(config, make_run):
+    table = _zad_table(config, make_run)
     assert [k[1] for k in table.row_keys if k[0] == "image"] == ["CLIP", "AnomalyCLIP", "FiLo", "SIAD-LLM"]
     assert table.cell(("image", "CLIP"), "MVTecAD").claimed == pytest.approx(74.1)
     assert table.cell(("pixel", "CLIP"), "VisA").claimed == pytest.approx(46.6)
@@ -125,11 +130,7 @@ def test_zad_table_shows_the_methods_own_claims_from_filo_table1(config, make_ru
 
 
 def test_not_run_claims_are_listed_apart_in_the_claims_check(config, make_run):
-    targets = list(protocol_targets(config))
-    runs = (_runs(make_run, "clip", "uzad", 0.74, targets, NO_SOURCE)
-            + _runs(make_run, "toy_anomalyclip", "zad", 0.90, targets)
-            + _runs(make_run, "toy_siad_llm", "zad", 0.60, targets))
-    table = PAPER_TABLES.get("table_zad").build(config, runs, load_reference(REFERENCES / "filo_table1.csv"))
+    table = _zad_table(config, make_run)
     rows = claim_rows([table])
     assert [r.verdict for r in rows if r.row[1] == "FiLo"] == [NOT_RUN_VERDICT] * 4
     assert all(r.verdict != NOT_RUN_VERDICT for r in rows if r.row[1] != "FiLo")
