@@ -14,7 +14,6 @@ Every paper-vs-code difference of the spec is a parameter whose default is the r
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,26 +28,13 @@ from siad.backbones import get_backbone_spec
 from siad.backbones.cache import FeatureCache, backbone_namespace
 from siad.backbones.registry import ensure_model_configs
 from siad.errors import ConfigError, DataError, NumericalError
-from siad.files import file_fingerprint
-from siad.methods import METHODS, Batch, Choice, Flag, Number, NumberList, ParamRule, Text
+from siad.methods import METHODS, Batch, BlockList, Choice, Flag, Number, NumberList, ParamRule, Text
 from siad.methods.backbone_method import BACKBONE_DEFAULTS, BACKBONE_RULES, BackboneMethod, image_transform
+from siad.methods.frozen import batch_content_keys, content_keys
 
 __all__ = ["AnomalyCLIP", "BlockList"]
 
 CACHE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
-
-
-class BlockList(ParamRule):
-    """A non-empty list of distinct block numbers ≥ 1 (1-indexed, as the release's ``--features_list``)."""
-
-    def problem(self, value: Any) -> str | None:
-        ok = (isinstance(value, (list, tuple)) and value and len(set(value)) == len(value)
-              and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value))
-        return None if ok else "use a non-empty list of distinct 1-indexed block numbers, e.g. [24]"
-
-    def coerce(self, value: Any) -> Any:
-        each = Number(low=1, integer=True)
-        return [each.coerce(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def _text_layers(arch: str) -> int:
@@ -202,20 +188,6 @@ class AnomalyCLIP(BackboneMethod):
         where = torch.tensor([unique.index(k) for k in keys])
         return VisualFeatures(cached["global"].float()[where], cached["local"].float()[where])
 
-    @staticmethod
-    def content_keys(images: Tensor, sha256s: Sequence[str] | None = None) -> list[str]:
-        """Cache keys by content: the image file's SHA-256 when known (``image_sha256`` of a training item), else a
-        SHA-256 of the input tensor's bytes."""
-        keys = []
-        for i, image in enumerate(images):
-            known = sha256s[i] if sha256s is not None else ""
-            if known:
-                keys.append(f"sha256/{known}")
-            else:
-                data = image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-                keys.append(f"tensor-sha256/{hashlib.sha256(data).hexdigest()}")
-        return keys
-
     # -- training --------------------------------------------------------------------------------------------
 
     def _training_features(self, train_data: torch.utils.data.Dataset) -> tuple[VisualFeatures, Tensor, Tensor, Tensor]:
@@ -231,7 +203,7 @@ class AnomalyCLIP(BackboneMethod):
             if tuple(images.shape[-2:]) != (size, size) or any(tuple(m.shape) != (size, size) for m in batch["mask"]):
                 raise DataError(f"anomalyclip: training images and masks must be {size}x{size} (the method's input "
                                 f"size); got images {tuple(images.shape)} for {batch['img_path'][:3]}")
-            keys = self.content_keys(images, batch["image_sha256"]) if self.params["feature_cache"] else None
+            keys = content_keys(images, batch["image_sha256"]) if self.params["feature_cache"] else None
             feats = self.frozen_features(images, keys)
             globals_.append(feats.global_features)
             locals_.append(feats.local_features)
@@ -285,13 +257,7 @@ class AnomalyCLIP(BackboneMethod):
     @torch.no_grad()
     def predict(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         images = batch["image"]
-        keys = None
-        if self.params["feature_cache"] is not None:
-            files = batch.get("image_file")
-            if files:
-                keys = [f"sha256/{file_fingerprint(f, content=True).removeprefix('sha256=')}" for f in files]
-            else:
-                keys = self.content_keys(images, batch.get("image_sha256"))
+        keys = batch_content_keys(batch) if self.params["feature_cache"] is not None else None
         features = self.frozen_features(images, keys).to(self.device)
         return self.model.predict(features, self.text_features(), float(self.params["sigma"]))
 

@@ -33,16 +33,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
 from torch import Tensor, nn
 
 from siad.backbones.attention import PRESETS, AttentionVariant, variant_features
 from siad.backbones.features import apply_head, resize_positional_embedding
 from siad.errors import ConfigError
 from siad.methods.losses import dice_loss, focal_loss
+from siad.methods.postprocess import smooth_maps
 from siad.prompts.learnable import ContextVectors, DeepTextPrompts, context_prompt_tokens, encode_text_with_context
 from siad.seeding import derived_seed
 
@@ -278,14 +277,6 @@ def anomaly_map(maps: Sequence[Tensor]) -> Tensor:
     """Σ_l (S_l,a + 1 − S_l,n)/2 over the layers' maps [B, 2, S, S] → [B, S, S], before smoothing (= Σ_l S_l,a,
     written as the release's test.py computes it)."""
     return torch.stack([(m[:, 1] + 1 - m[:, 0]) / 2.0 for m in maps]).sum(dim=0)
-
-
-def smooth_maps(maps: Tensor, sigma: float = 4.0) -> Tensor:
-    """scipy ``gaussian_filter(sigma)`` (mode reflect, truncate 4) per image of [B, S, S], in float32 on the CPU."""
-    array = maps.detach().to("cpu", torch.float32).numpy()
-    if sigma <= 0:
-        return torch.from_numpy(array.copy())
-    return torch.from_numpy(np.stack([gaussian_filter(m, sigma=sigma) for m in array]))
 
 
 @dataclass(frozen=True)

@@ -176,6 +176,10 @@ _add(BackboneSpec("tiny-vit-l14-demo", "tiny-ViT-L-14-demo", None, 112, taps=(1,
 # run as in the paper. Taps 6/12/18/24 of 24 scaled to 2/4/6/8 of 8.
 _add(BackboneSpec("tiny-vit-l14-quickgelu-demo", "tiny-ViT-L-14-quickgelu-demo", None, 56, quick_gelu=True,
                   taps=(1, 3, 5, 7)))
+# tiny-vit-l14-gelu-demo: AdaCLIP's and AA-CLIP's demo stand-in for the exact-GELU OpenAI ViT-L/14@336 run at 518
+# (8 blocks, patch 14, 112 px: 8x8 grid); a 12-block text tower so text prompts / adapters before text blocks 1..3
+# run as in the paper. Taps 6/12/18/24 of 24 scaled to 2/4/6/8 of 8.
+_add(BackboneSpec("tiny-vit-l14-gelu-demo", "tiny-ViT-L-14-gelu-demo", None, 112, taps=(1, 3, 5, 7)))
 # tiny-vit-b16plus-demo: ViT-B/16+-shaped stand-in for AnoVL (12 blocks so "V-V on all 12 blocks" runs as
 # in the paper; width 48, patch 16, 112 px: 7x7 grid, odd like the real 15x15); AnoVL's taps 3/6/9/12.
 _add(BackboneSpec("tiny-vit-b16plus-demo", "tiny-ViT-B-16-plus-demo", None, 112, taps=B16_PLUS_TAPS))

@@ -88,29 +88,63 @@ def _resize_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 def predict_dataset(
     method: Method, dataset: Dataset, *, batch_size: int = 8, num_workers: int = 0, progress: bool = True
 ) -> Predictions:
-    """Run ``method.predict_batch`` over ``dataset`` (whose masks already have the evaluation size)."""
+    """Run ``method.predict_batch`` over ``dataset`` (whose masks already have the evaluation size).
+
+    A method with ``per_class_postprocess`` (AA-CLIP) gets every class's raw scores and maps through
+    :meth:`~siad.methods.base.Method.postprocess_class` before the maps are resized to the evaluation size.
+    """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     out = Predictions([], [], np.zeros(0, int), np.zeros(0, np.float32), [], [])
-    labels, scores = [], []
+    labels, scores, raw_maps = [], [], []
     llm = _LlmOutputs(type(method).__name__)
     root = getattr(dataset, "root", None)
+    name = getattr(dataset, "name", "")
+    postprocess = bool(getattr(method, "per_class_postprocess", False))
     for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress):
         if root is not None:  # lets methods key a feature cache by file
             batch["image_file"] = [str(Path(root) / p) for p in batch["img_path"]]
+        if name:  # the registry name of the dataset, for methods whose prompts name it (AdaCLIP's release names)
+            batch["dataset"] = name
         output = method.predict_batch(batch)
         llm.add(output, len(batch["img_path"]))
         _check_finite(output, batch["img_path"])
-        for i, mask in enumerate(batch["mask"]):
-            out.maps.append(_resize_map(output.maps[i], tuple(mask.shape)))
-            out.masks.append(np.asarray(mask, dtype=bool))
-        scores.append(output.scores.float().cpu().numpy())
+        masks = [np.asarray(mask, dtype=bool) for mask in batch["mask"]]
+        if postprocess:  # raw maps held until the class is complete
+            raw_maps += [m.detach().float().cpu() for m in output.maps]
+        else:
+            out.maps += [_resize_map(m, mask.shape) for m, mask in zip(output.maps, masks, strict=True)]
+        out.masks += masks
+        scores.append(output.scores.detach().float().cpu())
         labels.append(batch["label"].numpy())
         out.cls_names += list(batch["cls_name"])
         out.img_paths += list(batch["img_path"])
+    all_scores = torch.cat(scores) if scores else torch.zeros(0)
+    if postprocess:
+        all_scores, raw_maps = _postprocess_classes(method, out.cls_names, all_scores, raw_maps)
+        out.maps = [_resize_map(m, mask.shape) for m, mask in zip(raw_maps, out.masks, strict=True)]
     out.labels = np.concatenate(labels).astype(int) if labels else out.labels
-    out.scores = np.concatenate(scores).astype(np.float32) if scores else out.scores
+    out.scores = all_scores.numpy().astype(np.float32)
     out.answers, out.p_yes = llm.answers, llm.p_yes()
     return out
+
+
+def _postprocess_classes(method: Method, cls_names: Sequence[str], scores: torch.Tensor,
+                         maps: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``method.postprocess_class`` on each class's images (in dataset order); the outputs are checked like a batch."""
+    scores = scores.clone()
+    maps = list(maps)
+    for cls in sorted(set(cls_names)):
+        idx = [i for i, c in enumerate(cls_names) if c == cls]
+        new_scores, new_maps = method.postprocess_class(cls, scores[idx], torch.stack([maps[i] for i in idx]))
+        if tuple(new_scores.shape) != (len(idx),) or new_maps.shape[0] != len(idx):
+            raise MethodOutputError(
+                f"{type(method).__name__}.postprocess_class({cls!r}) returned scores {tuple(new_scores.shape)} and "
+                f"maps {tuple(new_maps.shape)} for {len(idx)} images; it must keep one score and one map per image")
+        _check_finite(MethodOutput(new_scores, new_maps), [f"{cls} (after postprocess_class)"] * len(idx))
+        scores[idx] = new_scores.detach().float().cpu()
+        for j, i in enumerate(idx):
+            maps[i] = new_maps[j].detach().float().cpu()
+    return scores, maps
 
 
 class _LlmOutputs:

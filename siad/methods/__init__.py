@@ -3,6 +3,7 @@
 from siad.methods.base import (
     METHODS,
     Batch,
+    BlockList,
     Choice,
     Flag,
     Method,
@@ -16,6 +17,6 @@ from siad.methods.base import (
 )
 
 __all__ = [
-    "METHODS", "Batch", "Choice", "Flag", "Method", "Number", "NumberList", "ParamRule", "Registered", "Text",
-    "build_method", "get_method_class",
+    "METHODS", "Batch", "BlockList", "Choice", "Flag", "Method", "Number", "NumberList", "ParamRule", "Registered",
+    "Text", "build_method", "get_method_class",
 ]

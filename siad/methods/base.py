@@ -164,6 +164,20 @@ def _numeric_text(value: Any) -> bool:
 
 
 @dataclass(frozen=True)
+class BlockList(ParamRule):
+    """A non-empty list of distinct block numbers ≥ 1 (1-indexed, as the release's ``--features_list``)."""
+
+    def problem(self, value: Any) -> str | None:
+        ok = (isinstance(value, (list, tuple)) and value and len(set(value)) == len(value)
+              and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value))
+        return None if ok else "use a non-empty list of distinct 1-indexed block numbers, e.g. [24]"
+
+    def coerce(self, value: Any) -> Any:
+        each = Number(low=1, integer=True)
+        return [each.coerce(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+@dataclass(frozen=True)
 class NumberList(ParamRule):
     """A list of ``length`` numbers, each as ``each`` says (e.g. Adam's betas)."""
 
@@ -193,6 +207,10 @@ class Method(ABC):
     #: How the real masks of a training set reach the input size (``nearest`` or ``bilinear``, see
     #: :func:`siad.data.imageio.resize_mask`): each method's release decides; evaluation masks are always nearest.
     training_mask_resize: ClassVar[str] = "nearest"
+    #: True for a method whose released evaluation post-processes its outputs over every test image of a class
+    #: (AA-CLIP's per-class min–max normalisation): the engine then holds a class's raw outputs and calls
+    #: :meth:`postprocess_class` once per class before the maps are resized for evaluation.
+    per_class_postprocess: ClassVar[bool] = False
 
     def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0,
                  weights_seed: int | None = None) -> None:
@@ -279,6 +297,11 @@ class Method(ABC):
         """
         scores, maps = self.predict(batch)
         return MethodOutput(scores, maps)
+
+    def postprocess_class(self, cls_name: str, scores: Tensor, maps: Tensor) -> tuple[Tensor, Tensor]:
+        """Scores [n] and maps [n, h, w] of *all* n test images of one class, as :meth:`predict` gave them, mapped to
+        the final ones (called only when ``per_class_postprocess``; the default returns them unchanged)."""
+        return scores, maps
 
     @property
     def references_needed(self) -> int:

@@ -193,8 +193,10 @@ def test_loss_gradients_and_three_adam_steps(clip, tokenizer, vectors, inputs, f
         optimizer.zero_grad()
         terms.total.backward()
         if step == 0:
-            assert_close(learner.ctx_pos.ctx.grad, vectors["step0_grad_ctx_pos"], name="step0_grad_ctx_pos")
-            assert_close(learner.ctx_neg.ctx.grad, vectors["step0_grad_ctx_neg"], name="step0_grad_ctx_neg")
+            for name in ("ctx_pos", "ctx_neg"):  # ≤ 1e-5 relative to the largest entry (float32 kernels differ by CPU)
+                expected = vectors[f"step0_grad_{name}"]
+                assert_close(getattr(learner, name).ctx.grad, expected, ATOL * max(1.0, float(np.abs(expected).max())),
+                             name=f"step0_grad_{name}")
             _check_rounded_gradient(torch.stack([p.grad for p in learner.compound.prompts]),
                                     vectors["step0_grad_compound"])
         optimizer.step()
