@@ -85,6 +85,45 @@ def test_predict_dataset_resizes_maps_to_the_mask_size_and_keeps_order():
     assert inputs.labels.tolist() == [1, 0] and inputs.maps.shape == (2, 8, 8)
 
 
+class ClassNormalising(Constant):
+    """Min–max normalises each class over all its images (AA-CLIP's per-class post-processing); records calls."""
+
+    per_class_postprocess = True
+
+    def __init__(self, broken=False):
+        super().__init__()
+        self.calls, self.broken = [], broken
+
+    def predict_batch(self, batch):
+        self.dataset = batch.get("dataset")
+        return super().predict_batch(batch)
+
+    def postprocess_class(self, cls_name, scores, maps):
+        self.calls.append((cls_name, tuple(maps.shape)))
+        if self.broken:
+            return scores[:1], maps
+        norm = (scores - scores.min()) / (scores.max() - scores.min())
+        return norm, (maps - maps.min()) / (maps.max() - maps.min())
+
+
+def test_per_class_postprocessing_sees_every_image_of_a_class_before_the_resize():
+    method = ClassNormalising()
+    dataset = FakeDataset()
+    dataset.name = "mvtec"
+    preds = predict_dataset(method, dataset, batch_size=2, progress=False)  # class "a" spans two batches
+    assert method.calls == [("a", (3, 16, 16)), ("b", (2, 16, 16))]  # raw maps at the method's size
+    assert method.dataset == "mvtec"  # the dataset's registry name reaches the method with each batch
+    assert preds.scores.tolist() == [0.0, 0.5, 1.0, 0.0, 1.0]
+    assert all(m.shape == (8, 8) for m in preds.maps)
+    assert np.allclose(preds.maps[0], 0.0) and np.allclose(preds.maps[2], 1.0) and np.allclose(preds.maps[4], 1.0)
+    assert preds.img_paths == [f"img{i}.png" for i in range(5)]
+
+
+def test_per_class_postprocessing_must_keep_one_output_per_image():
+    with pytest.raises(MethodOutputError, match="postprocess_class"):
+        predict_dataset(ClassNormalising(broken=True), FakeDataset(), batch_size=2, progress=False)
+
+
 def test_nan_scores_are_an_error_naming_the_image():
     with pytest.raises(NumericalError, match="img0.png"):
         predict_dataset(Constant(float("nan")), FakeDataset(), batch_size=2, progress=False)
