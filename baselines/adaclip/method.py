@@ -96,7 +96,7 @@ class AdaCLIP(BackboneMethod):
     training_mask_resize: ClassVar[str] = "bilinear"  # the release: PIL bilinear resize to 518, then > 0.5
     defaults: ClassVar[dict[str, Any]] = {
         **BACKBONE_DEFAULTS,
-        "backbone": "openai-vit-l-14-336-518-gelu",  # exact GELU on OpenAI weights, built at 518 (37x37 grid)
+        "backbone": "openai-vit-l-14-336-518-gelu-noantialias",  # exact GELU, OpenAI weights at 518 (37x37)
         # -- prompts and heads (spec §2)
         "features": [6, 12, 18, 24],  # 1-indexed (the release: n_layers // 4 · (1, 2, 3, 4))
         "prompt_depth": 4,
@@ -109,6 +109,7 @@ class AdaCLIP(BackboneMethod):
         "hsf_alpha": 0.2,
         "hsf_random_state": 0,  # k-means seed (unseeded in the release): fixed, scores depend on the weights only
         "sigma": 4.0,  # gaussian smoothing of the test map at the input size
+        "dice_per_row": True,  # as released: at batch 1 gt.squeeze() makes the dice per mask row
         # -- optimisation (train.py / trainer.py)
         "lr": 0.01,
         "betas": [0.5, 0.999],
@@ -138,6 +139,7 @@ class AdaCLIP(BackboneMethod):
         "hsf_alpha": Number(0.0, 1.0),
         "hsf_random_state": Number(0, 2**32 - 1, integer=True),
         "sigma": Number(low=0),
+        "dice_per_row": Flag(),
         "lr": Number(low=0, low_open=True),
         "betas": NumberList(2, Number(0.0, 1.0, high_open=True)),
         "weight_decay": Number(low=0),
@@ -161,7 +163,7 @@ class AdaCLIP(BackboneMethod):
             features=tuple(p["features"]), prompt_depth=p["prompt_depth"], prompt_length=p["prompt_length"],
             prompt_type=p["prompt_type"], prompt_branch=p["prompt_branch"], use_hsf=p["use_hsf"],
             k_clusters=p["k_clusters"], hsf_alpha=float(p["hsf_alpha"]),
-            hsf_random_state=p["hsf_random_state"], prompt_fp16=p["prompt_fp16"],
+            hsf_random_state=p["hsf_random_state"], dice_per_row=p["dice_per_row"], prompt_fp16=p["prompt_fp16"],
             image_size=self.input_size,
         )
         self.model = AdaCLIPModel(self.backbone.model, self.backbone.tokenizer, self.config, seed=self.seed)

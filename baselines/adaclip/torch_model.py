@@ -31,7 +31,8 @@ concatenated across the layers; per cluster the mean of its tokens pooled over t
 centres); ĝ = L2(α·c + (1 − α)·g) (α = 0.2). Score = softmax(100·ĝ·T). Maps: A_l → [B, 2, g, g] → bilinear
 (align_corners=True) to S. Training: softmax per layer. Test: the mean of the logit maps, then softmax,
 (P_a + 1 − P_n)/2, scipy gaussian σ = 4 (:func:`siad.methods.postprocess.smooth_maps`).
-Loss: Focal(score, y) + Σ_l [Focal(P_l, M) + Dice(P_l[a], M) + Dice(P_l[n], 1 − M)].
+Loss: Focal(score, y) + Σ_l [Focal(P_l, M) + Dice(P_l[a], M) + Dice(P_l[n], 1 − M)]; at batch 1 the release's dice
+is taken per mask row (``dice_per_row``).
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class AdaCLIPConfig:
             depends only on the image and the weights, not on the training seed or the order of evaluation).
         logit_scale: the fixed 100 of the similarities.
         prompt_fp16: as released, prompts pass through float16 before they enter the float32 streams.
+        dice_per_row: as released, the dice of a batch of one image is taken per mask row (see :func:`loss_terms`).
         image_size: S, the input size (maps are upsampled to it).
     """
 
@@ -109,6 +111,7 @@ class AdaCLIPConfig:
     hsf_random_state: int = 0
     logit_scale: float = 100.0
     prompt_fp16: bool = True
+    dice_per_row: bool = True
     image_size: int = 518
 
     def __post_init__(self) -> None:
@@ -259,12 +262,14 @@ def prompted_visual_tokens(clip: nn.Module, images: Tensor, prompts: Sequence[Te
     return image_embedding(visual, x), out
 
 
-def class_features(clip: nn.Module, tokens: Sequence[Tensor], deep_prompts: dict[int, Tensor] | None = None) -> Tensor:
+def class_features(clip: nn.Module, tokens: Sequence[Tensor], deep_prompts: dict[int, Tensor] | None = None,
+                   *, prompt_fp16: bool = False) -> Tensor:
     """T [B, E, 2] (or [E, 2] without deep prompts): per state (token ids [n_s, 77] of its sentences), L2 each
     sentence's feature, mean, L2 again; then the release's second L2 over E.
 
     ``deep_prompts`` {text block: [B, L, Wt]} overwrite hidden positions 1..L before those blocks, one prompt set
-    per image: all images' sentences run in one batched pass.
+    per image: all images' sentences run in one batched pass. ``prompt_fp16``: as released, each sentence's copy of
+    the prompts is rounded through float16 (forward values and, per copy, their gradients).
     """
     columns = []
     for ids in tokens:
@@ -272,7 +277,8 @@ def class_features(clip: nn.Module, tokens: Sequence[Tensor], deep_prompts: dict
         if deep_prompts:
             batch = next(iter(deep_prompts.values())).shape[0]
             embedded = clip.token_embedding(ids).unsqueeze(0).expand(batch, -1, -1, -1)
-            deep = {j: v.unsqueeze(1) for j, v in deep_prompts.items()}  # [B, 1, L, Wt]: broadcast over sentences
+            deep = {j: _round(v.unsqueeze(1).expand(-1, ids.shape[0], -1, -1), prompt_fp16)  # [B, n_s, L, Wt]
+                    for j, v in deep_prompts.items()}
             features = encode_text_with_context(clip, ids, embedded, deep, deep_start=1)  # [B, n_s, E]
         else:
             features = encode_text_with_context(clip, ids)  # [n_s, E]
@@ -376,11 +382,14 @@ class LossTerms:
 
 
 def loss_terms(scores: Tensor, maps: Sequence[Tensor], masks: Tensor, labels: Tensor,
-               mask_valid: Tensor | None = None) -> LossTerms:
+               mask_valid: Tensor | None = None, *, dice_per_row: bool = True) -> LossTerms:
     """Focal(score [B, 2], y [B]) + Σ_l [Focal(P_l, M) + Dice(P_l[:, 1], M) + Dice(P_l[:, 0], 1 − M)].
 
-    The score focal is the release's FocalLoss on B "pixels" (probabilities [B, 2]). ``mask_valid`` [B] bool: the
-    images whose mask is pixel truth (None: all); the pixel terms are taken over those only (0 when none).
+    The score focal is the release's FocalLoss on B "pixels" (probabilities [B, 2]). ``dice_per_row`` (as released):
+    for a batch of one image the release's ``gt.squeeze()`` makes the mask [S, S], so its dice takes the S rows as
+    the batch (per-row coefficients, averaged); False, or any larger batch, gives one coefficient per image.
+    ``mask_valid`` [B] bool: the images whose mask is pixel truth (None: all); the pixel terms are taken over those
+    only (0 when none).
     """
     target = masks.to(maps[0].dtype)
     score_focal = focal_loss(scores.reshape(-1, 2, 1, 1), labels.to(scores.dtype).reshape(-1, 1, 1))
@@ -391,8 +400,9 @@ def loss_terms(scores: Tensor, maps: Sequence[Tensor], masks: Tensor, labels: Te
         zero = score_focal.new_zeros(())
         return LossTerms(score_focal, zero, zero, zero, score_focal)
     focal = torch.stack([focal_loss(m, target) for m in maps]).sum()
-    dice_a = torch.stack([dice_loss(m[:, 1], target) for m in maps]).sum()
-    dice_n = torch.stack([dice_loss(m[:, 0], 1 - target) for m in maps]).sum()
+    per_image = not (dice_per_row and masks.shape[0] == 1)  # the release's squeeze acts on a batch of one
+    dice_a = torch.stack([dice_loss(m[:, 1], target, per_image=per_image) for m in maps]).sum()
+    dice_n = torch.stack([dice_loss(m[:, 0], 1 - target, per_image=per_image) for m in maps]).sum()
     return LossTerms(score_focal, focal, dice_a, dice_n, score_focal + focal + dice_a + dice_n)
 
 
@@ -470,15 +480,15 @@ class AdaCLIPModel(nn.Module):
                     self._fixed_text[name] = class_features(self.clip, self.sentence_tokens(name))
             return torch.stack([self._fixed_text[name] for name in names])
         batch = len(names)
-        prompts = layer_prompts(self.learnables.static_prompts("text"), dynamic_text, c.prompt_depth, batch,
-                                c.prompt_fp16)
+        # rounded per sentence copy in class_features, as the release rounds after broadcasting over the sentences
+        prompts = layer_prompts(self.learnables.static_prompts("text"), dynamic_text, c.prompt_depth, batch, False)
         out: list[Tensor | None] = [None] * batch
         for name in dict.fromkeys(names):
             rows = [b for b, n in enumerate(names) if n == name]
             deep = {j: prompts[j][rows] for j in range(1, c.prompt_depth)}
             if not deep:  # depth 1: no text block is prompted
                 deep = None
-            features = class_features(self.clip, self.sentence_tokens(name), deep)
+            features = class_features(self.clip, self.sentence_tokens(name), deep, prompt_fp16=c.prompt_fp16)
             for i, b in enumerate(rows):
                 out[b] = features[i] if deep else features
         return torch.stack(out)
@@ -521,7 +531,8 @@ class AdaCLIPModel(nn.Module):
              mask_valid: Tensor | None = None, frozen_global: Tensor | None = None) -> LossTerms:
         """The training loss of a batch (masks [B, S, S], labels [B])."""
         out = self.forward(images, names, frozen_global)
-        return loss_terms(out.scores, train_maps(out.logits, self.config.image_size), masks, labels, mask_valid)
+        return loss_terms(out.scores, train_maps(out.logits, self.config.image_size), masks, labels, mask_valid,
+                          dice_per_row=self.config.dice_per_row)
 
     @torch.no_grad()
     def predict(self, images: Tensor, names: Sequence[str], frozen_global: Tensor | None = None

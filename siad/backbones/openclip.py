@@ -109,6 +109,28 @@ def resolve_checkpoint(spec: BackboneSpec, cache_dir: str | os.PathLike | None =
         ) from err
 
 
+def _native_size(arch: str) -> int | None:
+    ensure_model_configs()
+    vision = (open_clip.get_model_config(arch) or {}).get("vision_cfg", {})
+    size = vision.get("image_size")
+    return int(size[0] if isinstance(size, (list, tuple)) else size) if size is not None else None
+
+
+def set_image_size(visual: nn.Module, image_size: int, *, mode: str = "bicubic", antialias: bool = False) -> None:
+    """Resize a built ViT's positional embedding to ``image_size`` in place (CLS row kept, ``F.interpolate`` with
+    ``mode`` / ``antialias``, align_corners False) and update its ``image_size`` / ``grid_size``: the load-time
+    resize of the older open_clip that AdaCLIP and AA-CLIP vendor (open_clip's own uses antialias)."""
+    from siad.backbones.features import resize_positional_embedding
+
+    patch = visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else visual.patch_size
+    grid = image_size // patch
+    with torch.no_grad():
+        resized = resize_positional_embedding(visual.positional_embedding.data, grid, mode=mode, antialias=antialias)
+    visual.positional_embedding = nn.Parameter(resized, requires_grad=visual.positional_embedding.requires_grad)
+    visual.image_size = (image_size, image_size)
+    visual.grid_size = (grid, grid)
+
+
 def load_openclip(
     spec: BackboneSpec,
     *,
@@ -132,14 +154,19 @@ def load_openclip(
     checkpoint = resolve_checkpoint(spec, cache_dir)
     imagebind = spec.checkpoint_format == "imagebind" and checkpoint is not None
     torch.manual_seed(seed)
+    native = _native_size(spec.arch)
+    resize_here = (spec.pos_resize == "bicubic" and checkpoint is not None and not imagebind
+                   and native != spec.image_size)
     model = open_clip.create_model(
         spec.arch,
         pretrained=None if imagebind else checkpoint,
         force_quick_gelu=spec.quick_gelu,
-        force_image_size=spec.image_size,
+        force_image_size=native if resize_here else spec.image_size,
         device=device,
         cache_dir=None if cache_dir is None else str(cache_dir),
     )
+    if resize_here:
+        set_image_size(model.visual, spec.image_size, mode="bicubic", antialias=False)
     if imagebind:
         from siad.backbones.imagebind import load_imagebind_into_openclip
 

@@ -61,6 +61,10 @@ def _side(value: int | tuple[int, int] | list[int], what: str, arch: str) -> int
     raise ConfigError(f"architecture {arch!r}: non-square {what} {value} is not supported")
 
 
+#: Load-time resizes of the positional embedding (see ``BackboneSpec.pos_resize``).
+POS_RESIZES: tuple[str, ...] = ("open_clip", "bicubic")
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     """How to build one backbone.
@@ -70,8 +74,8 @@ class BackboneSpec:
         arch: open_clip architecture name (built-in or a JSON in ``model_configs/``).
         pretrained: open_clip pretrained tag; None (and no ``checkpoint``) builds seeded random weights
             (demo, tests, timing at the paper architecture), whatever ``url`` says.
-        image_size: input side in pixels (positional embeddings are resized by open_clip, bicubically,
-            if it differs from the architecture's native size).
+        image_size: input side in pixels (positional embeddings are resized when loading weights of another
+            size: see ``pos_resize``).
         quick_gelu: use QuickGELU activations (what OpenAI's CLIP weights were trained with).
         checkpoint: optional local checkpoint file that replaces any download.
         checkpoint_format: ``open_clip`` (default) or ``imagebind`` for the original ``imagebind_huge.pth``,
@@ -80,6 +84,9 @@ class BackboneSpec:
         taps: default stage taps, 0-indexed block indices (the stream after each listed block).
         url: explicit checkpoint URL for the ``pretrained`` tag, overriding open_clip's choice of source
             (open_clip prefers the Hugging Face hub, which is not always the same file as the URL).
+        pos_resize: how loaded weights of another size get their positional embedding resized: ``open_clip``
+            (its ``resize_pos_embed``: bicubic with antialias) or ``bicubic`` (bicubic without antialias, CLS row
+            kept: the older open_clip that AdaCLIP and AA-CLIP vendor; the two differ by ~1e-2).
     """
 
     name: str
@@ -93,8 +100,11 @@ class BackboneSpec:
     std: tuple[float, float, float] = OPENAI_STD
     taps: tuple[int, ...] = ()
     url: str | None = None
+    pos_resize: str = "open_clip"
 
     def __post_init__(self) -> None:
+        if self.pos_resize not in POS_RESIZES:
+            raise ConfigError(f"backbone {self.name!r}: pos_resize {self.pos_resize!r}; use one of {list(POS_RESIZES)}")
         taps = tuple(self.taps)  # configs give lists
         if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in taps):
             raise ConfigError(f"backbone {self.name!r}: taps must be non-negative block indices, got {list(taps)}")
@@ -140,7 +150,11 @@ H14_TAPS = (7, 15, 23, 31)  # ImageBind/AnomalyGPT: after blocks 8/16/24/32
 _add(BackboneSpec("openai-vit-l-14-336", "ViT-L-14-336", "openai", 336, quick_gelu=True, taps=L14_TAPS))
 # The same weights at 518 px (37x37 grid). FiLo, AdaCLIP and AA-CLIP build the model from a config without
 # quick_gelu, so they run *exact* GELU on OpenAI weights (spec: reproduce this); AnomalyCLIP keeps QuickGELU.
+# AA-CLIP's loader resizes the positional embedding 24 -> 37 as open_clip does (bicubic with antialias) ...
 _add(BackboneSpec("openai-vit-l-14-336-518-gelu", "ViT-L-14-336", "openai", 518, quick_gelu=False, taps=L14_TAPS))
+# ... AdaCLIP's vendored open_clip without antialias (the two tables differ by ~1e-2).
+_add(BackboneSpec("openai-vit-l-14-336-518-gelu-noantialias", "ViT-L-14-336", "openai", 518, quick_gelu=False,
+                  taps=L14_TAPS, pos_resize="bicubic"))
 # QuickGELU at 518 with open_clip's bicubic load-time resize. AnomalyCLIP does NOT use this entry: it builds
 # `openai-vit-l-14-336` at 336 and resizes the positional embedding bilinearly at run time, as its release does.
 _add(BackboneSpec("openai-vit-l-14-336-518-quickgelu", "ViT-L-14-336", "openai", 518, quick_gelu=True, taps=L14_TAPS))

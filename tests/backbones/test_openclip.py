@@ -123,3 +123,26 @@ def test_imagebind_huge_offline_names_tag_and_cache(tmp_path, monkeypatch):
     with pytest.raises(MissingWeightsError) as err:
         load_openclip(get_backbone_spec("imagebind-huge"), cache_dir=tmp_path)
     assert "ViT-H-14 / laion2b_s32b_b79k" in str(err.value) and str(tmp_path) in str(err.value)
+
+
+@pytest.mark.parametrize("mode, antialias", [("bicubic", False), ("open_clip", True)])
+def test_weights_of_another_size_get_the_spec_positional_resize(tmp_path, mode, antialias):
+    """AdaCLIP / AA-CLIP (pos_resize bicubic): bicubic without antialias at load, as their vendored open_clip; the
+    default is open_clip's own (bicubic with antialias). The two tables differ."""
+    from dataclasses import replace
+
+    from siad.backbones.features import resize_positional_embedding
+
+    native = get_backbone_spec("tiny-vit-l14-quickgelu-demo")  # built at 56 px: 4x4 grid
+    model = load_openclip(native, seed=3).model
+    path = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), path)
+    loaded = load_openclip(replace(native, image_size=112, checkpoint=str(path), pos_resize=mode)).model
+    source = model.visual.positional_embedding.data
+    expected = resize_positional_embedding(source, 8, mode="bicubic", antialias=antialias)
+    assert torch.equal(loaded.visual.positional_embedding.data, expected)
+    other = resize_positional_embedding(source, 8, mode="bicubic", antialias=not antialias)
+    assert not torch.allclose(loaded.visual.positional_embedding.data, other, atol=1e-4)
+    assert loaded.visual.grid_size == (8, 8) and loaded.encode_image(torch.zeros(1, 3, 112, 112)).shape == (1, 48)
+    assert get_backbone_spec("openai-vit-l-14-336-518-gelu-noantialias").pos_resize == "bicubic"  # AdaCLIP
+    assert get_backbone_spec("openai-vit-l-14-336-518-gelu").pos_resize == "open_clip"  # AA-CLIP

@@ -79,7 +79,9 @@ def _method(seed=0, **params):
 def test_registered_with_the_release_defaults():
     assert get_method_class("adaclip") is AdaCLIP
     d = AdaCLIP.defaults
-    assert d["backbone"] == "openai-vit-l-14-336-518-gelu" and get_backbone_spec(d["backbone"]).quick_gelu is False
+    spec = get_backbone_spec(d["backbone"])
+    assert d["backbone"] == "openai-vit-l-14-336-518-gelu-noantialias" and not spec.quick_gelu
+    assert spec.pos_resize == "bicubic" and spec.image_size == 518
     assert (d["features"], d["prompt_depth"], d["prompt_length"], d["prompt_type"], d["prompt_branch"]) == (
         [6, 12, 18, 24], 4, 5, "SD", "VL")
     assert (d["k_clusters"], d["hsf_alpha"], d["lr"], d["betas"], d["weight_decay"]) == (20, 0.2, 0.01, [0.5, 0.999],
@@ -287,6 +289,13 @@ def test_loss_terms_match_the_definitions():
     torch.testing.assert_close(t.total, t.score_focal + t.focal + t.dice_anomaly + t.dice_normal)
     only_first = loss_terms(scores, maps, masks, torch.tensor([0, 1]), mask_valid=torch.tensor([True, False]))
     torch.testing.assert_close(only_first.dice_anomaly, dice(p1[:1], m[:1]))
+    # a batch of one image: the release's squeezed mask makes each row a sample (dice_per_row, the default)
+    one = loss_terms(scores[1:], [maps[0][1:]], masks[1:], torch.tensor([1]))
+    rows_p, rows_m = maps[0][1, 1], masks[1]
+    torch.testing.assert_close(one.dice_anomaly, dice(rows_p, rows_m))
+    per_image = loss_terms(scores[1:], [maps[0][1:]], masks[1:], torch.tensor([1]), dice_per_row=False)
+    torch.testing.assert_close(per_image.dice_anomaly, dice(p1[1:], m[1:]))
+    assert not torch.allclose(one.dice_anomaly, per_image.dice_anomaly)
 
 
 # ------------------------------------------------------------------------------------------------- mosaic

@@ -161,12 +161,14 @@ def tiny_demo() -> dict:
     config["report"]["table7"] = {"methods": ["anovl"]}  # SIAD-LLM's row would train it: too slow here
     config["report"].pop("figure4", None)  # not all its datasets are targets here
     config["report"]["table1"]["methods"] = ["clip", "anomalygpt"]  # one trained LLM method: grouped evaluation
-    # the settings' tables and figures with the cheap trained baseline: AnomalyCLIP under uzad, pseudo and zad
-    config["report"]["table2"] = {"methods": ["anomalyclip"], "repeat_uzad": []}
-    config["report"]["zad"] = {"methods": ["clip", "anomalyclip"]}
+    # the settings' tables and figures with the CLIP-family baselines under uzad, pseudo and zad
+    config["report"]["table2"] = {"methods": ["anomalyclip", "adaclip", "aaclip"], "repeat_uzad": []}
+    config["report"]["zad"] = {"methods": ["clip", "anomalyclip", "adaclip", "aaclip"]}
     config["report"]["figure1"] = {"methods": ["clip", "anomalygpt"]}
     config["report"]["figure2"] = {"methods": ["clip", "anomalyclip"], "datasets": ["visa", "sdd"], "count": 1}
     config["methods"]["anomalyclip"]["params"].update(epochs=1)
+    config["methods"]["adaclip"]["params"].update(epochs=1)
+    config["methods"]["aaclip"]["params"].update(stage1_epochs=1, stage2_epochs=1, checkpoint_epoch=1)
     config["training"] = {"normal_images": "train", "normal_images_per_dataset": {"br35h": "all"}}
     config["speed"]["llm"].update(batch_sizes=[1, 2], n_batches=1, warmup=0)
     config["speed"].update(backbone="tiny-vit-b16plus-demo", image_size=112, n_images=2, warmup=1)
@@ -192,11 +194,13 @@ def test_tiny_demo_end_to_end_and_resumable(tiny_run):
         assert "synthetic" in first_line and "random-initialised" in first_line, name
     for figure in ("figure1_auroc", "figure2_zero_shot"):
         assert (tables / f"{figure}.png").stat().st_size > 0 and (tables / f"{figure}.pdf").stat().st_size > 0
-    for table, setting in (("table2_pseudo.md", "pseudo"), ("table_zad.md", "zad")):  # AnomalyCLIP's own runs
-        assert re.search(r"\| image \| AnomalyCLIP \| \d+\.\d \(\d+\.\d\) \|", (tables / table).read_text()), table
-        model = tmp_path / "results" / "demo" / setting / "anomalyclip" / "default" / "seed0" / "mvtec" / "model.json"
-        counts = json.loads(model.read_text())["training_set"]
-        assert 0 < counts["anomalous"] < counts["images"], (setting, counts)
+    for table, setting in (("table2_pseudo.md", "pseudo"), ("table_zad.md", "zad")):  # the baselines' own runs
+        for method, name in (("anomalyclip", "AnomalyCLIP"), ("adaclip", "AdaCLIP"), ("aaclip", "AA-CLIP")):
+            assert re.search(rf"\| image \| {name} \| \d+\.\d \(\d+\.\d\) \|", (tables / table).read_text()), (
+                table, name)
+            model = tmp_path / "results" / "demo" / setting / method / "default" / "seed0" / "mvtec" / "model.json"
+            counts = json.loads(model.read_text())["training_set"]
+            assert 0 < counts["anomalous"] < counts["images"], (setting, method, counts)
     table = (tables / "table1_uzad.md").read_text()
     assert re.search(r"\| image \| CLIP \| \d+\.\d \(\d+\.\d\) \| \d+\.\d \(\d+\.\d\) \| \d+\.\d \(\d+\.\d\)", table)
     pixel_row = next(line for line in table.splitlines() if line.startswith("| pixel | CLIP"))
