@@ -222,7 +222,7 @@ def test_figure2_is_written_with_its_panel_and_the_demo_stamp(figure2_setup, tmp
 
 
 @pytest.mark.parametrize(("mutate", "expected"), [
-    (lambda r: r["figure1"].update(methods=["adaclip"]), "figure1/methods: 'adaclip'"),
+    (lambda r: r["figure1"].update(methods=["filo"]), "figure1/methods: 'filo'"),
     (lambda r: r["figure2"].update(datasets=["kolektor2"]), "figure2/datasets: 'kolektor2'"),
     (lambda r: r["figure2"].update(count=0), "figure2/count"),
     (lambda r: r.update(zad={"methods": ["gpt9"]}), "zad/methods: 'gpt9'"),
