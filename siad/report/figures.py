@@ -21,7 +21,7 @@ Choices (the paper does not say how its examples were picked):
   so a weak response stays weak; the colour scale is the same for every panel of that method and
   dataset. Panels are resized to ``size`` × ``size`` (images bilinear, masks nearest).
 * A dataset without masks (the medical ones) shows "(no ground-truth mask)" in the mask column; a run
-  that recorded no answers shows "(no answer recorded)" under its maps.
+  that recorded no answers (a method that gives none, e.g. the CLIP family) gets no caption under its maps.
 
 The panel code (choice of images, scaled maps, the image | mask | maps grid) is shared with the qualitative
 panel of Figure 2(b) (:mod:`siad.report.paper_figures`), which shows maps without answers; :func:`save_figure`
@@ -299,7 +299,7 @@ def draw_examples(target: Any, examples: Sequence[Example], method_names: Sequen
         for ax, anomaly_map, answer in zip(row[2:], example.maps, example.answers):
             ax.imshow(example.image)
             ax.imshow(anomaly_map, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
-            if answers:
+            if answers and answer != NO_ANSWER:  # a method without answers (CLIP family) gets no caption
                 ax.set_xlabel(textwrap.fill(answer, ANSWER_WIDTH), fontsize=6)
         for c, ax in enumerate(row):
             ax.set_xticks([])

@@ -133,3 +133,20 @@ def test_mixed_demo_and_real_runs_are_refused(figure_setup, make_run, write_pred
     _write_run(key.run_dir(results), records, make_run, write_predictions, key.method, None, demo=False)
     with pytest.raises(DataError, match="demo and non-demo"):
         collect_examples(config, *_inputs(config, results))
+
+
+def test_only_methods_with_answers_get_a_caption():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from siad.report.figures import Example, draw_examples
+
+    example = Example("mvtec", "bottle", "a.png", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), bool),
+                      [np.zeros((8, 8)), np.zeros((8, 8))], ["Yes, there is an anomaly.", NO_ANSWER])
+    fig = plt.figure()
+    draw_examples(fig, [example], ["SIAD-LLM", "AdaCLIP"], answers=True)
+    llm, clip_family = fig.axes[2:4]
+    assert llm.get_xlabel() == "Yes, there is an anomaly." and clip_family.get_xlabel() == ""
+    plt.close(fig)
