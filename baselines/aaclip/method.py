@@ -40,16 +40,15 @@ from baselines.aaclip.torch_model import (
 )
 from siad.backbones import get_backbone_spec
 from siad.backbones.cache import FeatureCache, backbone_namespace
-from siad.backbones.registry import ensure_model_configs
+from siad.backbones.registry import text_layers
 from siad.errors import ConfigError, DataError, NumericalError
-from siad.methods import METHODS, Batch, BlockList, Choice, Flag, Number, NumberList, ParamRule, Text
+from siad.methods import METHODS, Batch, BlockList, Choice, Flag, Number, NumberList, ParamRule
 from siad.methods.backbone_method import BACKBONE_DEFAULTS, BACKBONE_RULES, BackboneMethod
-from siad.methods.frozen import ImageEmbeddings, content_keys
+from siad.methods.frozen import CACHE_DEFAULTS, CACHE_RULES, ImageEmbeddings, content_keys
 from siad.seeding import derived_seed
 
 __all__ = ["AACLIP", "IterationList"]
 
-CACHE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 DESCRIPTION_SOURCES: tuple[str, ...] = ("release", "class_name")
 
 
@@ -65,14 +64,6 @@ class IterationList(ParamRule):
     def coerce(self, value: Any) -> Any:
         each = Number(low=1, integer=True)
         return [each.coerce(v) for v in value] if isinstance(value, (list, tuple)) else value
-
-
-def _text_layers(arch: str) -> int:
-    """Blocks of the text tower of an open_clip architecture (read from its config, nothing built)."""
-    import open_clip
-
-    ensure_model_configs()
-    return int((open_clip.get_model_config(arch) or {}).get("text_cfg", {}).get("layers", 0))
 
 
 @METHODS.register("aaclip")
@@ -116,9 +107,7 @@ class AACLIP(BackboneMethod):
         "class_descriptions": "release",  # prompts from the REAL_NAMES table | "class_name" (the class key)
         "domain": None,  # None = per class from the table | "industrial" | "medical" for every class
         # -- engineering (not in the release)
-        "feature_cache": None,  # folder of the frozen-feature cache (used only where features are per image)
-        "feature_cache_dtype": "float32",
-        "progress": True,
+        **CACHE_DEFAULTS,
     }
     param_rules: ClassVar[Mapping[str, ParamRule]] = {
         **BACKBONE_RULES,
@@ -148,9 +137,7 @@ class AACLIP(BackboneMethod):
         "medical_blur": NumberList(2, Number(low=0, low_open=True)),
         "class_descriptions": Choice(DESCRIPTION_SOURCES),
         "domain": Choice((None, *DOMAINS)),
-        "feature_cache": Text(),
-        "feature_cache_dtype": Choice(CACHE_DTYPES),
-        "progress": Flag(),
+        **CACHE_RULES,
     }
 
     def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0,
@@ -189,7 +176,7 @@ class AACLIP(BackboneMethod):
             if params[key] > blocks:
                 raise cls.param_error(key, params[key], f"the backbone has {blocks} vision blocks: use at most "
                                                         f"{blocks}")
-        text_blocks = _text_layers(spec.arch)
+        text_blocks = text_layers(spec.arch)
         if params["text_adapter_blocks"] > text_blocks:
             raise cls.param_error("text_adapter_blocks", params["text_adapter_blocks"],
                                   f"the backbone's text tower has {text_blocks} blocks: use at most {text_blocks}")

@@ -563,7 +563,7 @@ def _minmax(x: Tensor) -> Tensor:
         return x
     if float(top) == float(bottom):
         return x - bottom
-    return (x - bottom) / (top - bottom)
+    return (x - bottom).div_(top - bottom)  # one new tensor: a class's maps can be GBs
 
 
 def normalize_class(scores: Tensor, maps: Tensor, domain: str) -> tuple[Tensor, Tensor]:
@@ -572,11 +572,11 @@ def normalize_class(scores: Tensor, maps: Tensor, domain: str) -> tuple[Tensor, 
     when its maximum ≠ 1); image score 0.5·max(map) + 0.5·s (industrial) or max(map) (medical)."""
     if domain not in DOMAINS:
         raise ConfigError(f"AA-CLIP domain {domain!r}; choose one of {DOMAINS}")
-    maps = _minmax(maps.double())
+    maps = _minmax(maps.float())  # float32, as the release (a float64 copy of Br35H's 3000 maps would be 6 GB)
     scores = _minmax(scores.double())
-    peak = maps.flatten(1).max(dim=1).values
+    peak = maps.flatten(1).max(dim=1).values.double()
     final = peak if domain == "medical" else peak * 0.5 + scores * 0.5
-    return final.float(), maps.float()
+    return final.float(), maps
 
 
 # ------------------------------------------------------------------------------------------------ augmentation

@@ -9,8 +9,9 @@
   ``amp`` (never on the CPU). Model selection: the last epoch (``selection: fixed``, the default: the release's
   pixel-F1 selection on a validation set without anomalies keeps epoch 1) or the best mean pixel F1-max on the
   training set's own (pseudo-)anomalies (``selection: pseudo_f1``).
-- g₀, the unprompted image embedding the dynamic prompts start from, is computed once per image content and shared
-  with AA-CLIP through the feature cache (:class:`siad.methods.frozen.ImageEmbeddings`).
+- g₀, the unprompted image embedding the dynamic prompts start from, is computed once per image content through the
+  feature cache (:class:`siad.methods.frozen.ImageEmbeddings`) and read again by every epoch, setting, seed and
+  evaluation.
 - ``predict``: P(anomalous) of the fused global feature; map = the test map smoothed by scipy's gaussian, σ = 4.
 - ``save`` / ``load``: the learnable tensors under the release's parameter names.
 
@@ -35,9 +36,9 @@ from baselines.adaclip.torch_model import PROMPT_BRANCHES, PROMPT_TYPES, AdaCLIP
 from siad.backbones import get_backbone_spec
 from siad.data.imageio import resize_mask
 from siad.errors import ConfigError, DataError, NumericalError
-from siad.methods import METHODS, Batch, BlockList, Choice, Flag, Number, NumberList, ParamRule, Text
+from siad.methods import METHODS, Batch, BlockList, Choice, Flag, Number, NumberList, ParamRule
 from siad.methods.backbone_method import BACKBONE_DEFAULTS, BACKBONE_RULES, BackboneMethod
-from siad.methods.frozen import ImageEmbeddings, batch_content_keys, content_keys
+from siad.methods.frozen import CACHE_DEFAULTS, CACHE_RULES, ImageEmbeddings, batch_content_keys, content_keys
 from siad.methods.postprocess import smooth_maps
 from siad.metrics import pixel_f1_max
 from siad.seeding import derived_seed
@@ -55,8 +56,6 @@ RELEASE_CLASS_NAMES: Mapping[tuple[str, str], str] = {
 }
 SELECTIONS: tuple[str, ...] = ("fixed", "pseudo_f1")
 MOSAIC_LABELS: tuple[str, ...] = ("replaced", "content")
-CACHE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
-
 
 class DatasetList(ParamRule):
     """A list of registered dataset names (``siad.data.registry.DATASETS``), possibly empty."""
@@ -122,9 +121,7 @@ class AdaCLIP(BackboneMethod):
         "selection": "fixed",  # the last epoch | "pseudo_f1" (best pixel F1-max on the training set's anomalies)
         "amp": True,  # the release's fp16 autocast; CUDA only (never on the CPU)
         # -- engineering (not in the release)
-        "feature_cache": None,  # folder of the frozen-feature cache (g₀, shared with AA-CLIP)
-        "feature_cache_dtype": "float32",
-        "progress": True,
+        **CACHE_DEFAULTS,
     }
     param_rules: ClassVar[Mapping[str, ParamRule]] = {
         **BACKBONE_RULES,
@@ -150,9 +147,7 @@ class AdaCLIP(BackboneMethod):
         "mosaic_label": Choice(MOSAIC_LABELS),
         "selection": Choice(SELECTIONS),
         "amp": Flag(),
-        "feature_cache": Text(),
-        "feature_cache_dtype": Choice(CACHE_DTYPES),
-        "progress": Flag(),
+        **CACHE_RULES,
     }
 
     def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0,
@@ -185,6 +180,10 @@ class AdaCLIP(BackboneMethod):
                                   f"use 1-indexed blocks of the backbone's {blocks} blocks (e.g. [{blocks}])")
         if params["prompt_depth"] > blocks:
             raise cls.param_error("prompt_depth", params["prompt_depth"], f"use at most the backbone's {blocks} blocks")
+        patches = get_backbone_spec(params["backbone"]).grid ** 2
+        if params["use_hsf"] and min(patches, 5 * params["k_clusters"]) < params["k_clusters"]:
+            raise cls.param_error("k_clusters", params["k_clusters"], f"the HSF clusters the top patches of the "
+                                  f"{patches}-patch grid: use at most {patches}")
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         """The release's fp16 autocast, on CUDA only (``amp``)."""
@@ -241,6 +240,9 @@ class AdaCLIP(BackboneMethod):
         n = len(train_data)
         if n == 0:
             raise DataError("adaclip: the training set is empty")
+        if p["selection"] == "pseudo_f1" and setting == "uzad":  # before an epoch is spent
+            raise ConfigError("adaclip: selection 'pseudo_f1' needs anomalies with masks in the training set, which "
+                              "the uzad setting has none of; use selection: fixed, or the pseudo / zad setting")
         dataset = getattr(train_data, "name", "")
         classes = self._item_classes(train_data)
         by_class: dict[str, list[int]] = {}

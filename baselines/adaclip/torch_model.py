@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from siad.backbones.features import embed_images, image_embedding, vision_blocks
 from siad.errors import ConfigError
-from siad.methods.losses import dice_loss, focal_loss
+from siad.methods.losses import focal_loss, segmentation_terms
 from siad.prompts.learnable import encode_text_with_context, trimmed_length
 from siad.seeding import derived_seed
 
@@ -391,18 +391,13 @@ def loss_terms(scores: Tensor, maps: Sequence[Tensor], masks: Tensor, labels: Te
     ``mask_valid`` [B] bool: the images whose mask is pixel truth (None: all); the pixel terms are taken over those
     only (0 when none).
     """
-    target = masks.to(maps[0].dtype)
     score_focal = focal_loss(scores.reshape(-1, 2, 1, 1), labels.to(scores.dtype).reshape(-1, 1, 1))
-    if mask_valid is not None:
-        keep = mask_valid.to(torch.bool).to(target.device)
-        maps, target = [m[keep] for m in maps], target[keep]
-    if target.shape[0] == 0:
+    per_image = not (dice_per_row and masks.shape[0] == 1)  # the release's squeeze acts on a batch of one
+    pixel = segmentation_terms(maps, masks, mask_valid, per_image=per_image)
+    if pixel is None:
         zero = score_focal.new_zeros(())
         return LossTerms(score_focal, zero, zero, zero, score_focal)
-    focal = torch.stack([focal_loss(m, target) for m in maps]).sum()
-    per_image = not (dice_per_row and masks.shape[0] == 1)  # the release's squeeze acts on a batch of one
-    dice_a = torch.stack([dice_loss(m[:, 1], target, per_image=per_image) for m in maps]).sum()
-    dice_n = torch.stack([dice_loss(m[:, 0], 1 - target, per_image=per_image) for m in maps]).sum()
+    focal, dice_a, dice_n = pixel
     return LossTerms(score_focal, focal, dice_a, dice_n, score_focal + focal + dice_a + dice_n)
 
 

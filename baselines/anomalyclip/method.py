@@ -26,23 +26,13 @@ from tqdm.auto import tqdm
 from baselines.anomalyclip.torch_model import POS_RESIZE_MODES, AnomalyCLIPConfig, AnomalyCLIPModel, VisualFeatures
 from siad.backbones import get_backbone_spec
 from siad.backbones.cache import FeatureCache, backbone_namespace
-from siad.backbones.registry import ensure_model_configs
+from siad.backbones.registry import text_layers
 from siad.errors import ConfigError, DataError, NumericalError
-from siad.methods import METHODS, Batch, BlockList, Choice, Flag, Number, NumberList, ParamRule, Text
+from siad.methods import METHODS, Batch, BlockList, Choice, Flag, Number, NumberList, ParamRule
 from siad.methods.backbone_method import BACKBONE_DEFAULTS, BACKBONE_RULES, BackboneMethod, image_transform
-from siad.methods.frozen import batch_content_keys, content_keys
+from siad.methods.frozen import CACHE_DEFAULTS, CACHE_RULES, batch_content_keys, content_keys
 
 __all__ = ["AnomalyCLIP", "BlockList"]
-
-CACHE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
-
-
-def _text_layers(arch: str) -> int:
-    """Blocks of the text tower of an open_clip architecture (read from its config, nothing built)."""
-    import open_clip
-
-    ensure_model_configs()
-    return int((open_clip.get_model_config(arch) or {}).get("text_cfg", {}).get("layers", 0))
 
 
 @METHODS.register("anomalyclip")
@@ -78,9 +68,7 @@ class AnomalyCLIP(BackboneMethod):
         "batch_size": 8,
         "epochs": 15,
         # -- engineering (not in the release)
-        "feature_cache": None,  # folder of the frozen-feature cache (None: features kept in memory for one fit)
-        "feature_cache_dtype": "float32",  # storage of the frozen features (float16 halves the 7 GB of a fit)
-        "progress": True,
+        **CACHE_DEFAULTS,
     }
     param_rules: ClassVar[Mapping[str, ParamRule]] = {
         **BACKBONE_RULES,
@@ -101,9 +89,7 @@ class AnomalyCLIP(BackboneMethod):
         "betas": NumberList(2, Number(0.0, 1.0, high_open=True)),
         "batch_size": Number(low=1, integer=True),
         "epochs": Number(low=0, integer=True),
-        "feature_cache": Text(),
-        "feature_cache_dtype": Choice(CACHE_DTYPES),
-        "progress": Flag(),
+        **CACHE_RULES,
     }
 
     def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0,
@@ -138,7 +124,7 @@ class AnomalyCLIP(BackboneMethod):
         if max(params["features"]) > blocks:
             raise cls.param_error("features", params["features"],
                                   f"use 1-indexed blocks of the backbone's {blocks} blocks (e.g. [{blocks}])")
-        text_blocks = _text_layers(spec.arch)
+        text_blocks = text_layers(spec.arch)
         if params["depth"] - 1 >= text_blocks:
             raise cls.param_error("depth", params["depth"], f"compound prompts go before text blocks 1..depth-1; the "
                                   f"backbone's text tower has {text_blocks} blocks: use depth ≤ {text_blocks}")

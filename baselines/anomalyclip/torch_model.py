@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from siad.backbones.attention import PRESETS, AttentionVariant, variant_features
 from siad.backbones.features import apply_head, resize_positional_embedding
 from siad.errors import ConfigError
-from siad.methods.losses import dice_loss, focal_loss
+from siad.methods.losses import segmentation_terms
 from siad.methods.postprocess import smooth_maps
 from siad.prompts.learnable import ContextVectors, DeepTextPrompts, context_prompt_tokens, encode_text_with_context
 from siad.seeding import derived_seed
@@ -308,17 +308,12 @@ def loss_terms(
     taken over those only (an anomalous image of a dataset without masks has no pixel truth; the release never
     trains on one), and are 0 when there is none.
     """
-    target = masks.to(maps[0].dtype)
     ce = F.cross_entropy(logits, labels.long().to(logits.device))
-    if mask_valid is not None:
-        keep = mask_valid.to(torch.bool).to(target.device)
-        maps, target = [m[keep] for m in maps], target[keep]
-    if target.shape[0] == 0:
+    pixel = segmentation_terms(maps, masks, mask_valid)
+    if pixel is None:
         zero = ce.new_zeros(())
         return LossTerms(ce, zero, zero, zero, ce)
-    focal = torch.stack([focal_loss(m, target) for m in maps]).sum()
-    dice_a = torch.stack([dice_loss(m[:, 1], target) for m in maps]).sum()
-    dice_n = torch.stack([dice_loss(m[:, 0], 1 - target) for m in maps]).sum()
+    focal, dice_a, dice_n = pixel
     return LossTerms(ce, focal, dice_a, dice_n, ce + local_weight * (focal + dice_a + dice_n))
 
 

@@ -202,6 +202,14 @@ _add(BackboneSpec("tiny-vit-b16plus-demo", "tiny-ViT-B-16-plus-demo", None, 112,
 _add(BackboneSpec("tiny-vit-h14-demo", "tiny-ViT-H-14-demo", None, 112, taps=(1, 3, 5, 7)))
 
 
+def text_layers(arch: str) -> int:
+    """Blocks of the text tower of an open_clip architecture (read from its config, nothing built)."""
+    import open_clip
+
+    ensure_model_configs()
+    return int((open_clip.get_model_config(arch) or {}).get("text_cfg", {}).get("layers", 0))
+
+
 def get_backbone_spec(name: str, overrides: Mapping[str, Any] | None = None) -> BackboneSpec:
     """Look up ``name`` and apply per-run overrides (e.g. ``image_size``, ``taps`` or a local ``checkpoint``)."""
     spec = BACKBONES.get(name)

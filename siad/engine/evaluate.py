@@ -129,13 +129,17 @@ def predict_dataset(
 
 
 def _postprocess_classes(method: Method, cls_names: Sequence[str], scores: torch.Tensor,
-                         maps: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                         maps: list[torch.Tensor | None]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """``method.postprocess_class`` on each class's images (in dataset order); the outputs are checked like a batch."""
     scores = scores.clone()
     maps = list(maps)
     for cls in sorted(set(cls_names)):
         idx = [i for i, c in enumerate(cls_names) if c == cls]
-        new_scores, new_maps = method.postprocess_class(cls, scores[idx], torch.stack([maps[i] for i in idx]))
+        stacked = torch.stack([maps[i] for i in idx])
+        for i in idx:  # the per-image copies are not needed any more (a class's maps at 518 px can be GBs)
+            maps[i] = None
+        new_scores, new_maps = method.postprocess_class(cls, scores[idx], stacked)
+        del stacked
         if tuple(new_scores.shape) != (len(idx),) or new_maps.shape[0] != len(idx):
             raise MethodOutputError(
                 f"{type(method).__name__}.postprocess_class({cls!r}) returned scores {tuple(new_scores.shape)} and "

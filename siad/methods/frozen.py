@@ -23,8 +23,23 @@ from torch import Tensor
 from siad.backbones.cache import FeatureCache, backbone_namespace
 from siad.backbones.openclip import LoadedBackbone
 from siad.files import file_fingerprint
+from siad.methods.base import Choice, Flag, ParamRule, Text
 
-__all__ = ["ImageEmbeddings", "batch_content_keys", "content_keys"]
+__all__ = ["CACHE_DEFAULTS", "CACHE_DTYPES", "CACHE_RULES", "ImageEmbeddings", "batch_content_keys", "content_keys"]
+
+#: Storage dtypes of a method's frozen-feature cache (float16 halves it; the values used are what was stored).
+CACHE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+#: The engineering parameters every method with frozen passes shares (not in any release).
+CACHE_DEFAULTS: dict[str, Any] = {
+    "feature_cache": None,  # folder of the frozen-feature cache (None: frozen features kept in memory for one fit)
+    "feature_cache_dtype": "float32",
+    "progress": True,
+}
+CACHE_RULES: dict[str, ParamRule] = {
+    "feature_cache": Text(),
+    "feature_cache_dtype": Choice(CACHE_DTYPES),
+    "progress": Flag(),
+}
 
 
 def content_keys(images: Tensor, sha256s: Sequence[str] | None = None) -> list[str]:

@@ -13,13 +13,15 @@ AnomalyCLIP, AdaCLIP and AA-CLIP and in AnomalyGPT:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from siad.errors import ConfigError
 
-__all__ = ["binarize_target", "dice_loss", "focal_loss"]
+__all__ = ["binarize_target", "dice_loss", "focal_loss", "segmentation_terms"]
 
 
 def binarize_target(target: Tensor, threshold: float = 0.5) -> Tensor:
@@ -68,3 +70,24 @@ def dice_loss(
         p, g = p[0], g[0]
     coeff = (2.0 * (p * g).sum(dim=1) + smooth) / (p.sum(dim=1) + g.sum(dim=1) + smooth)
     return 1.0 - coeff.mean()
+
+
+def segmentation_terms(maps: Sequence[Tensor], masks: Tensor, mask_valid: Tensor | None = None, *,
+                       per_image: bool = True) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The CLIP-family pixel losses summed over layers: Σ_l Focal(P_l, M), Σ_l Dice(P_l[:, 1], M) and
+    Σ_l Dice(P_l[:, 0], 1 − M), from per-layer probabilities P_l [B, 2, H, W] and masks [B, H, W].
+
+    ``mask_valid`` [B] bool: the images whose mask is pixel truth (None: all); the terms are taken over those only
+    (an anomalous image of a dataset without masks has none). Returns None when no image has pixel truth.
+    ``per_image`` is passed to :func:`dice_loss`.
+    """
+    target = masks.to(maps[0].dtype)
+    if mask_valid is not None:
+        keep = mask_valid.to(torch.bool).to(target.device)
+        maps, target = [m[keep] for m in maps], target[keep]
+    if target.shape[0] == 0:
+        return None
+    focal = torch.stack([focal_loss(m, target) for m in maps]).sum()
+    dice_a = torch.stack([dice_loss(m[:, 1], target, per_image=per_image) for m in maps]).sum()
+    dice_n = torch.stack([dice_loss(m[:, 0], 1 - target, per_image=per_image) for m in maps]).sum()
+    return focal, dice_a, dice_n

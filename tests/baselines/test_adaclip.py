@@ -92,7 +92,7 @@ def test_registered_with_the_release_defaults():
 
 
 @pytest.mark.parametrize("key, value", [("features", [9]), ("prompt_depth", 9), ("prompt_type", "X"),
-                                        ("mosaic_datasets", ["nope"]), ("selection", "best")])
+                                        ("k_clusters", 70), ("mosaic_datasets", ["nope"]), ("selection", "best")])
 def test_bad_parameters_are_refused_before_building(key, value):
     with pytest.raises(ConfigError, match=key):
         AdaCLIP.validate_params(AdaCLIP.resolve_params({**TINY, key: value}))
