@@ -44,7 +44,7 @@ from siad.backbones.registry import text_layers
 from siad.errors import ConfigError, DataError, NumericalError
 from siad.methods import METHODS, Batch, BlockList, Choice, Flag, Number, NumberList, ParamRule
 from siad.methods.backbone_method import BACKBONE_DEFAULTS, BACKBONE_RULES, BackboneMethod
-from siad.methods.frozen import CACHE_DEFAULTS, CACHE_RULES, ImageEmbeddings, content_keys
+from siad.methods.frozen import CACHE_DEFAULTS, CACHE_RULES, ImageEmbeddings, cached_rows, content_keys
 from siad.seeding import derived_seed
 
 __all__ = ["AACLIP", "IterationList"]
@@ -228,14 +228,8 @@ class AACLIP(BackboneMethod):
         return self._caches[kind]
 
     def _cached(self, kind: str, images: Tensor, keys: Sequence[str], compute: Callable[[Tensor], Tensor]) -> Tensor:
-        unique = list(dict.fromkeys(keys))  # the cache refuses a key twice in one call (duplicate images)
-        first = [list(keys).index(k) for k in unique]
-
-        def run(positions: Sequence[int]) -> dict[str, Tensor]:
-            return {"x": compute(images[[first[i] for i in positions]].to(self.device))}
-
-        cached = self._cache(kind).get_or_compute(unique, run)["x"]
-        return cached[torch.tensor([unique.index(k) for k in keys])].float()
+        rows = cached_rows(self._cache(kind), keys, lambda positions: {"x": compute(images[positions].to(self.device))})
+        return rows["x"]
 
     def _store(self, x: Tensor) -> Tensor:
         """On the CPU in the cache's storage dtype and back: the same numbers with or without a cache."""

@@ -30,7 +30,7 @@ from siad.backbones.registry import text_layers
 from siad.errors import ConfigError, DataError, NumericalError
 from siad.methods import METHODS, Batch, BlockList, Choice, Flag, Number, NumberList, ParamRule
 from siad.methods.backbone_method import BACKBONE_DEFAULTS, BACKBONE_RULES, BackboneMethod, image_transform
-from siad.methods.frozen import CACHE_DEFAULTS, CACHE_RULES, batch_content_keys, content_keys
+from siad.methods.frozen import CACHE_DEFAULTS, CACHE_RULES, batch_content_keys, cached_rows, content_keys
 
 __all__ = ["AnomalyCLIP", "BlockList"]
 
@@ -168,11 +168,8 @@ class AnomalyCLIP(BackboneMethod):
             out = self.model.encode_image(images[list(positions)].to(self.device))
             return {"global": out.global_features, "local": out.local_features}
 
-        unique = list(dict.fromkeys(keys))  # the cache refuses a key twice in one call (duplicate images)
-        first = [list(keys).index(k) for k in unique]
-        cached = self._feature_cache().get_or_compute(unique, lambda positions: compute([first[i] for i in positions]))
-        where = torch.tensor([unique.index(k) for k in keys])
-        return VisualFeatures(cached["global"].float()[where], cached["local"].float()[where])
+        cached = cached_rows(self._feature_cache(), keys, compute)
+        return VisualFeatures(cached["global"], cached["local"])
 
     # -- training --------------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ Cache keys are image *contents* (:func:`content_keys`, :func:`batch_content_keys
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,10 @@ from siad.backbones.openclip import LoadedBackbone
 from siad.files import file_fingerprint
 from siad.methods.base import Choice, Flag, ParamRule, Text
 
-__all__ = ["CACHE_DEFAULTS", "CACHE_DTYPES", "CACHE_RULES", "ImageEmbeddings", "batch_content_keys", "content_keys"]
+__all__ = [
+    "CACHE_DEFAULTS", "CACHE_DTYPES", "CACHE_RULES", "ImageEmbeddings", "batch_content_keys", "cached_rows",
+    "content_keys",
+]
 
 #: Storage dtypes of a method's frozen-feature cache (float16 halves it; the values used are what was stored).
 CACHE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
@@ -65,6 +68,18 @@ def batch_content_keys(batch: Mapping[str, Any]) -> list[str]:
     return content_keys(batch["image"], batch.get("image_sha256"))
 
 
+def cached_rows(cache: FeatureCache, keys: Sequence[str], compute: Callable[[list[int]], dict[str, Tensor]]
+                ) -> dict[str, Tensor]:
+    """``cache.get_or_compute`` for per-image keys that may repeat (the same image twice in a batch, which the cache
+    refuses in one call): each distinct key is read or computed once, ``compute(positions into keys)`` for the
+    missing ones, and the rows come back in ``keys`` order as float32."""
+    unique = list(dict.fromkeys(keys))
+    first = [list(keys).index(k) for k in unique]
+    cached = cache.get_or_compute(unique, lambda positions: compute([first[i] for i in positions]))
+    where = torch.tensor([unique.index(k) for k in keys])
+    return {name: tensor.float()[where] for name, tensor in cached.items()}
+
+
 class ImageEmbeddings:
     """The unmodified backbone's image embedding ln_post(CLS) @ proj [B, E] (float32, CPU, not normalised).
 
@@ -100,9 +115,5 @@ class ImageEmbeddings:
         """[B, E] for images [B, 3, S, S]; read from / written to the cache when one is set and ``keys`` given."""
         if self._cache is None or not keys:
             return self.compute(images)
-        unique = list(dict.fromkeys(keys))  # the cache refuses a key twice in one call (duplicate images)
-        first = [list(keys).index(k) for k in unique]
-        cached = self._cache.get_or_compute(
-            unique, lambda positions: {"embedding": self.compute(images[[first[i] for i in positions]])})
-        where = torch.tensor([unique.index(k) for k in keys])
-        return cached["embedding"].float()[where]
+        return cached_rows(self._cache, keys, lambda positions: {"embedding": self.compute(images[positions])})[
+            "embedding"]

@@ -42,3 +42,20 @@ def test_image_embedding_is_encode_image_and_is_shared_through_the_cache(tmp_pat
     assert second._cache.cache_stats.hits == 2
     other_weights = ImageEmbeddings(backbone, 1, tmp_path)  # another random-weights seed: another namespace
     assert other_weights._cache.folder != first._cache.folder
+
+
+def test_cached_rows_reads_a_repeated_key_once_and_keeps_the_order(tmp_path):
+    from siad.backbones.cache import FeatureCache
+    from siad.methods.frozen import cached_rows
+
+    cache = FeatureCache(tmp_path, {"feature": "test"})
+    calls = []
+
+    def compute(positions):
+        calls.append(list(positions))
+        return {"x": torch.tensor([[float(p)] for p in positions])}
+
+    rows = cached_rows(cache, ["a", "b", "a"], compute)
+    assert calls == [[0, 1]] and rows["x"].flatten().tolist() == [0.0, 1.0, 0.0]
+    again = cached_rows(cache, ["b", "a"], compute)
+    assert calls == [[0, 1]] and again["x"].flatten().tolist() == [1.0, 0.0]
