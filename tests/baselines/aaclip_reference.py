@@ -60,23 +60,6 @@ def tiny_model() -> torch.nn.Module:
     return open_clip.model.CLIP(**TINY_CONFIG, quick_gelu=False)
 
 
-def _fp16_rounded_by_release_loader(key: str) -> bool:
-    """Keys whose values the release's OpenAI loader passes through float16 (see README, "Loading")."""
-    if key in ("visual.proj", "text_projection", "visual.conv1.weight"):
-        return True
-    leaf = ".".join(key.split(".")[-2:])
-    return leaf in {
-        "attn.in_proj_weight",
-        "attn.in_proj_bias",
-        "out_proj.weight",
-        "out_proj.bias",
-        "c_fc.weight",
-        "c_fc.bias",
-        "c_proj.weight",
-        "c_proj.bias",
-    }
-
-
 def tiny_state_dict(seed: int = WEIGHT_SEED, as_loaded: bool = True) -> dict[str, torch.Tensor]:
     """The AnomalyCLIP helper's tiny weights (336 px; OpenAI / open_clip key names).
 
@@ -90,7 +73,7 @@ def tiny_state_dict(seed: int = WEIGHT_SEED, as_loaded: bool = True) -> dict[str
     """
     sd = _acr.tiny_state_dict(seed)
     if as_loaded:
-        sd = {k: (v.half().float() if _fp16_rounded_by_release_loader(k) else v) for k, v in sd.items()}
+        sd = _acr.as_openai_loaded(sd)
     return sd
 
 
@@ -110,6 +93,9 @@ def fake_class_inputs(seed: int = INPUT_SEED) -> dict[str, torch.Tensor]:
         "mask": torch.cat([x["mask"], x["mask"].flip(-1)]),
         "label": torch.cat([x["label"], x["label"]]),
     }
+
+
+assert_close = _acr.assert_close
 
 
 def load_vectors(path: str | Path = VECTORS_PATH) -> dict[str, np.ndarray]:

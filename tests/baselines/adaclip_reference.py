@@ -65,22 +65,6 @@ TRAIN_ORDER = (1, 0, 1)  # image of each batch-1 optimizer step in the stored tr
 CLASS_NAME = "bottle"
 EXTRA_CLASS_NAMES = ("metal_nut", "pipe-fryum")
 
-# Keys that the release's OpenAI loader (`build_model_from_openai_state_dict` -> `convert_weights_to_fp16`, then
-# `.float()`) passes through float16. This is lossless for the real OpenAI checkpoint, which is float16, but not
-# for the float32 tiny weights.
-_FP16_SUFFIXES = (
-    "attn.in_proj_weight",
-    "attn.in_proj_bias",
-    "attn.out_proj.weight",
-    "attn.out_proj.bias",
-    "mlp.c_fc.weight",
-    "mlp.c_fc.bias",
-    "mlp.c_proj.weight",
-    "mlp.c_proj.bias",
-)
-_FP16_KEYS = ("visual.conv1.weight", "visual.proj", "text_projection")
-
-
 def tiny_model(image_size: int = acr.IMAGE_SIZE) -> torch.nn.Module:
     """An (untrained) open_clip CLIP of ADACLIP_CONFIG with exact GELU (quick_gelu=False), built at `image_size`.
 
@@ -93,27 +77,7 @@ def tiny_model(image_size: int = acr.IMAGE_SIZE) -> torch.nn.Module:
     return open_clip.model.CLIP(**cfg, quick_gelu=False)
 
 
-def scheme_state_dict(shapes: dict[str, tuple], seed: int = WEIGHT_SEED) -> dict[str, torch.Tensor]:
-    """The AnomalyCLIP weight scheme (`anomalyclip_reference.tiny_state_dict`) for arbitrary key shapes.
-
-    One `torch.Generator().manual_seed(seed)`. Keys are visited in sorted order, with one `randn(shape)` draw per
-    key. LayerNorm weight = 1 + 0.1 r, LayerNorm bias = 0.1 r, `*.attn.in_proj_weight` = 0.1 r, anything else
-    0.02 r. `logit_scale` takes no draw and is log(1/0.07).
-    """
-    g = torch.Generator().manual_seed(seed)
-    out: dict[str, torch.Tensor] = {}
-    for key in sorted(shapes):
-        if key == "logit_scale":
-            out[key] = torch.tensor(math.log(1 / 0.07), dtype=torch.float32)
-            continue
-        r = torch.randn(shapes[key], generator=g, dtype=torch.float32)
-        if acr._is_layernorm(key):
-            out[key] = 1 + 0.1 * r if key.endswith(".weight") else 0.1 * r
-        elif key.endswith("attn.in_proj_weight"):
-            out[key] = acr.QKV_STD * r
-        else:
-            out[key] = acr.DEFAULT_STD * r
-    return out
+scheme_state_dict = acr.scheme_state_dict  # the one weight scheme of the reference settings
 
 
 def tiny_state_dict(seed: int = WEIGHT_SEED) -> dict[str, torch.Tensor]:
@@ -126,8 +90,8 @@ def tiny_state_dict(seed: int = WEIGHT_SEED) -> dict[str, torch.Tensor]:
 
 
 def fp16_rounded_keys(keys) -> list[str]:
-    """The keys the release's loader rounds through float16 (see _FP16_SUFFIXES / _FP16_KEYS)."""
-    return [k for k in keys if k in _FP16_KEYS or k.endswith(_FP16_SUFFIXES)]
+    """The keys the release's loader rounds through float16 (`anomalyclip_reference.openai_fp16_rounded`)."""
+    return [k for k in keys if acr.openai_fp16_rounded(k)]
 
 
 def resize_pos_embed_as_released(pos: torch.Tensor, grid: int = GRID) -> torch.Tensor:
@@ -148,8 +112,7 @@ def loaded_state_dict(seed: int = WEIGHT_SEED) -> dict[str, torch.Tensor]:
     state dict. Load it into `tiny_model()` with strict=True.
     """
     sd = tiny_state_dict(seed)
-    for k in fp16_rounded_keys(sd):
-        sd[k] = sd[k].half().float()
+    sd = acr.as_openai_loaded(sd)
     sd["visual.positional_embedding"] = resize_pos_embed_as_released(sd["visual.positional_embedding"])
     return sd
 
@@ -158,6 +121,9 @@ def reference_inputs(seed: int = INPUT_SEED) -> dict[str, torch.Tensor]:
     """The AnomalyCLIP batch (`anomalyclip_reference.reference_inputs`): image [2,3,518,518], mask [2,518,518],
     label [0, 1]. The release runs it as batch-1 items."""
     return acr.reference_inputs(seed)
+
+
+assert_close = acr.assert_close
 
 
 def load_vectors(path: str | Path = VECTORS_PATH) -> dict[str, np.ndarray]:

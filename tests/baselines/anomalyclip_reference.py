@@ -53,14 +53,13 @@ def _is_layernorm(key: str) -> bool:
     return len(parts) >= 2 and parts[-2].startswith("ln_")
 
 
-def tiny_state_dict(seed: int = WEIGHT_SEED) -> dict[str, torch.Tensor]:
-    """Deterministic float32 weights for TINY_CONFIG, in the OpenAI / open_clip key names.
+def scheme_state_dict(shapes: dict[str, tuple], seed: int = WEIGHT_SEED) -> dict[str, torch.Tensor]:
+    """Deterministic float32 weights for any key shapes (the scheme of every CLIP-family reference setting).
 
     One `torch.Generator().manual_seed(seed)`; keys visited in sorted order; for each key one draw
     `randn(shape, generator=g)` scaled as: LayerNorm weight `1 + 0.1 * r`, LayerNorm bias `0.1 * r`,
     `*.attn.in_proj_weight` `QKV_STD * r`, anything else `0.02 * r`.  `logit_scale` takes no draw and is log(1/0.07).
     """
-    shapes = {k: tuple(v.shape) for k, v in tiny_model().state_dict().items()}
     g = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     for key in sorted(shapes):
@@ -75,6 +74,40 @@ def tiny_state_dict(seed: int = WEIGHT_SEED) -> dict[str, torch.Tensor]:
         else:
             out[key] = DEFAULT_STD * r
     return out
+
+
+def tiny_state_dict(seed: int = WEIGHT_SEED) -> dict[str, torch.Tensor]:
+    """The weights of TINY_CONFIG in the OpenAI / open_clip key names (:func:`scheme_state_dict`)."""
+    return scheme_state_dict({k: tuple(v.shape) for k, v in tiny_model().state_dict().items()}, seed)
+
+
+#: What the AdaCLIP / AA-CLIP releases' OpenAI loader rounds through float16 (it builds a float16 model, loads the
+#: weights and casts back): Linear / Conv weights and biases, the attention projections, `visual.proj`,
+#: `text_projection`. A no-op on the real (float16) OpenAI file, not on float32 tiny weights.
+OPENAI_FP16_SUFFIXES: tuple[str, ...] = (
+    "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
+    "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
+)
+OPENAI_FP16_KEYS: tuple[str, ...] = ("visual.conv1.weight", "visual.proj", "text_projection")
+
+
+def openai_fp16_rounded(key: str) -> bool:
+    """Whether the releases' OpenAI loader passes this weight through float16."""
+    return key in OPENAI_FP16_KEYS or key.endswith(OPENAI_FP16_SUFFIXES)
+
+
+def as_openai_loaded(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The values a release model holds after its OpenAI loader: :func:`openai_fp16_rounded` keys `.half().float()`."""
+    return {k: (v.half().float() if openai_fp16_rounded(k) else v) for k, v in state.items()}
+
+
+def assert_close(actual, expected, atol: float = 1e-5, name: str = "") -> None:
+    """Same shape and max |actual − expected| ≤ atol (float64 comparison of tensors or arrays)."""
+    actual = actual.detach().cpu().numpy() if isinstance(actual, torch.Tensor) else np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} vs {expected.shape}"
+    diff = float(np.abs(actual.astype(np.float64) - expected.astype(np.float64)).max())
+    assert diff <= atol, f"{name}: max |diff| {diff:.3g} > {atol:g}"
 
 
 def reference_inputs(seed: int = INPUT_SEED) -> dict[str, torch.Tensor]:
