@@ -157,6 +157,9 @@ def _check_speed(config: Mapping[str, Any]) -> None:
     speed = config["speed"]
     get_backbone_spec(speed["backbone"])
     _check_speed_rows(config, speed["rows"], "speed/rows")
+    for label, group in speed.get("groups", {}).items():
+        get_backbone_spec(group["backbone"])
+        _check_speed_rows(config, group["rows"], f"speed/groups/{label}/rows")
     if "llm" in speed:
         get_backbone_spec(speed["llm"]["backbone"])
         _check_speed_rows(config, speed["llm"]["rows"], "speed/llm/rows")

@@ -25,7 +25,7 @@ import siad
 from siad.code_hash import json_digest, module_closure, modules_hash
 from siad.config import dataset_root, method_params, validate_config
 from siad.engine.protocol import RunKey
-from siad.engine.runs import RunGroup, group_runs
+from siad.engine.runs import RunGroup, group_runs, job_per
 from siad.engine.spec import RunSpec, method_code_hash, resolve_run_spec
 from siad.report.checks import check_report_config
 from siad.report.paper import required_runs
@@ -53,8 +53,8 @@ class WorkflowPlan:
     specs: Mapping[RunKey, RunSpec]
 
     def group_params(self, group: RunGroup) -> list[str]:
-        """The run job's ``params`` entry: ``setting/variant/target=config digest`` of each of its runs."""
-        return [f"{k.setting}/{k.variant}/{k.target}={self.specs[k].planned_digest}" for k in group.keys]
+        """The run job's ``params`` entry: ``setting/variant/source/target=config digest`` of each of its runs."""
+        return [f"{k.setting}/{k.variant}/{k.source}/{k.target}={self.specs[k].planned_digest}" for k in group.keys]
 
     def report_params(self) -> str:
         """Digest of what the tables and figures read besides the run files: the report config and the report code."""
@@ -70,7 +70,9 @@ class WorkflowPlan:
         from siad.methods import get_method_class
 
         section = self.config.get("speed", {})
-        rows = {**section.get("rows", {}), **section.get("llm", {}).get("rows", {})}
+        rows = {**section.get("rows", {}), **section.get("llm", {}).get("rows", {}),
+                **{f"{label}/{name}": row for label, group in section.get("groups", {}).items()
+                   for name, row in group["rows"].items()}}
         methods = {name: get_method_class(row["method"]).resolve_params(
                        method_params(self.config, row["method"], row.get("variant", "default")))
                    for name, row in rows.items()}
@@ -84,7 +86,7 @@ def build_plan(config: Mapping[str, Any]) -> WorkflowPlan:
     """Validate ``config`` and resolve the run specification of every run its tables and figures need."""
     runs = tuple(dict.fromkeys([*required_runs(config), *figure_runs(config)]))
     specs = {key: resolve_run_spec(config, key) for key in runs}
-    return WorkflowPlan(config=config, runs=runs, groups=tuple(group_runs(runs)), specs=specs)
+    return WorkflowPlan(config=config, runs=runs, groups=tuple(group_runs(runs, job_per(config))), specs=specs)
 
 
 # --- data jobs ----------------------------------------------------------------------------------------------

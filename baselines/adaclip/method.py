@@ -27,23 +27,22 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from baselines.adaclip.torch_model import PROMPT_BRANCHES, PROMPT_TYPES, AdaCLIPConfig, AdaCLIPModel
 from siad.backbones import get_backbone_spec
-from siad.data.imageio import resize_mask
 from siad.errors import ConfigError, DataError, NumericalError
 from siad.methods import METHODS, Batch, BlockList, Choice, Flag, Number, NumberList, ParamRule
 from siad.methods.backbone_method import BACKBONE_DEFAULTS, BACKBONE_RULES, BackboneMethod
 from siad.methods.frozen import CACHE_DEFAULTS, CACHE_RULES, ImageEmbeddings, batch_content_keys, content_keys
+from siad.methods.mosaic import MOSAIC_DEFAULTS, MOSAIC_RULES, MosaicDraw, items_by_class
 from siad.methods.postprocess import smooth_maps
 from siad.metrics import pixel_f1_max
 from siad.seeding import derived_seed
 
-__all__ = ["RELEASE_CLASS_NAMES", "AdaCLIP", "mosaic", "prompt_class_name"]
+__all__ = ["RELEASE_CLASS_NAMES", "AdaCLIP", "prompt_class_name"]
 
 #: The release's class names where the suite's class keys differ (they enter the prompts): (dataset, class key) →
 #: name. SDD is "SDD" (its ``sdd-pre.py``), the medical sets are named after the dataset (``headct``,
@@ -55,36 +54,9 @@ RELEASE_CLASS_NAMES: Mapping[tuple[str, str], str] = {
     ("br35h", "brain"): "br35h",
 }
 SELECTIONS: tuple[str, ...] = ("fixed", "pseudo_f1")
-MOSAIC_LABELS: tuple[str, ...] = ("replaced", "content")
-
-class DatasetList(ParamRule):
-    """A list of registered dataset names (``siad.data.registry.DATASETS``), possibly empty."""
-
-    def problem(self, value: Any) -> str | None:
-        from siad.data.registry import DATASETS
-
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            return "use a list of dataset names, e.g. [mvtec] (or [] for none)"
-        unknown = [v for v in value if v not in DATASETS]
-        return f"unknown dataset(s) {unknown}; known: {sorted(DATASETS)}" if unknown else None
-
-
 def prompt_class_name(dataset: str, cls_name: str) -> str:
     """The class name AdaCLIP's prompts use for a dataset's class key (the release's names)."""
     return RELEASE_CLASS_NAMES.get((dataset, cls_name), cls_name)
-
-
-def mosaic(images: Sequence[Tensor], masks: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """The release's 2×2 mosaic (April-GAN's ``combine_img``) of four images [3, S, S] and masks [S, S]: image i at
-    row i // 2, column i % 2 of a 2S × 2S canvas, resized back to S (image bicubic with antialias; mask PIL
-    bilinear then > 0.5, as the release's mask transform). Built from the method-size images, where the release
-    tiles the originals before its resize (see the method notes)."""
-    size = images[0].shape[-1]
-    canvas = torch.cat([torch.cat(list(images[:2]), dim=2), torch.cat(list(images[2:4]), dim=2)], dim=1)
-    image = F.interpolate(canvas[None], size=(size, size), mode="bicubic", align_corners=False, antialias=True)[0]
-    mask_canvas = torch.cat([torch.cat(list(masks[:2]), dim=1), torch.cat(list(masks[2:4]), dim=1)], dim=0)
-    mask = resize_mask(mask_canvas.bool().numpy(), (size, size), "bilinear")
-    return image, torch.from_numpy(np.ascontiguousarray(mask))
 
 
 @METHODS.register("adaclip")
@@ -115,9 +87,7 @@ class AdaCLIP(BackboneMethod):
         "weight_decay": 0.01,  # AdamW's default, which the release keeps
         "batch_size": 1,  # the release's text prompts broadcast only at batch 1; > 1 computes T per image
         "epochs": 5,
-        "mosaic_rate": 0.2,  # MVTec's aug_rate
-        "mosaic_datasets": ["mvtec"],
-        "mosaic_label": "replaced",  # as released: the mosaic keeps the replaced item's label | "content"
+        **MOSAIC_DEFAULTS,  # MVTec 2×2 mosaic at 0.2, the replaced item's label (siad.methods.mosaic)
         "selection": "fixed",  # the last epoch | "pseudo_f1" (best pixel F1-max on the training set's anomalies)
         "amp": True,  # the release's fp16 autocast; CUDA only (never on the CPU)
         # -- engineering (not in the release)
@@ -142,9 +112,7 @@ class AdaCLIP(BackboneMethod):
         "weight_decay": Number(low=0),
         "batch_size": Number(low=1, integer=True),
         "epochs": Number(low=1, integer=True),
-        "mosaic_rate": Number(0.0, 1.0),
-        "mosaic_datasets": DatasetList(),
-        "mosaic_label": Choice(MOSAIC_LABELS),
+        **MOSAIC_RULES,
         "selection": Choice(SELECTIONS),
         "amp": Flag(),
         **CACHE_RULES,
@@ -165,6 +133,7 @@ class AdaCLIP(BackboneMethod):
         self.model.learnables.to(self.device)
         self.embeddings = ImageEmbeddings(self.backbone, self.weights_seed, p["feature_cache"],
                                           getattr(torch, p["feature_cache_dtype"]))
+        self._mosaic = MosaicDraw(p)
         self.loss_history: list[dict[str, float]] = []
         self.selected_epoch: int | None = None
 
@@ -193,28 +162,10 @@ class AdaCLIP(BackboneMethod):
 
     # -- training --------------------------------------------------------------------------------------------
 
-    def _item_classes(self, data: torch.utils.data.Dataset) -> list[str]:
-        records = getattr(data, "records", None)
-        if records is not None and len(records) == len(data):
-            return [r["cls_name"] for r in records]
-        return [data[i]["cls_name"] for i in range(len(data))]
-
     def _draw(self, data: torch.utils.data.Dataset, index: int, by_class: Mapping[str, list[int]], mosaic_on: bool,
               generator: torch.Generator) -> dict[str, Any]:
-        """Item ``index``, or (probability ``mosaic_rate`` on a mosaic dataset) a mosaic of four random images of its
-        class (drawn without replacement; a class of fewer than four images never gets one)."""
-        item = data[index]
-        rate = float(self.params["mosaic_rate"])
-        if not mosaic_on or rate <= 0 or float(torch.rand((), generator=generator)) >= rate:
-            return item
-        members = by_class[item["cls_name"]]
-        if len(members) < 4:
-            return item
-        chosen = [data[members[int(j)]] for j in torch.randperm(len(members), generator=generator)[:4]]
-        image, mask = mosaic([c["image"] for c in chosen], [torch.as_tensor(c["mask"]) for c in chosen])
-        label = int(item["label"]) if self.params["mosaic_label"] == "replaced" else int(mask.any())
-        return {**item, "image": image, "mask": mask, "label": label, "image_sha256": "",
-                "mask_valid": all(bool(c.get("mask_valid", True)) for c in chosen), "mosaic": True}
+        """Item ``index``, or a mosaic of four images of its class (:class:`siad.methods.mosaic.MosaicDraw`)."""
+        return self._mosaic(data, index, by_class, mosaic_on, generator)
 
     def _batch_tensors(self, items: Sequence[Mapping[str, Any]], dataset: str) -> dict[str, Any]:
         size = self.input_size
@@ -244,10 +195,7 @@ class AdaCLIP(BackboneMethod):
             raise ConfigError("adaclip: selection 'pseudo_f1' needs anomalies with masks in the training set, which "
                               "the uzad setting has none of; use selection: fixed, or the pseudo / zad setting")
         dataset = getattr(train_data, "name", "")
-        classes = self._item_classes(train_data)
-        by_class: dict[str, list[int]] = {}
-        for i, cls in enumerate(classes):
-            by_class.setdefault(cls, []).append(i)
+        by_class = items_by_class(train_data)
         mosaic_on = dataset in p["mosaic_datasets"]
         learn = self.model.learnables
         optimizer = torch.optim.AdamW(learn.parameters(), lr=p["lr"], betas=tuple(p["betas"]),

@@ -362,11 +362,24 @@ def trained_model_is_current(spec: RunSpec, model_dir: Path) -> bool:
     return True
 
 
+#: How the runs are cut into workflow jobs (``workflow.job_per`` in the config): one job per (method, training seed,
+#: source), or per (method, training seed) with every source in it.
+JOB_GROUPINGS: tuple[str, ...] = ("source", "method")
+#: The ``source`` field of a group that spans every source of its method (``job_per: method``).
+ALL_SOURCES = "all"
+
+
+def job_per(config: Mapping[str, Any]) -> str:
+    """The configured job grouping (``workflow.job_per``; ``source`` when unset)."""
+    return (config.get("workflow") or {}).get("job_per", "source")
+
+
 @dataclass(frozen=True)
 class RunGroup:
-    """The runs of one workflow job: one (method, training seed, source), every setting, variant and target asked
-    for. One process per group pays the process start, the imports and the frozen model once for all of them (the
-    job start-up costs more than a tiny model's whole run)."""
+    """The runs of one workflow job: one (method, training seed, source) — or, with ``job_per: method``, one (method,
+    training seed) with every source (``source == "all"``) — every setting, variant and target asked for. One
+    process per group pays the process start, the imports and the frozen model once for all of them (the job
+    start-up costs more than a tiny model's whole run)."""
 
     method: str
     seed: int
@@ -374,14 +387,15 @@ class RunGroup:
     keys: tuple[RunKey, ...]
 
     @classmethod
-    def of(cls, key: RunKey) -> RunGroup:
-        """The (empty) group ``key`` belongs to: its rule name and log path, without its members."""
-        return cls(key.method, key.seed, key.source, ())
+    def of(cls, key: RunKey, per: str = "source") -> RunGroup:
+        """The (empty) group ``key`` belongs to under grouping ``per``: its rule name and log path, no members."""
+        return cls(key.method, key.seed, key.source if per == "source" else ALL_SOURCES, ())
 
     @property
     def rule_name(self) -> str:
         """The Snakemake rule of this job."""
-        return f"run_{self.method}_seed{self.seed}_{self.source}"
+        suffix = "" if self.source == ALL_SOURCES else f"_{self.source}"
+        return f"run_{self.method}_seed{self.seed}{suffix}"
 
     @property
     def log_name(self) -> str:
@@ -390,16 +404,20 @@ class RunGroup:
 
     @property
     def datasets(self) -> list[str]:
-        """Datasets whose index the job reads: the source (trained methods), then the targets."""
-        targets = [k.target for k in self.keys]
-        return list(dict.fromkeys(targets if self.source == NO_SOURCE else [self.source, *targets]))
+        """Datasets whose index the job reads: the sources (trained methods), then the targets."""
+        names = [d for k in self.keys for d in (k.source, k.target)]
+        return list(dict.fromkeys(d for d in names if d != NO_SOURCE))
 
 
-def group_runs(keys: Sequence[RunKey]) -> list[RunGroup]:
-    """Runs grouped by (method, seed, source), first-seen order: one workflow job each (see :func:`run_group`)."""
+def group_runs(keys: Sequence[RunKey], per: str = "source") -> list[RunGroup]:
+    """Runs grouped by (method, seed, source) — or by (method, seed) with ``per="method"`` — in first-seen order:
+    one workflow job each (see :func:`run_group`)."""
+    if per not in JOB_GROUPINGS:
+        raise ConfigError(f"workflow/job_per: {per!r}; choose one of {list(JOB_GROUPINGS)}")
     groups: dict[tuple[str, int, str], list[RunKey]] = {}
     for key in dict.fromkeys(keys):
-        groups.setdefault((key.method, key.seed, key.source), []).append(key)
+        group = RunGroup.of(key, per)
+        groups.setdefault((group.method, group.seed, group.source), []).append(key)
     return [RunGroup(*group, tuple(members)) for group, members in groups.items()]
 
 
@@ -407,25 +425,25 @@ def run_group(
     config: Mapping[str, Any], keys: Sequence[RunKey], *, meta_paths: Mapping[str, Path], results_root: Path,
     progress: bool = True, expected_digests: Mapping[RunKey, str] | None = None,
 ) -> None:
-    """One workflow job: every (setting, variant) of one (method, seed, source) in turn — train it unless an intact
-    model with the same training fingerprint is already there, then evaluate all its targets. Each (setting, variant)
-    has its own method instance and model folder; the process start, imports and feature caches are shared.
+    """One workflow job: every (source, setting, variant) of one (method, seed) in turn — train it unless an intact
+    model with the same training fingerprint is already there, then evaluate all its targets. Each (source, setting,
+    variant) has its own method instance and model folder; the process start, imports and feature caches are
+    shared. The job holds one source (``workflow.job_per: source``) or all of the method's (``method``).
 
     ``meta_paths``: dataset name → its ``meta.json`` (the source and every target). ``expected_digests``: run →
     the config digest the workflow planned it with (the job's ``params``); a run whose specification resolves
     differently here (the config or code changed while the workflow ran) is refused rather than stamped.
     """
-    groups = group_runs(keys)
-    if len(groups) != 1:
-        spans = sorted((g.method, g.seed, g.source) for g in groups)
-        raise ConfigError(f"run_group: the runs span {spans}; one job covers one (method, seed, source)")
+    spans = sorted({(k.method, k.seed) for k in keys})
+    if len(spans) != 1:
+        raise ConfigError(f"run_group: the runs span {spans}; one job covers one (method, seed)")
     missing = sorted({d for k in keys for d in (k.source, k.target) if d != NO_SOURCE} - set(meta_paths))
     if missing:
         raise ConfigError(f"run_group: no meta.json given for {missing}")
     specs = {key: resolve_run_spec(config, key, meta_paths) for key in keys}
     _check_planned(specs, expected_digests or {})
-    for setting, variant in dict.fromkeys((k.setting, k.variant) for k in keys):
-        model_keys = [k for k in keys if (k.setting, k.variant) == (setting, variant)]
+    for source, setting, variant in dict.fromkeys((k.source, k.setting, k.variant) for k in keys):
+        model_keys = [k for k in keys if (k.source, k.setting, k.variant) == (source, setting, variant)]
         first = model_keys[0]
         model_dir, method = None, None
         if first.source != NO_SOURCE:

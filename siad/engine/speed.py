@@ -251,11 +251,11 @@ def _bare_backbone(backbone: str, image_size: int, device: str, seed: int) -> An
 # -- the CLIP / AnoVL group --------------------------------------------------------------------------
 
 
-def method_call(method: Method, cls_name: str) -> Callable[[torch.Tensor], Any]:
-    """Predict one image of class ``cls_name`` (text features are computed on the first call)."""
+def method_call(method: Method, cls_name: str, dataset: str = "mvtec") -> Callable[[torch.Tensor], Any]:
+    """Predict one image of class ``cls_name`` of ``dataset`` (text features are computed on the first call)."""
 
     def call(image: torch.Tensor) -> Any:
-        return method.predict({"image": image, "cls_name": [cls_name], "img_path": ["speed"]})
+        return method.predict({"image": image, "cls_name": [cls_name], "img_path": ["speed"], "dataset": dataset})
 
     return call
 
@@ -686,6 +686,12 @@ def run_speed(config: Mapping[str, Any], claimed_csv: str | None = None) -> tupl
                                device=device, n_images=section.get("n_images", 10),
                                warmup=section.get("warmup", 2), seed=seed)
     ]
+    for label, group in section.get("groups", {}).items():  # further CLIP-family groups (FiLo at ViT-L/14@518)
+        group_entries = _entries(config, group["rows"])
+        for device in devices:
+            timings += measure_speed(group_entries, backbone=group["backbone"], image_size=group["image_size"],
+                                     device=device, n_images=group.get("n_images", section.get("n_images", 10)),
+                                     warmup=group.get("warmup", section.get("warmup", 2)), seed=seed, group=label)
     notes = [ANOVL_NOTE]
     llm = section.get("llm")
     if llm:

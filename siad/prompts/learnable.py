@@ -22,6 +22,7 @@ broadcast to ``[*lead, n, W]`` with ``lead`` = ``(N,)`` or ``(B, N)``: pass ``[n
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -310,7 +311,9 @@ class MetaNetContext(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             hidden = feature_dim // reduction
-            self.meta_net = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(), nn.Linear(hidden, ctx_dim))
+            layers = [("linear1", nn.Linear(feature_dim, hidden)), ("relu", nn.ReLU()),
+                      ("linear2", nn.Linear(hidden, ctx_dim))]
+            self.meta_net = nn.Sequential(OrderedDict(layers))  # CoCoOp's (and FiLo's) module names
 
     def context(self, image_features: torch.Tensor) -> torch.Tensor:
         """Image-conditioned context [B, n_ctx, ctx_dim] from image features [B, feature_dim]."""

@@ -365,4 +365,4 @@ __all__ = [
 
 
 # Tables defined in their own modules register themselves in PAPER_TABLES when imported.
-from siad.report import llm_tables, setting_tables, siad_tables  # noqa: E402, F401
+from siad.report import filo_tables, llm_tables, setting_tables, siad_tables  # noqa: E402, F401

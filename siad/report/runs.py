@@ -42,15 +42,13 @@ def _fail(source: str, problem: str) -> DataError:
 
 
 def _refresh(source: str | Path) -> str:
-    """How to rewrite the metrics file ``source``: its job, named from the run layout when the path follows it
-    (``.../<setting>/<method>/<variant>/seed<seed>/<source>/<target>/metrics.json``)."""
-    from siad.engine.runs import RunGroup
-
+    """How to rewrite the metrics file ``source``: force the job that writes it (named by the file, whatever the
+    job grouping) when the path follows the run layout (``.../<setting>/<method>/<variant>/seed<seed>/<source>/
+    <target>/metrics.json``)."""
     parts = Path(source).parts
     if len(parts) >= 7 and parts[-1] == "metrics.json" and parts[-4].removeprefix("seed").isdigit():
-        _, method, _, seed, train_source, _ = parts[-7:-1]
-        rule = RunGroup(method, int(seed.removeprefix("seed")), train_source, ()).rule_name
-        return f"rerun the job that writes it: `snakemake --cores 1 all --forcerun {rule}` (plus your --configfile)"
+        return (f"rerun the job that writes it: `snakemake --cores 1 --force {Path(source)}` (plus your "
+                "--configfile)")
     return _REGENERATE
 
 
@@ -180,7 +178,7 @@ def stale_runs(config: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> 
     (:func:`siad.engine.spec.resolve_run_spec`).
     """
     from siad.engine.protocol import RunKey
-    from siad.engine.runs import RunGroup
+    from siad.engine.runs import RunGroup, job_per
     from siad.engine.spec import resolve_run_spec, results_digest, spec_differences
 
     stale: dict[str, list[str]] = {}
@@ -189,7 +187,7 @@ def stale_runs(config: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> 
         key = RunKey.from_run(ident)
         expected = resolve_run_spec(config, key)
         stamp = run.get("spec") if isinstance(run.get("spec"), Mapping) else {}
-        rule = RunGroup.of(key).rule_name
+        rule = RunGroup.of(key, job_per(config)).rule_name
         if stamp.get("digest") == expected.digest:
             if stamp.get("results_digest") != results_digest(run):
                 stale.setdefault(rule, []).append(

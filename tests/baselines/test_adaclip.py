@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
 from baselines.adaclip import AdaCLIP, AdaCLIPConfig, AdaCLIPModel
-from baselines.adaclip.method import mosaic, prompt_class_name
+from baselines.adaclip.method import prompt_class_name
 from baselines.adaclip.torch_model import (
     cluster_centre,
     hybrid_semantic_fusion,
@@ -26,6 +26,7 @@ from baselines.adaclip.torch_model import (
 from siad.backbones import get_backbone_spec, load_openclip
 from siad.errors import ConfigError
 from siad.methods import build_method, get_method_class
+from siad.methods.mosaic import mosaic
 from siad.prompts.ensemble import ENSEMBLES
 
 # The demo stand-in: exact-GELU ViT-L/14-shaped, 8 blocks, 112 px (8x8 grid), 12 text blocks; taps 2/4/6/8.

@@ -280,12 +280,33 @@ def test_run_group_trains_each_variant_once_then_reuses_the_current_model(worksp
     assert fits == ["default", "small", "small"]  # only the changed variant is retrained
 
 
-def test_run_group_refuses_runs_of_several_groups(workspace):
+def test_run_group_refuses_runs_of_several_methods_or_seeds(workspace):
     tmp, config, metas = workspace
     keys = [RunKey("uzad", "test_mean_image", "default", "mvtec", "visa", 0),
-            RunKey("uzad", "test_mean_image", "default", "br35h", "headct", 0)]
+            RunKey("uzad", "test_mean_image", "default", "mvtec", "headct", 1)]
     with pytest.raises(ConfigError, match="one job covers one"):
         runs.run_group(config, keys, meta_paths=metas, results_root=tmp / "x", progress=False)
+
+
+def test_a_group_of_every_source_trains_each_source_once(workspace, monkeypatch):
+    tmp, config, metas = workspace
+    keys = [RunKey("uzad", "test_mean_image", "default", "mvtec", "visa", 0),
+            RunKey("uzad", "test_mean_image", "default", "visa", "headct", 0)]
+    assert [g.rule_name for g in runs.group_runs(keys)] == ["run_test_mean_image_seed0_mvtec",
+                                                              "run_test_mean_image_seed0_visa"]
+    (group,) = runs.group_runs(keys, "method")
+    assert (group.rule_name, group.log_name) == ("run_test_mean_image_seed0", "test_mean_image/seed0/all")
+    assert group.datasets == ["mvtec", "visa", "headct"] and group.keys == tuple(keys)
+    with pytest.raises(ConfigError, match="job_per"):
+        runs.group_runs(keys, "target")
+    fits = []
+    real_fit = runs.fit_run
+    monkeypatch.setattr(runs, "fit_run", lambda *a, **k: fits.append(a[1].source) or real_fit(*a, **k))
+    runs.run_group(config, keys, meta_paths=metas, results_root=tmp / "all", progress=False)
+    assert fits == ["mvtec", "visa"]
+    for key in keys:
+        written = json.loads((key.run_dir(tmp / "all") / "metrics.json").read_text())
+        assert written["run"]["trained_on"] == [key.source]
 
 
 class ReferenceMeanImage(MeanImage):
@@ -523,6 +544,6 @@ def test_one_job_trains_and_evaluates_every_setting_of_its_method_seed_and_sourc
         body = json.loads((key.run_dir(tmp / "all_settings") / "metrics.json").read_text())
         assert body["run"]["setting"] == key.setting
         assert (key.model_dir(tmp / "all_settings") / "model.json").is_file()
-    with pytest.raises(ConfigError, match=r"one job covers one \(method, seed, source\)"):
+    with pytest.raises(ConfigError, match=r"one job covers one \(method, seed\)"):
         runs.run_group(config, [keys[0], RunKey("uzad", "test_mean_image", "default", "mvtec", "visa", 1)],
                        meta_paths=metas, results_root=tmp / "all_settings", progress=False)

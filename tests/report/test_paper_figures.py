@@ -112,6 +112,7 @@ def test_figure_runs_cover_both_settings_and_the_panel(config):
 def test_the_plan_schedules_the_figures_zad_runs(config):
     config["report"]["tables"] = ["table1_uzad"]
     config["report"]["table1"]["methods"] = ["clip"]
+    config["workflow"] = {"job_per": "source"}
     rules = {g.rule_name for g in build_plan(config).groups}
     assert {"run_toy_anomalyclip_mvtec", "run_toy_anomalyclip_visa", "run_toy_anomalyclip_br35h",
             "run_clip_none"} <= {r.replace("_seed0", "") for r in rules}
@@ -222,7 +223,7 @@ def test_figure2_is_written_with_its_panel_and_the_demo_stamp(figure2_setup, tmp
 
 
 @pytest.mark.parametrize(("mutate", "expected"), [
-    (lambda r: r["figure1"].update(methods=["filo"]), "figure1/methods: 'filo'"),
+    (lambda r: r["figure1"].update(methods=["winclip"]), "figure1/methods: 'winclip'"),
     (lambda r: r["figure2"].update(datasets=["kolektor2"]), "figure2/datasets: 'kolektor2'"),
     (lambda r: r["figure2"].update(count=0), "figure2/count"),
     (lambda r: r.update(zad={"methods": ["gpt9"]}), "zad/methods: 'gpt9'"),

@@ -87,7 +87,7 @@ def test_table2_average_claim_is_dropped_when_the_paper_averages_other_datasets(
 @pytest.mark.parametrize(("section", "expected"), [
     ({"methods": ["clip"]}, "need no training"),
     ({"methods": ["toy_anomalyclip"], "repeat_uzad": ["toy_anomalyclip"]}, "under both"),
-    ({"methods": ["filo"]}, "report/table2/methods: 'filo' is not listed"),
+    ({"methods": ["winclip"]}, "report/table2/methods: 'winclip' is not listed"),
     (None, "report/table2 is missing"),
 ])
 def test_table2_refuses_a_bad_section(config, section, expected):

@@ -23,7 +23,9 @@ def config(tmp_path, monkeypatch):
         meta = tmp_path / "results" / "demo" / "datasets" / name / "meta.json"
         meta.parent.mkdir(parents=True)
         meta.write_text(json.dumps({"test": {}}))
-    return yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    config = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    config["workflow"] = {"job_per": "source"}  # the commands below name one job per source
+    return config
 
 
 def stamped_run(config, key=KEY):

@@ -12,6 +12,7 @@ import yaml
 
 from siad.data.registry import get_dataset
 from siad.engine.protocol import protocol_runs
+from siad.engine.runs import job_per
 from siad.plan import build_plan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,8 +80,10 @@ def test_dry_run_has_one_job_per_method_seed_source_covering_every_required_run(
     runs = [run for group in paths.values() for run in group]
     required = [(k.setting, k.method, k.variant, k.seed_folder, k.source, k.target) for k in build_plan(config).runs]
     assert len(runs) == len(set(runs)) and set(runs) == set(required)
-    for rule, group in paths.items():
-        assert len({(m, sd, s) for _, m, _, sd, s, _ in group}) == 1, rule  # one (method, seed, source): all settings
+    per = job_per(config)  # the paper profile: one job per source; the demo: one per method (fewer start-ups)
+    assert per == ("method" if profile == "demo.yaml" else "source")
+    for rule, group in paths.items():  # all settings in one job; one source, or every source of the method
+        assert len({(m, sd) + ((s,) if per == "source" else ()) for _, m, _, sd, s, _ in group}) == 1, rule
     seeds = {f"seed{s}" for s in config["training"]["seeds"]}
     trained = {(st, m) for st, m, _, sd, s, _ in runs if s != "none"}
     assert {st for st, _ in trained} == {"uzad", "pseudo", "zad"}  # Tables 1 and 2, the ZAD table
@@ -92,7 +95,7 @@ def test_dry_run_has_one_job_per_method_seed_source_covering_every_required_run(
         for key in protocol_runs(config["protocol"], setting="uzad", method="clip", variant="default",
                                  training_free=True, seeds=[config["seed"]])
     ]
-    clip_rule = f"run_clip_seed{config['seed']}_none"
+    clip_rule = f"run_clip_seed{config['seed']}" + ("_none" if per == "source" else "")
     assert len(table1) == 9 and sorted(run_jobs(result.stdout + result.stderr)[clip_rule]) == sorted(table1)
     print(f"{profile}: {len(paths)} run jobs, {len(runs)} runs")
     jobs = run_jobs(result.stdout + result.stderr)
@@ -152,26 +155,31 @@ def test_unknown_method_stops_with_the_known_names(tmp_path):
 
 def tiny_demo() -> dict:
     config = demo_config()
+    config["workflow"] = {"job_per": "source"}  # the rerun tests below name one job per source
     config["datasets"] = {"mvtec": {"classes": ["bottle"]}, "visa": {"classes": ["candle"]}, "sdd": {},
                           "br35h": {}, "headct": {}}
     config["protocol"] = [{"source": "mvtec", "targets": ["visa", "sdd"]}, {"source": "br35h", "targets": ["headct"]}]
     config["data"]["standin"] = {"size": 32, "n_train": 2, "n_test_normal": 3, "n_test_anomalous": 3}
     config["evaluation"].update(size=32, n_bootstrap=20)
-    config["report"]["tables"] = ["table1_uzad", "table2_pseudo", "table_zad", "siad_table7_training_free"]
+    config["report"]["tables"] = ["table1_uzad", "table2_pseudo", "table_zad", "siad_table7_training_free",
+                                  "filo_table1_zad"]
     config["report"]["table7"] = {"methods": ["anovl"]}  # SIAD-LLM's row would train it: too slow here
     config["report"].pop("figure4", None)  # not all its datasets are targets here
     config["report"]["table1"]["methods"] = ["clip", "anomalygpt"]  # one trained LLM method: grouped evaluation
     # the settings' tables and figures with the CLIP-family baselines under uzad, pseudo and zad
-    config["report"]["table2"] = {"methods": ["anomalyclip", "adaclip", "aaclip"], "repeat_uzad": []}
-    config["report"]["zad"] = {"methods": ["clip", "anomalyclip", "adaclip", "aaclip"]}
+    config["report"]["table2"] = {"methods": ["anomalyclip", "adaclip", "filo", "aaclip"], "repeat_uzad": []}
+    config["report"]["zad"] = {"methods": ["clip", "anomalyclip", "adaclip", "filo", "aaclip"]}
     config["report"]["figure1"] = {"methods": ["clip", "anomalygpt"]}
     config["report"]["figure2"] = {"methods": ["clip", "anomalyclip"], "datasets": ["visa", "sdd"], "count": 1}
     config["methods"]["anomalyclip"]["params"].update(epochs=1)
     config["methods"]["adaclip"]["params"].update(epochs=1)
+    config["methods"]["filo"]["params"].update(epochs=1, adapter_epochs=1, detector_size=64)
     config["methods"]["aaclip"]["params"].update(stage1_epochs=1, stage2_epochs=1, checkpoint_epoch=1)
     config["training"] = {"normal_images": "train", "normal_images_per_dataset": {"br35h": "all"}}
     config["speed"]["llm"].update(batch_sizes=[1, 2], n_batches=1, warmup=0)
     config["speed"].update(backbone="tiny-vit-b16plus-demo", image_size=112, n_images=2, warmup=1)
+    for group in config["speed"]["groups"].values():
+        group.update(n_images=2, warmup=1)
     return config
 
 
@@ -195,7 +203,8 @@ def test_tiny_demo_end_to_end_and_resumable(tiny_run):
     for figure in ("figure1_auroc", "figure2_zero_shot"):
         assert (tables / f"{figure}.png").stat().st_size > 0 and (tables / f"{figure}.pdf").stat().st_size > 0
     for table, setting in (("table2_pseudo.md", "pseudo"), ("table_zad.md", "zad")):  # the baselines' own runs
-        for method, name in (("anomalyclip", "AnomalyCLIP"), ("adaclip", "AdaCLIP"), ("aaclip", "AA-CLIP")):
+        for method, name in (("anomalyclip", "AnomalyCLIP"), ("adaclip", "AdaCLIP"), ("filo", "FiLo"),
+                             ("aaclip", "AA-CLIP")):
             claim = r"\d+\.\d" if table == "table2_pseudo.md" else r"(?:\d+\.\d|n/a)"  # FiLo's Table 1: 2 of 3
             assert re.search(rf"\| image \| {name} \| \d+\.\d \({claim}\) \|", (tables / table).read_text()), (
                 table, name)
@@ -222,7 +231,11 @@ def test_tiny_demo_end_to_end_and_resumable(tiny_run):
             assert 0.0 <= llm["mean"]["accuracy"] <= 1.0
     table7 = (tables / "siad_table7_training_free.md").read_text()
     assert re.search(r"\| AnoVL \| \d+\.\d \(n/a\) \| \d+\.\d \(n/a\) \|", table7)
+    filo = (tables / "filo_table1_zad.md").read_text()  # FiLo's own Table 1: its VisA columns (MVTecAD: no target)
+    assert re.search(r"\| FiLo \| ViT-L/14@336px \| \d+\.\d \(83\.9\) \| \d+\.\d \(95\.9\) \|", filo), filo
+    assert re.search(r"\| WinCLIP \| ViT-B/16@240px \| not run \(78\.1\)", filo) or "not run" in filo
     speed = (tables / "speed.md").read_text()
+    assert re.search(r"\| FiLo w/o Grounding DINO \| cpu \| \d+\.\d ± \d+\.\d \| \d+\.\d\d \|", speed)
     for row in ("bare forward", "CLIP", "AnoVL-TFA", "AnoVL-TTA"):
         assert re.search(rf"\| {row} \| cpu \| \d+\.\d ± \d+\.\d \| \d+\.\d\d \|", speed), row
 
@@ -234,7 +247,8 @@ def test_tiny_demo_end_to_end_and_resumable(tiny_run):
 
 ANOMALYCLIP_JOBS = {"run_anomalyclip_seed0_mvtec", "run_anomalyclip_seed0_br35h"}  # uzad, pseudo and zad in each
 # the trained CLIP-family baselines (AnomalyCLIP, AdaCLIP, AA-CLIP): one job per source, every setting in it
-CLIP_FAMILY_JOBS = {f"run_{m}_seed0_{s}" for m in ("anomalyclip", "adaclip", "aaclip") for s in ("mvtec", "br35h")}
+CLIP_FAMILY_JOBS = {f"run_{m}_seed0_{s}" for m in ("anomalyclip", "adaclip", "filo", "aaclip")
+                    for s in ("mvtec", "br35h")}
 RUN_JOBS = {"run_clip_seed0_none", "run_anovl_seed0_none", "run_anomalygpt_seed0_mvtec",
             "run_anomalygpt_seed0_br35h"} | CLIP_FAMILY_JOBS
 FIGURES = {"figure1", "figure2"}

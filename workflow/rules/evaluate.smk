@@ -1,5 +1,6 @@
 # Runs: one job per (method, training seed, source) of the runs the tables and the figures need, every setting in
-# one process (the job start-up costs more than a demo model's whole run). A job trains each (setting, variant) of
+# one process (the job start-up costs more than a demo model's whole run); with `workflow: {job_per: method}` one job
+# per (method, training seed) holds every source (the demo: fewer start-ups). A job trains each (setting, variant) of
 # the method on the source (trained methods; an intact model whose training fingerprint matches is reused), then
 # evaluates every target of it, writing per-run metrics.json (stamped with the run's specification digest) and
 # predictions.npz. `params.spec` holds each run's config digest (siad/engine/spec.py): a change of method
@@ -18,10 +19,9 @@ for _group in RUN_GROUPS:
             metrics=[run_file(k, "metrics.json") for k in _group.keys],
             predictions=[run_file(k, "predictions.npz") for k in _group.keys],
         params:
-            runs=[(k.setting, k.variant, k.target) for k in _group.keys],
+            runs=[(k.setting, k.variant, k.source, k.target) for k in _group.keys],
             method=_group.method,
             seed=_group.seed,
-            source=_group.source,
             datasets=_group.datasets,
             spec=PLAN.group_params(_group),
         log:

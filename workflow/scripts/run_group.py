@@ -1,4 +1,4 @@
-"""One (method, training seed, source) group of runs: train each (setting, variant) if needed, evaluate its targets."""
+"""One job's runs (a method and training seed; one source or all): train each model if needed, evaluate the targets."""
 
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,7 +15,7 @@ def main(smk) -> None:
     from siad.engine.runs import run_group
 
     p = smk.params
-    keys = [RunKey(setting, p.method, variant, p.source, target, p.seed) for setting, variant, target in p.runs]
+    keys = [RunKey(setting, p.method, variant, source, target, p.seed) for setting, variant, source, target in p.runs]
     planned = dict(zip(keys, (entry.rpartition("=")[2] for entry in p.spec), strict=True))
     run_group(smk.config, keys, meta_paths=dict(zip(p.datasets, map(Path, smk.input.meta), strict=True)),
               results_root=results_root(smk.config), expected_digests=planned)
