@@ -162,11 +162,6 @@ class AdaCLIP(BackboneMethod):
 
     # -- training --------------------------------------------------------------------------------------------
 
-    def _draw(self, data: torch.utils.data.Dataset, index: int, by_class: Mapping[str, list[int]], mosaic_on: bool,
-              generator: torch.Generator) -> dict[str, Any]:
-        """Item ``index``, or a mosaic of four images of its class (:class:`siad.methods.mosaic.MosaicDraw`)."""
-        return self._mosaic(data, index, by_class, mosaic_on, generator)
-
     def _batch_tensors(self, items: Sequence[Mapping[str, Any]], dataset: str) -> dict[str, Any]:
         size = self.input_size
         images = torch.stack([it["image"] for it in items])
@@ -196,7 +191,7 @@ class AdaCLIP(BackboneMethod):
                               "the uzad setting has none of; use selection: fixed, or the pseudo / zad setting")
         dataset = getattr(train_data, "name", "")
         by_class = items_by_class(train_data)
-        mosaic_on = dataset in p["mosaic_datasets"]
+        mosaic_on = self._mosaic.applies_to(dataset)
         learn = self.model.learnables
         optimizer = torch.optim.AdamW(learn.parameters(), lr=p["lr"], betas=tuple(p["betas"]),
                                       weight_decay=p["weight_decay"])
@@ -210,7 +205,7 @@ class AdaCLIP(BackboneMethod):
             learn.train()
             order = torch.randperm(n, generator=order_gen).tolist()
             for start in range(0, n, p["batch_size"]):
-                items = [self._draw(train_data, i, by_class, mosaic_on, mosaic_gen)
+                items = [self._mosaic(train_data, i, by_class, mosaic_on, mosaic_gen)
                          for i in order[start : start + p["batch_size"]]]
                 self._step(optimizer, self._batch_tensors(items, dataset))
                 bar.update(1)

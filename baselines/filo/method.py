@@ -26,6 +26,7 @@ Every paper-vs-code difference is a parameter whose default is the release's beh
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -66,6 +67,8 @@ from siad.methods.frozen import CACHE_DEFAULTS, CACHE_RULES, batch_content_keys,
 from siad.methods.mosaic import MOSAIC_DEFAULTS, MOSAIC_RULES, MosaicDraw, items_by_class
 from siad.prompts.learnable import context_prompt_tokens
 from siad.seeding import derived_seed
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DESCRIPTIONS_FILE", "FiLo", "class_descriptions", "load_descriptions", "prompt_word", "stage_optimizers"]
 
@@ -146,20 +149,20 @@ def default_centre(size: int) -> tuple[float, float]:
 
 @functools.cache
 def load_descriptions(path: Path = DESCRIPTIONS_FILE) -> dict[str, Any]:
-    """The descriptions file, checked: ``generic`` (list of words) and ``datasets.<name>.classes.<key>`` lists."""
+    """The descriptions file, checked: ``datasets.<name>.classes.<key>`` lists of phrases."""
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as err:
         raise DataError(f"{path}: cannot read FiLo's descriptions ({err}); restore the file from the repository"
                         ) from err
-    ok = (isinstance(data, dict) and isinstance(data.get("generic"), list) and isinstance(data.get("datasets"), dict)
+    ok = (isinstance(data, dict) and isinstance(data.get("datasets"), dict)
           and all(isinstance(d.get("classes"), dict) and all(isinstance(v, list) and v and
                                                              all(isinstance(x, str) for x in v)
                                                              for v in d["classes"].values())
                   for d in data["datasets"].values()))
     if not ok:
-        raise DataError(f"{path}: expected `generic: [words]` and "
-                        "`datasets: {name: {classes: {key: [phrases]}}}`")
+        raise DataError(f"{path}: expected `datasets: {{name: {{classes: {{key: [phrases]}}}}}}` (lists of phrases); "
+                        "restore the file from the repository or fix its layout")
     return data
 
 
@@ -172,9 +175,9 @@ def class_descriptions(dataset: str, cls_name: str, path: Path = DESCRIPTIONS_FI
     """The descriptions of one class (the Grounding DINO caption and phrase filter use these)."""
     classes = load_descriptions(path)["datasets"].get(dataset, {}).get("classes", {})
     if cls_name not in classes:
-        raise ConfigError(f"{path}: FiLo has no descriptions for class {cls_name!r} of dataset {dataset!r}; add "
-                          f"`datasets/{dataset}/classes/{cls_name}: [phrases]` there, or set methods/filo/params/"
-                          "descriptions: generic")
+        raise ConfigError(f"{path}: FiLo has no descriptions for class {cls_name!r} of dataset {dataset!r} (its "
+                          "prompts and its Grounding DINO caption use them); add "
+                          f"`datasets/{dataset}/classes/{cls_name}: [phrases]` there")
     return list(classes[cls_name])
 
 
@@ -312,6 +315,9 @@ class FiLo(BackboneMethod):
         if params["position_enhancement"] and not params["grounding"]:
             raise cls.param_error("position_enhancement", True, "the position comes from Grounding DINO's best box: "
                                   "set grounding: true, or position_enhancement: false")
+        if params["detector_checkpoint"] is not None and params["detector"] != "filo-finetuned":
+            raise cls.param_error("detector_checkpoint", params["detector_checkpoint"],
+                                  "a fine-tuned checkpoint is read with detector: filo-finetuned only; remove it")
         if params["blur_kernel"] % 2 == 0:
             raise cls.param_error("blur_kernel", params["blur_kernel"], "use an odd kernel size (torchvision's blur)")
 
@@ -464,36 +470,55 @@ class FiLo(BackboneMethod):
     # -- inference -------------------------------------------------------------------------------------------
 
     def detector_spec(self) -> grounding.GroundingSpec:
-        """Which Grounding DINO predicts: the demo's tiny random one; the release's fine-tuned weights of the training
-        source (``grounding_train_on_{mvtec,visa}.pth``, as released: MVTec is tested with the VisA-trained file);
-        for a source without released weights, and for ``detector: base``, the public pretrained Swin-T."""
+        """Which Grounding DINO predicts: the demo's tiny random one; ``detector_checkpoint`` when given; else the
+        release's fine-tuned weights of the training source (``grounding_train_on_{mvtec,visa}.pth``, as released:
+        MVTec is tested with the VisA-trained file); for a source without released weights (logged), and for
+        ``detector: base``, the public pretrained Swin-T.
+
+        Raises:
+            ConfigError: ``filo-finetuned`` without a checkpoint for a model whose training source is unknown (loaded
+                from the release's own checkpoint file, or never trained).
+        """
         p = self.params
         cache = None if p["detector_dir"] is None else Path(p["detector_dir"])
         if p["detector"] == "tiny-random":
             return grounding.GroundingSpec(kind="tiny-random", seed=self.weights_seed, tiny_words=description_words())
-        if p["detector"] == "filo-finetuned" and (p["detector_checkpoint"] or self.trained_on in
-                                                  grounding.FILO_GROUNDING_FILES):
-            checkpoint = None if p["detector_checkpoint"] is None else Path(p["detector_checkpoint"])
-            trained_on = self.trained_on if self.trained_on in grounding.FILO_GROUNDING_FILES else "mvtec"
-            return grounding.filo_grounding_spec(trained_on, checkpoint=checkpoint, cache_dir=cache)
+        if p["detector"] == "base":
+            return grounding.GroundingSpec(kind="base", cache_dir=cache)
+        if p["detector_checkpoint"] is not None:
+            return grounding.GroundingSpec(kind="filo-finetuned", checkpoint=Path(p["detector_checkpoint"]),
+                                           cache_dir=cache)
+        if self.trained_on in grounding.FILO_GROUNDING_FILES:
+            return grounding.filo_grounding_spec(self.trained_on, cache_dir=cache)
+        if not self.trained_on:
+            raise ConfigError("methods/filo/params/detector: 'filo-finetuned' picks the released Grounding DINO of "
+                              "the model's training source, which this model does not record (loaded from the "
+                              "release's checkpoint file?); set detector_checkpoint to the fine-tuned file, or "
+                              "detector: base")
+        log.warning("filo: no released fine-tuned Grounding DINO for the training source %r (only %s); using the "
+                    "public weights (detector: base)", self.trained_on, sorted(grounding.FILO_GROUNDING_FILES))
         return grounding.GroundingSpec(kind="base", cache_dir=cache)
 
-    def _detector(self) -> tuple[Any, Any]:
-        """(model, tokenizer), loaded once per process and spec; with ``random_init`` (the speed benchmark) the
-        real architecture (Swin-T + BERT-base, 900 queries) with random weights, or the tiny one."""
-        spec = self.detector_spec()
-        if self.params["random_init"] and spec.kind != "tiny-random":
+    def _detector(self) -> tuple[tuple, Any, Any]:
+        """(cache key, model, tokenizer), loaded once per process, spec and device; with ``random_init`` (the speed
+        benchmark) the real architecture (Swin-T + BERT-base, 900 queries) with random weights, or the tiny one."""
+        spec = self.detector_spec() if not self.params["random_init"] else None
+        if spec is None or spec.kind == "tiny-random":
+            tiny = self.params["detector"] == "tiny-random"
             spec = grounding.GroundingSpec(kind="tiny-random", seed=self.weights_seed, tiny_words=description_words())
-            key = ("random-swin-t", spec)
+            key = ("tiny-random" if tiny else "random-swin-t", spec, str(self.device))
         else:
-            key = (spec.kind, spec)
+            key = (spec.kind, spec, str(self.device))
         if key not in _DETECTORS:
             if key[0] == "random-swin-t":
-                _DETECTORS[key] = random_grounding_dino(self.weights_seed, description_words())
+                model, tokenizer = random_grounding_dino(self.weights_seed, description_words())
             else:
-                _DETECTORS[key] = grounding.load_grounding_dino(spec)
-            _DETECTORS[key][0].to(self.device)
-        return _DETECTORS[key]
+                model, tokenizer = grounding.load_grounding_dino(spec)
+                log.info("filo: Grounding DINO %s%s", spec.kind, "" if spec.kind == "tiny-random" else
+                         f" ({spec.checkpoint or spec.filo_file if spec.kind == 'filo-finetuned' else spec.base_repo}"
+                         f", layout {getattr(model, 'filo_checkpoint_layout', 'transformers')})")
+            _DETECTORS[key] = (model.to(self.device), tokenizer)
+        return (key, *_DETECTORS[key])
 
     def localize(self, image: np.ndarray, dataset: str, cls_name: str, key: str) -> hqloc.HqLocResult:
         """HQ-Loc's detector step for one image (uint8 H×W×3, the original): boxes in input-size pixels and the
@@ -501,10 +526,10 @@ class FiLo(BackboneMethod):
         every setting and variant of a job reuses it (the detector is frozen)."""
         p = self.params
         descriptions = class_descriptions(dataset, cls_name)
-        generic = list(load_descriptions()["generic"])
+        generic = list(hqloc.GENERIC_WORDS)
         caption = hqloc.grounding_caption(generic, descriptions)
-        model, tokenizer = self._detector()
-        cache_key = (id(model), key, caption, self.input_size, p["detector_size"], p["box_threshold"],
+        detector, model, tokenizer = self._detector()
+        cache_key = (detector, key, caption, self.input_size, p["detector_size"], p["box_threshold"],
                      p["text_threshold"], p["area_threshold"])
         if cache_key not in _LOCALIZATIONS:
             detection = grounding.detect(model, tokenizer, image, caption, size=p["detector_size"])
@@ -536,7 +561,9 @@ class FiLo(BackboneMethod):
         localizations: list[hqloc.HqLocResult | None] = [None] * n
         if self.uses_detector:
             originals = self._original_images(batch)
-            localizations = [self.localize(originals[i], dataset, classes[i], keys[i]) for i in range(n)]
+            origin = "file" if batch.get("image_file") else "tensor"  # the detector reads the file or the tensor
+            localizations = [self.localize(originals[i], dataset, classes[i], f"{origin}:{keys[i]}")
+                             for i in range(n)]
         self.last_localizations = localizations
         use_positions = self.params["position_enhancement"]
         positions = [loc.positions if (use_positions and loc is not None) else None for loc in localizations]
@@ -577,8 +604,4 @@ class FiLo(BackboneMethod):
                               "features or another backbone? Re-run the fit step")
         self.learnables.load_state_dict(state)
 
-    @property
-    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        """Resize((S, S)) bicubic → ToTensor → OpenAI mean/std (S = the backbone's 518)."""
-        return self._transform
 

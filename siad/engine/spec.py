@@ -39,7 +39,7 @@ PLACEMENT_PARAMS = frozenset({"feature_cache", "progress"})
 
 #: Parameters naming files the user supplies (weights, instruction data): their identity (size and modification
 #: time of every file) is part of the specification, so replacing the file at the same path reruns.
-INPUT_FILE_PARAMS = ("checkpoint", "vicuna_dir", "pandagpt_delta", "sft_data", "sft_image_dir")
+INPUT_FILE_PARAMS = ("checkpoint", "vicuna_dir", "pandagpt_delta", "sft_data", "sft_image_dir", "detector_checkpoint")
 
 #: Modules whose code shapes every evaluation (the run loop, seeding, loading, scoring, answer parsing), hashed as
 #: they are. Not their imports: the config layer would pull in every converter and backbone, so editing one

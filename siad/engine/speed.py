@@ -187,10 +187,13 @@ class PeakMemory:
 # -- timing loops ------------------------------------------------------------------------------------
 
 
-def time_calls(call: Callable[[torch.Tensor], Any], images: torch.Tensor, *, warmup: int, device: str) -> list[float]:
-    """Milliseconds of ``call`` on each image of ``images`` (batch of one), after ``warmup`` calls."""
+def time_calls(call: Callable[[torch.Tensor], Any], images: torch.Tensor, *, warmup: int, device: str,
+               warmup_images: torch.Tensor | None = None) -> list[float]:
+    """Milliseconds of ``call`` on each image of ``images`` (batch of one), after ``warmup`` calls on
+    ``warmup_images`` (default: ``images``; other images keep a method's per-image caches out of the timed calls)."""
+    pool = images if warmup_images is None or len(warmup_images) == 0 else warmup_images
     for i in range(warmup):
-        call(images[i % len(images)][None])
+        call(pool[i % len(pool)][None])
     _sync(device)
     times = []
     for image in images:
@@ -261,9 +264,9 @@ def method_call(method: Method, cls_name: str, dataset: str = "mvtec") -> Callab
 
 
 def _timed_row(name: str, group: str, call: Callable[[torch.Tensor], Any], images: torch.Tensor, *, warmup: int,
-               device: str) -> Timing:
+               device: str, warmup_images: torch.Tensor | None = None) -> Timing:
     with PeakMemory(device) as memory:
-        times = time_calls(call, images, warmup=warmup, device=device)
+        times = time_calls(call, images, warmup=warmup, device=device, warmup_images=warmup_images)
     mean, std = _stats(times)
     return Timing(name, device, mean, std, group=group, peak_mib=memory.peak_mib, memory_measure=memory.measure)
 
@@ -287,15 +290,19 @@ def measure_speed(
     group = group or f"{backbone} @ {image_size} px"
     torch.manual_seed(seed)
     images = torch.randn(n_images, 3, image_size, image_size, device=device)
+    extra = torch.randn(warmup, 3, image_size, image_size, device=device)  # warm-up images, never timed
     bare = _bare_backbone(backbone, image_size, device, seed)
     with torch.no_grad():
         timings = [_timed_row(BARE, group, bare.model.encode_image, images, warmup=warmup, device=device)]
     del bare
     _free(device)
     for name, (method_name, params) in entries.items():
-        method = build_method(method_name, {**params, "backbone": backbone, "image_size": image_size,
-                                            "random_init": True}, device=device, seed=seed)
-        timings.append(_timed_row(name, group, method_call(method, cls_name), images, warmup=warmup, device=device))
+        overrides = {"backbone": backbone, "image_size": image_size, "random_init": True}
+        if "feature_cache" in get_method_class(method_name).defaults:  # every timed call computes its frozen pass
+            overrides["feature_cache"] = None
+        method = build_method(method_name, {**params, **overrides}, device=device, seed=seed)
+        timings.append(_timed_row(name, group, method_call(method, cls_name), images, warmup=warmup, device=device,
+                                  warmup_images=extra))
         del method
         _free(device)
     return _with_ratios(timings)

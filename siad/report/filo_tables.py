@@ -116,6 +116,26 @@ def _table4_runs(config: Config) -> list[RunKey]:
     return [k for v in HQLOC_VARIANTS.values() for t in _targets(config) for k in run_keys(config, "zad", FILO, v, t)]
 
 
+MULTI_SHAPE, MULTI_SCALE = {"1x5", "5x1"}, {"3x3", "5x5", "7x7"}
+
+
+def _check_hqloc_variant(config: Config, variant: str, flags: Mapping[str, int]) -> None:
+    """Refuse a variant whose resolved parameters do not switch the HQ-Loc components its Table 4 row names."""
+    from siad.config import method_params
+    from siad.methods import get_method_class
+
+    params = get_method_class(FILO).resolve_params(method_params(config, FILO, variant))
+    kernels = set(params["kernels"])
+    found = {"grounding": int(params["grounding"]), "position_enhancement": int(params["position_enhancement"]),
+             "multi_shape": int(MULTI_SHAPE <= kernels), "multi_scale": int(MULTI_SCALE <= kernels)}
+    partial = bool(kernels & MULTI_SHAPE) and not MULTI_SHAPE <= kernels or (
+        bool(kernels & MULTI_SCALE) and not MULTI_SCALE <= kernels)
+    if found != dict(flags) or partial:
+        raise ConfigError(f"methods/filo/variants/{variant}: FiLo Table 4's row {dict(flags)} needs grounding, "
+                          f"position_enhancement and kernels that switch exactly those components; the variant "
+                          f"resolves to {found} (kernels {sorted(kernels)})")
+
+
 def _mark(flag: int) -> str:
     return "✓" if flag else "✗"
 
@@ -130,7 +150,9 @@ def _table4(config: Config, runs: Sequence[Mapping[str, Any]], reference: pd.Dat
         for name, flag in zip(HQLOC_FLAGS, flags, strict=True):
             match = match[match[name] == flag]
         claims = _claims(match.iloc[0], datasets) if not match.empty else None
-        row = variant_row(config, "", FILO, variant, claims, setting="zad")
+        label = ", ".join(f"{n}={f}" for n, f in zip(HQLOC_FLAGS, flags, strict=True))
+        row = variant_row(config, f"FiLo Table 4 ({label})", FILO, variant, claims, setting="zad")
+        _check_hqloc_variant(config, variant, dict(zip(HQLOC_FLAGS, flags, strict=True)))
         rows.append(RowSpec(tuple(_mark(f) for f in flags), row.select, None, claims))
     notes = ["Rows: variants of FiLo under ZAD (methods/filo/variants): hq_none, hq_grounding, hq_position, hq_shape, "
              "hq_scale and the default. Without grounding the map is not suppressed outside Grounding DINO's boxes; "

@@ -47,8 +47,8 @@ def _refresh(source: str | Path) -> str:
     <target>/metrics.json``)."""
     parts = Path(source).parts
     if len(parts) >= 7 and parts[-1] == "metrics.json" and parts[-4].removeprefix("seed").isdigit():
-        return (f"rerun the job that writes it: `snakemake --cores 1 --force {Path(source)}` (plus your "
-                "--configfile)")
+        return (f"rerun the job that writes it, then the rest: `snakemake --cores 1 --force {Path(source)}` and "
+                "`snakemake --cores 1 all` (plus your --configfile)")
     return _REGENERATE
 
 

@@ -354,12 +354,12 @@ def test_each_setting_trains(setting, data):
 def test_mosaic_is_drawn_only_on_the_mosaic_datasets():
     always = _method(epochs=1, mosaic_rate=1.0)
     data = ToyData(n=6, name="mvtec")
-    drawn = [always._draw(data, i, {"candle": [0, 1, 2, 3], "pcb1": [4, 5]}, True, torch.Generator())
+    drawn = [always._mosaic(data, i, {"candle": [0, 1, 2, 3], "pcb1": [4, 5]}, True, torch.Generator())
              for i in range(6)]
     assert [bool(d.get("mosaic")) for d in drawn] == [True] * 4 + [False] * 2  # pcb1 has fewer than 4 images
     assert [d["label"] for d in drawn[:4]] == [0, 1, 0, 1]  # as released: the replaced item's label
     content = _method(epochs=1, mosaic_rate=1.0, mosaic_label="content")
-    drawn = content._draw(data, 0, {"candle": [0, 1, 2, 3], "pcb1": [4, 5]}, True, torch.Generator())
+    drawn = content._mosaic(data, 0, {"candle": [0, 1, 2, 3], "pcb1": [4, 5]}, True, torch.Generator())
     assert drawn["label"] == int(drawn["mask"].any())
 
 

@@ -330,14 +330,66 @@ def test_each_setting_trains(setting, data):
 
 def test_save_and_load_round_trip_and_the_release_checkpoint_layout(tmp_path, method):
     path = tmp_path / "filo.pt"
+    method.trained_on = "visa"
     method.save(path)
     other = _method(seed=3)
     assert not torch.equal(other.learnables.adapter.fc[0].weight, method.learnables.adapter.fc[0].weight)
     other.load(path)
     assert all(torch.equal(v, method.learnables.state_dict()[k]) for k, v in other.learnables.state_dict().items())
+    assert other.trained_on == "visa"  # the training source travels with the weights (it picks the detector)
     release = tmp_path / "release.pth"  # the release saves {"filo": filo_model.state_dict()} with CLIP inside
     state = {**method.learnables.state_dict(), "clip_model.visual.proj": torch.zeros(2)}
     torch.save({"filo": state}, release)
     _method(seed=4).load(release)
     with pytest.raises(ConfigError, match="do not match"):
         _method(kernels=["1x1"]).load(path)
+
+
+# ------------------------------------------------------------------------------------------------- detector choice
+
+
+@pytest.mark.parametrize("source, expected", [("mvtec", "grounding_train_on_mvtec.pth"),
+                                              ("visa", "grounding_train_on_visa.pth")])
+def test_the_fine_tuned_detector_is_the_training_source_s(source, expected):
+    m = _method(detector="filo-finetuned")
+    m.trained_on = source
+    spec = m.detector_spec()
+    assert (spec.kind, spec.filo_file, spec.checkpoint) == ("filo-finetuned", expected, None)
+
+
+def test_sources_without_released_weights_use_the_base_detector_and_unknown_sources_are_refused(tmp_path, caplog):
+    m = _method(detector="filo-finetuned")
+    m.trained_on = "br35h"
+    assert m.detector_spec().kind == "base"
+    assert "no released fine-tuned Grounding DINO" in caplog.text
+    m.trained_on = ""  # e.g. loaded from the release's own checkpoint file
+    with pytest.raises(ConfigError, match="methods/filo/params/detector"):
+        m.detector_spec()
+    local = tmp_path / "dino.pth"
+    own = _method(detector="filo-finetuned", detector_checkpoint=str(local))
+    assert own.detector_spec().checkpoint == local
+    assert _method(detector="base").detector_spec().kind == "base"
+    with pytest.raises(ConfigError, match="detector_checkpoint"):
+        FiLo.resolve_params({**TINY, "detector": "base", "detector_checkpoint": str(local)})
+
+
+def test_a_batch_gives_the_numbers_of_its_images_one_by_one(method):
+    images = _images(2, 8)
+    batch = {"image": images, "cls_name": ["bottle", "screw"], "img_path": ["a", "b"], "dataset": "mvtec"}
+    scores, maps = method.predict(batch)
+    for i in range(2):
+        one = {"image": images[i : i + 1], "cls_name": batch["cls_name"][i : i + 1], "img_path": ["x"],
+               "dataset": "mvtec"}
+        s, m = method.predict(one)
+        torch.testing.assert_close(s[0], scores[i], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(m[0], maps[i], atol=1e-6, rtol=1e-6)
+
+
+def test_the_speed_path_builds_the_paper_detector_architecture_with_random_weights():
+    from baselines.filo.method import random_grounding_dino
+
+    model, tokenizer = random_grounding_dino(0, ["cracked large"])
+    config = model.config
+    assert (config.num_queries, config.encoder_layers, config.decoder_layers, config.d_model) == (900, 6, 6, 256)
+    assert (config.backbone_config.embed_dim, list(config.backbone_config.depths)) == (96, [2, 2, 6, 2])
+    assert config.text_config.num_hidden_layers == 12 and tokenizer.convert_tokens_to_ids("[CLS]") == 101

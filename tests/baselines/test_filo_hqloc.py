@@ -1,5 +1,5 @@
 """FiLo HQ-Loc box logic (baselines/filo/hqloc.py) on hand-made detector outputs, then against the release's own
-outputs stored in tests/data/filo/vectors.npz (made by running test.py's code; skipped when the file is absent)."""
+outputs stored in tests/data/filo/vectors.npz (made by running test.py's code)."""
 
 from pathlib import Path
 
@@ -185,8 +185,7 @@ DESCRIPTIONS = {
 
 @pytest.fixture(scope="module")
 def vectors():
-    if not VECTORS.exists():
-        pytest.skip(f"{VECTORS} is absent")
+    assert VECTORS.exists(), f"{VECTORS} is committed with the tests; restore it (tests/data/filo/README.md)"
     return np.load(VECTORS, allow_pickle=False)
 
 

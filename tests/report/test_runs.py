@@ -84,5 +84,6 @@ def test_a_broken_metrics_file_names_the_job_that_rewrites_it(tmp_path: Path) ->
     path = tmp_path / "results" / "demo" / "uzad" / "clip" / "default" / "seed0" / "none" / "visa" / "metrics.json"
     path.parent.mkdir(parents=True)
     path.write_text("{trunc", encoding="utf-8")
-    with pytest.raises(DataError, match=r"snakemake --cores 1 --force .*none/visa/metrics\.json`"):
+    expected = r"snakemake --cores 1 --force .*none/visa/metrics\.json` and `snakemake --cores 1 all`"
+    with pytest.raises(DataError, match=expected):
         load_runs([path])
