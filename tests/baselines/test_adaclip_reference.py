@@ -240,10 +240,12 @@ def test_gradients_and_three_adamw_steps(inputs, vectors):
                 assert_close(params[name], value, name=f"step1/{name}")
     init = ref.learnables("init", vectors)
     for name, value in ref.learnables("step3", vectors).items():
-        # the prompt-path tensors step on gradients with fp16-rounding flips (see _check_rounded_gradient): within
-        # 1 % of what the three steps moved them; every other tensor within 2e-5
+        # the prompt-path tensors step on gradients with fp16-rounding flips (see _check_rounded_gradient), and from
+        # step 2 on those (≤ 1 % of a step) differences reach every tensor through the forward pass, where Adam's
+        # normalisation magnifies them on near-zero gradients (seen on an AMD EPYC: a head weight 5e-5 off after
+        # step 3, 0.2 % of what it moved; step 1 above is still held to 1e-5): within 1 % of what the steps moved
         moved = float((value - init[name]).abs().max())
-        tol = max(2e-5, 0.01 * moved) if "prompt" in name else 2e-5
+        tol = max(2e-5, 0.01 * moved)
         assert_close(params[name], value, tol, name=f"step3/{name}")
     with torch.no_grad():
         after = model.loss(inputs["image"][1:2], ["bottle"], inputs["mask"][1:2], inputs["label"][1:2])
