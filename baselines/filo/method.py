@@ -200,6 +200,12 @@ class FiLo(BackboneMethod):
 
     training_free: ClassVar[bool] = False
     training_mask_resize: ClassVar[str] = "bilinear"  # the release: PIL bilinear resize to 518, then > 0.5
+    #: HQ-Loc's detector, box logic and test-time scoring: variants differing only here share one trained model
+    #: (FiLo Table 4's grounding / position rows train the same 1x1-MMCI model).
+    evaluation_params: ClassVar[frozenset[str]] = frozenset({
+        "grounding", "position_enhancement", "detector", "detector_checkpoint", "detector_dir", "detector_size",
+        "box_threshold", "text_threshold", "area_threshold", "outside_factor", "blur_kernel", "blur_sigma",
+        "score_form"})
     defaults: ClassVar[dict[str, Any]] = {
         **BACKBONE_DEFAULTS,
         "backbone": "openai-vit-l-14-336-518-gelu-noantialias",  # exact GELU, OpenAI weights at 518 (37x37)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -341,6 +342,31 @@ def save_trained(method: Method, model_dir: Path, info: Mapping[str, Any]) -> No
     _write_json({**info, "weights": WEIGHTS, "weights_sha256": file_sha256(weights)}, model_dir / MODEL_INFO)
 
 
+def copy_trained(source_dir: Path, model_dir: Path, spec: RunSpec) -> None:
+    """Give ``model_dir`` the model of ``source_dir``, a variant of the same job whose training differs only in the
+    method's evaluation-only parameters (:attr:`RunSpec.shared_training_digest`): the weights are copied and
+    ``model.json`` records this variant's own fingerprint and where the weights came from (written like
+    :func:`save_trained`: weights first, then the record)."""
+    info, problem = read_model_record(source_dir)
+    if info is None:  # pragma: no cover - the source was written or checked in this job
+        raise DataError(f"{source_dir / MODEL_INFO}: {problem}; run the job again")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / MODEL_INFO).unlink(missing_ok=True)
+    weights = model_dir / WEIGHTS
+    tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(source_dir / info["weights"], tmp)
+        tmp.replace(weights)
+    finally:
+        tmp.unlink(missing_ok=True)
+    record = {**info, "variant": spec.key.variant, "fingerprint": spec.training_digest,
+              "training_spec": spec.training_identity(), "shared_from": str(source_dir), "weights": WEIGHTS,
+              "weights_sha256": file_sha256(weights)}
+    _write_json(record, model_dir / MODEL_INFO)
+    log.info("%s/%s trains exactly as %s (they differ only in evaluation settings): its model is copied, not trained "
+             "again", spec.key.method, spec.key.variant, source_dir)
+
+
 def trained_model_is_current(spec: RunSpec, model_dir: Path) -> bool:
     """True when ``model_dir`` holds an intact model trained under exactly ``spec``'s training specification.
 
@@ -442,17 +468,22 @@ def run_group(
         raise ConfigError(f"run_group: no meta.json given for {missing}")
     specs = {key: resolve_run_spec(config, key, meta_paths) for key in keys}
     _check_planned(specs, expected_digests or {})
+    trained: dict[str, Path] = {}  # shared training digest -> a current model of this job
     for source, setting, variant in dict.fromkeys((k.source, k.setting, k.variant) for k in keys):
         model_keys = [k for k in keys if (k.source, k.setting, k.variant) == (source, setting, variant)]
         first = model_keys[0]
         model_dir, method = None, None
         if first.source != NO_SOURCE:
             model_dir = first.model_dir(results_root)
+            shared = specs[first].shared_training_digest
             if trained_model_is_current(specs[first], model_dir):
                 log.info("reusing the trained model in %s (same training specification, weights intact)", model_dir)
+            elif shared in trained:
+                copy_trained(trained[shared], model_dir, specs[first])
             else:
                 method = fit_run(config, first, meta_path=meta_paths[first.source], model_dir=model_dir,
                                  spec=specs[first])
+            trained.setdefault(shared, model_dir)
         evaluate_runs(
             config, model_keys, meta_paths=[meta_paths[k.target] for k in model_keys],
             metrics_paths=[k.run_dir(results_root) / "metrics.json" for k in model_keys],

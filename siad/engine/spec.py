@@ -126,6 +126,24 @@ class RunSpec:
             "code": {"method": self.code["method"], "training": self.code.get("training")},
         }
 
+    def shared_training_identity(self) -> dict[str, Any]:
+        """:meth:`training_identity` without the variant's name and the method's evaluation-only parameters
+        (``Method.evaluation_params``): variants of one job with equal values train the same model, which
+        :func:`siad.engine.runs.run_group` trains once and copies."""
+        from siad.methods import get_method_class
+
+        identity = self.training_identity()
+        evaluation_only = get_method_class(self.key.method).evaluation_params
+        run = {k: v for k, v in identity["run"].items() if k != "variant"}
+        params = {k: v for k, v in identity["params"].items() if k not in evaluation_only}
+        inputs = {k: v for k, v in identity["inputs"].items() if k not in evaluation_only}
+        return {**identity, "run": run, "params": params, "inputs": inputs}
+
+    @property
+    def shared_training_digest(self) -> str:
+        """SHA-256 of :meth:`shared_training_identity`."""
+        return json_digest(self.shared_training_identity())
+
     @property
     def digest(self) -> str:
         """SHA-256 of :meth:`identity`: the stamp of metrics.json."""

@@ -211,6 +211,9 @@ class Method(ABC):
     #: (AA-CLIP's per-class min–max normalisation): the engine then holds a class's raw outputs and calls
     #: :meth:`postprocess_class` once per class before the maps are resized for evaluation.
     per_class_postprocess: ClassVar[bool] = False
+    #: Parameters that change only the evaluation (test-time switches such as FiLo's box suppression): variants that
+    #: differ in nothing else share one trained model in a job (trained once, copied to each variant's folder).
+    evaluation_params: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0,
                  weights_seed: int | None = None) -> None:

@@ -102,8 +102,9 @@ def _table1(config: Config, runs: Sequence[Mapping[str, Any]], reference: pd.Dat
     notes = ["Claimed numbers: FiLo's Table 1 (filo_table1.csv), the classic ZAD protocol: trained on the test split "
              "of MVTecAD (real anomalies, masks) and tested on VisA, and the reverse.",
              "Reproduced: the suite's `zad` runs (VisA from MVTecAD-trained weights, MVTecAD from VisA-trained) of the "
-             "configured methods; CLIP is training-free (one run serves every setting). FiLo's own numbers come from "
-             "its released code (Grounding DINO fine-tuned on the auxiliary set, which the suite loads)."]
+             "configured methods; CLIP is training-free (one run serves every setting). FiLo's claimed numbers come "
+             "from its released code, with the Grounding DINO its authors fine-tuned on the auxiliary set, which the "
+             "paper profile loads (the demo's detector is a tiny random one)."]
     return build_claim_table(runs, rows, filo_columns(datasets), name="filo_table1",
                              title="FiLo Table 1: zero-shot anomaly detection (ZAD), AUROC (%)",
                              row_header=("method", "backbone"), column_header="column", notes=notes)

@@ -6,6 +6,8 @@ logic in test_filo_grounding.py / test_filo_hqloc.py.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -393,3 +395,19 @@ def test_the_speed_path_builds_the_paper_detector_architecture_with_random_weigh
     assert (config.num_queries, config.encoder_layers, config.decoder_layers, config.d_model) == (900, 6, 6, 256)
     assert (config.backbone_config.embed_dim, list(config.backbone_config.depths)) == (96, [2, 2, 6, 2])
     assert config.text_config.num_hidden_layers == 12 and tokenizer.convert_tokens_to_ids("[CLS]") == 101
+
+
+def test_table4_rows_that_differ_only_at_test_time_share_one_training():
+    import yaml
+
+    from siad.config import method_params
+    from siad.engine.protocol import RunKey
+    from siad.engine.spec import resolve_run_spec
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "config" / "demo.yaml").read_text())
+    digest = {v: resolve_run_spec(config, RunKey("zad", "filo", v, "visa", "mvtec", 0)).shared_training_digest
+              for v in ("default", "hq_none", "hq_grounding", "hq_position", "hq_shape", "hq_scale", "no_detector")}
+    assert digest["hq_none"] == digest["hq_grounding"] == digest["hq_position"]  # the 1x1-MMCI model, trained once
+    assert digest["default"] == digest["no_detector"]
+    assert len({digest[v] for v in ("default", "hq_none", "hq_shape", "hq_scale")}) == 4
+    assert FiLo.resolve_params(method_params(config, "filo", "hq_grounding"))["grounding"] is True

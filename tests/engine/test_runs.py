@@ -280,6 +280,47 @@ def test_run_group_trains_each_variant_once_then_reuses_the_current_model(worksp
     assert fits == ["default", "small", "small"]  # only the changed variant is retrained
 
 
+class MeanImageWithThreshold(MeanImage):
+    """MeanImage with a test-time-only parameter (``clip_at``: the map is clipped at it)."""
+
+    defaults = {"size": 32, "clip_at": 10.0}
+    evaluation_params = frozenset({"clip_at"})
+
+    def predict(self, batch):
+        scores, maps = super().predict(batch)
+        return scores, maps.clamp(max=self.params["clip_at"])
+
+
+if "test_mean_image_eval" not in METHODS:
+    METHODS.add("test_mean_image_eval", MeanImageWithThreshold)
+
+
+def test_variants_differing_only_in_evaluation_parameters_share_one_training(workspace, monkeypatch):
+    tmp, config, metas = workspace
+    config = copy.deepcopy(config)
+    config["methods"]["test_mean_image_eval"] = {
+        "display_name": "MeanEval", "params": {"size": 32},
+        "variants": {"clipped": {"clip_at": 0.1}, "small": {"size": 16}}}
+    keys = [RunKey("uzad", "test_mean_image_eval", v, "mvtec", "visa", 0) for v in ("default", "clipped", "small")]
+    fits = []
+    real_fit = runs.fit_run
+    monkeypatch.setattr(runs, "fit_run", lambda *a, **k: fits.append(a[1].variant) or real_fit(*a, **k))
+    results = tmp / "shared"
+    runs.run_group(config, keys, meta_paths=metas, results_root=results, progress=False)
+    assert fits == ["default", "small"]  # "clipped" trains exactly as "default": copied
+    default_dir, clipped_dir = keys[0].model_dir(results), keys[1].model_dir(results)
+    assert (clipped_dir / runs.WEIGHTS).read_bytes() == (default_dir / runs.WEIGHTS).read_bytes()
+    record = json.loads((clipped_dir / runs.MODEL_INFO).read_text())
+    assert record["variant"] == "clipped" and record["shared_from"] == str(default_dir)
+    specs = [resolve_run_spec(config, k, metas) for k in keys]
+    assert record["fingerprint"] == specs[1].training_digest != specs[0].training_digest
+    assert specs[0].shared_training_digest == specs[1].shared_training_digest != specs[2].shared_training_digest
+    numbers = [json.loads((k.run_dir(results) / "metrics.json").read_text())["mean"] for k in keys[:2]]
+    assert numbers[0] != numbers[1]  # evaluated with their own parameter
+    runs.run_group(config, keys, meta_paths=metas, results_root=results, progress=False)
+    assert fits == ["default", "small"]  # every model current: nothing trained again
+
+
 def test_run_group_refuses_runs_of_several_methods_or_seeds(workspace):
     tmp, config, metas = workspace
     keys = [RunKey("uzad", "test_mean_image", "default", "mvtec", "visa", 0),
