@@ -5,6 +5,8 @@ loops); the numbers of the release itself are checked in test_adaclip_reference.
 """
 
 import copy
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +32,11 @@ from siad.methods.mosaic import mosaic
 from siad.prompts.ensemble import ENSEMBLES
 
 # The demo stand-in: exact-GELU ViT-L/14-shaped, 8 blocks, 112 px (8x8 grid), 12 text blocks; taps 2/4/6/8.
+_toy_spec = importlib.util.spec_from_file_location("toy_training_set",
+                                                   Path(__file__).with_name("toy_training_set.py"))
+toy = importlib.util.module_from_spec(_toy_spec)
+_toy_spec.loader.exec_module(toy)
+
 SIZE, GRID = 112, 8
 TINY = {"backbone": "tiny-vit-l14-gelu-demo", "features": [2, 4, 6, 8], "k_clusters": 4, "progress": False}
 CONFIG = AdaCLIPConfig(features=(2, 4, 6, 8), k_clusters=4, image_size=SIZE)
@@ -46,28 +53,12 @@ def model(backbone):
 
 
 def _images(n=2, seed=0):
-    return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+    return toy.toy_images(n, seed, SIZE)
 
 
-class ToyData(torch.utils.data.Dataset):
-    """n items in the engine's training-set format: odd items anomalous with a square mask."""
-
-    def __init__(self, n=6, name="visa", valid=True, anomalies=True):
-        self.n, self.name, self.valid, self.anomalies = n, name, valid, anomalies
-        self.records = [{"cls_name": "candle" if i < n - 2 else "pcb1"} for i in range(n)]
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        image = _images(1, 100 + i)[0]
-        mask = torch.zeros(SIZE, SIZE, dtype=torch.bool)
-        anomalous = self.anomalies and i % 2 == 1
-        if anomalous:
-            mask[20:60, 30:70] = True
-            image[:, 20:60, 30:70] += 2.0
-        return {"image": image, "mask": mask, "label": int(anomalous), "cls_name": self.records[i]["cls_name"],
-                "img_path": f"img{i}.png", "image_sha256": "", "mask_valid": self.valid or not anomalous}
+def ToyData(n=6, name="visa", valid=True, anomalies=True):  # noqa: N802 (reads like the class)
+    """The shared toy training set (tests/baselines/toy_training_set.py) at this file's size."""
+    return toy.ToyData(n, name, valid, anomalies, size=SIZE, n_pcb=2)
 
 
 def _method(seed=0, **params):

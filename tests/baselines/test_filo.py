@@ -6,6 +6,7 @@ logic in test_filo_grounding.py / test_filo_hqloc.py.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,11 @@ from siad.data.registry import DATASETS, get_dataset
 from siad.errors import ConfigError
 from siad.methods import build_method
 
+_toy_spec = importlib.util.spec_from_file_location("toy_training_set",
+                                                   Path(__file__).with_name("toy_training_set.py"))
+toy = importlib.util.module_from_spec(_toy_spec)
+_toy_spec.loader.exec_module(toy)
+
 SIZE = 112
 TINY = {"backbone": "tiny-vit-l14-demo", "features": [2, 4, 6, 8], "vv_start": 3, "detector": "tiny-random",
         "detector_size": 112, "epochs": 1, "adapter_epochs": 1, "progress": False}
@@ -48,28 +54,12 @@ def _method(seed=0, **params) -> FiLo:
 
 
 def _images(n, seed):
-    return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+    return toy.toy_images(n, seed, SIZE)
 
 
-class ToyData(torch.utils.data.Dataset):
-    """n items in the engine's training-set format: odd items anomalous with a square mask."""
-
-    def __init__(self, n=4, name="visa", valid=True, anomalies=True):
-        self.n, self.name, self.valid, self.anomalies = n, name, valid, anomalies
-        self.records = [{"cls_name": "candle" if i < n - 1 else "pcb1"} for i in range(n)]
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        image = _images(1, 100 + i)[0]
-        mask = torch.zeros(SIZE, SIZE, dtype=torch.bool)
-        anomalous = self.anomalies and i % 2 == 1
-        if anomalous:
-            mask[20:60, 30:70] = True
-            image[:, 20:60, 30:70] += 2.0
-        return {"image": image, "mask": mask, "label": int(anomalous), "cls_name": self.records[i]["cls_name"],
-                "img_path": f"img{i}.png", "image_sha256": "", "mask_valid": self.valid or not anomalous}
+def ToyData(n=4, name="visa", valid=True, anomalies=True):  # noqa: N802 (reads like the class)
+    """The shared toy training set (tests/baselines/toy_training_set.py) at this file's size."""
+    return toy.ToyData(n, name, valid, anomalies, size=SIZE, n_pcb=1)
 
 
 @pytest.fixture(scope="module")
