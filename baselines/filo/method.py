@@ -112,6 +112,7 @@ def stage_optimizers(learnables: FiLoLearnables, params: Mapping[str, Any]
     return main, adapter
 
 
+@functools.cache
 def description_words() -> tuple[str, ...]:
     """Every description of the descriptions file (the tiny detector's vocabulary covers all captions)."""
     data = load_descriptions()
