@@ -28,6 +28,19 @@ identity variant). ``heads`` and ``scale`` default to the block's (scale = 1/sqr
 Nothing here modifies the model: :func:`variant_features` is a function of ``(visual, images, variant)``
 that reads the block weights. Every tap holds that block's own tokens (no tensor is updated in place;
 AnoVL's released code returns aliased V-V taps that all equal the final tokens, spec §6).
+
+Two execution modes of the dual path (``variant_features(..., fused_dual_pass=...)``):
+
+- **reference** (default): the original stream is the model's own blocks (bit-identical to ``encode_image``
+  and :func:`~siad.backbones.features.stage_features`); the second stream recomputes ``ln_1`` and the V
+  projection of the original stream and runs its own ``out_proj``.
+- **fused** (a fast mode): each block from ``start_block`` on is written out once for both streams — one
+  ``ln_1``, one packed QKV projection, the original and the variant attention, both ``out_proj`` in one
+  matrix multiply on the tokens of both streams concatenated — and, where nothing reads the original
+  stream's last-block patch tokens (no original tap there), its last block is computed for the CLS row only
+  (all the image embedding reads; keys and values still come from every token). Equal to the reference mode
+  within float32 rounding (~1e-6 relative), not bit-identical: the original attention runs through
+  ``scaled_dot_product_attention`` instead of ``nn.MultiheadAttention``'s fused kernel.
 """
 
 from __future__ import annotations
@@ -36,7 +49,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock
 from torch import Tensor, nn
 
 from siad.backbones.features import (
@@ -121,8 +136,9 @@ class VariantFeatures:
     """Per-tap tokens of both streams.
 
     Attributes:
-        original: the unmodified stream at the taps (bit-identical to :func:`stage_features`); None when a
-            single-path run was asked not to compute it.
+        original: the unmodified stream at the taps (bit-identical to :func:`stage_features` in the reference
+            mode, equal within float rounding in the fused mode); None when a single-path run was asked not to
+            compute it or the caller asked for no original taps (``original_taps=False``).
         modified: the variant's stream at the taps. Taps before ``start_block`` hold the original stream's
             tokens (the second stream is a copy of it up to there; views of the same, never-mutated tensors).
         image_embedding: ``encode_image``'s output from the original stream (None without it).
@@ -179,6 +195,84 @@ def _modified_step(block: nn.Module, stream: Tensor, source: Tensor, variant: At
     return stream
 
 
+def _check_fusable(block: nn.Module, variant: AttentionVariant) -> nn.MultiheadAttention:
+    """The fused pass writes the block's forward out by hand: only open_clip's own default block qualifies."""
+    if variant.path != "dual" or variant.attend_over != "tokens":
+        raise ConfigError(
+            f"fused_dual_pass needs a dual-path variant attending over tokens (got path={variant.path!r}, "
+            f"attend_over={variant.attend_over!r}); use fused_dual_pass=False for this variant"
+        )
+    if type(block).forward is not ResidualAttentionBlock.forward or hasattr(block, "ln_1_kv"):
+        raise ConfigError(
+            f"fused_dual_pass: block {type(block).__name__} is not open_clip's default ResidualAttentionBlock; "
+            "use fused_dual_pass=False"
+        )
+    return _check_attention(block.attn)
+
+
+def _heads_attention(query: Tensor, key: Tensor, value: Tensor, heads: int, scale: float | None) -> Tensor:
+    """Multi-head scaled dot-product attention: queries ``[B, Lq, D]`` on keys/values ``[B, L, D]`` → ``[B, Lq, D]``."""
+    mixed = F.scaled_dot_product_attention(_split_heads(query, heads), _split_heads(key, heads),
+                                           _split_heads(value, heads), scale=scale)
+    return mixed.transpose(1, 2).reshape(query.shape)
+
+
+def _fused_step(block: nn.Module, original: Tensor, modified: Tensor, variant: AttentionVariant, *,
+                cls_only: bool) -> tuple[Tensor, Tensor]:
+    """One block of both streams of the dual path with shared work (module docstring, fused mode).
+
+    Args:
+        block: an open_clip ``ResidualAttentionBlock`` (checked by :func:`_check_fusable`).
+        original: the original stream ``h`` at the block input, ``[B, L, D]``.
+        modified: the second stream ``u`` at the block input, ``[B, L, D]``.
+        variant: the dual-path variant (its kind, heads, scale, with_mlp).
+        cls_only: compute the original stream's output for the CLS row only (``[B, 1, D]``).
+
+    Returns:
+        ``(h', u')``: ``[B, L, D]`` (``[B, 1, D]`` for ``h'`` with ``cls_only``) and ``[B, L, D]``.
+    """
+    attn = _check_fusable(block, variant)
+    width, heads = attn.embed_dim, attn.num_heads
+    variant_heads = variant.heads or heads
+    if width % variant_heads:
+        raise ConfigError(f"attention variant: width {width} is not divisible by heads={variant_heads}")
+    scale = variant.scale if variant.scale is not None else (width // variant_heads) ** -0.5
+    normed = block.ln_1(original)
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    if cls_only and variant.kind != "qkv":  # the CLS query only; keys and values of every token
+        query = F.linear(normed[:, :1], weight[:width], None if bias is None else bias[:width])
+        key, value = F.linear(normed, weight[width:], None if bias is None else bias[width:]).chunk(2, dim=-1)
+    else:
+        query, key, value = F.linear(normed, weight, bias).chunk(3, dim=-1)
+    if cls_only and variant.kind == "qkv":
+        query_cls = query[:, :1]
+    else:
+        query_cls = query
+    mixed_original = _heads_attention(query_cls, key, value, heads, None)
+    if variant.kind == "vv":
+        mixed_variant = _heads_attention(value, value, value, variant_heads, scale)
+    elif variant.kind == "v":
+        mixed_variant = value
+    else:
+        mixed_variant = _heads_attention(query, key, value, variant_heads, scale)
+    # both out_proj in one matrix multiply, on the tokens of both streams side by side
+    projected = attn.out_proj(torch.cat([mixed_original, mixed_variant], dim=1))
+    original_update, variant_update = projected.split([mixed_original.shape[1], mixed_variant.shape[1]], dim=1)
+    stream = original[:, :1] if cls_only else original
+    stream = stream + block.ls_1(original_update)
+    stream = stream + block.ls_2(block.mlp(block.ln_2(stream)))
+    modified = modified + block.ls_1(variant_update)
+    if variant.with_mlp:
+        modified = modified + block.ls_2(block.mlp(block.ln_2(modified)))
+    return stream, modified
+
+
+def _pools_the_cls_token(visual: nn.Module) -> bool:
+    """Whether the image embedding reads only the CLS row of the final stream (``pool_type 'tok'``, no attention
+    pooling), so the last block may be computed for that row alone."""
+    return getattr(visual, "attn_pool", None) is None and getattr(visual, "pool_type", None) == "tok"
+
+
 def variant_features(
     visual: nn.Module,
     images: Tensor,
@@ -188,6 +282,8 @@ def variant_features(
     ln_post: bool = False,
     project: bool = False,
     run_original: bool = True,
+    original_taps: bool = True,
+    fused_dual_pass: bool = False,
     positional_embedding: Tensor | None = None,
 ) -> VariantFeatures:
     """Run the original stream and the variant's stream in one pass; return both at ``taps``.
@@ -201,6 +297,11 @@ def variant_features(
             uses both on the last V-V tokens).
         run_original: single path only: False skips the original stream after ``start_block`` (no
             ``original`` taps beyond it, no image embedding). The dual path always needs it.
+        original_taps: False returns no ``original`` taps (None) and so skips their ``ln_post`` / ``proj``;
+            the original stream still runs where the second stream or the image embedding needs it. The
+            modified taps and the image embedding are bit-identical either way.
+        fused_dual_pass: dual path only: the fused fast mode (module docstring; equal within float rounding,
+            not bit-identical); False (default) is the bit-identical reference mode.
         positional_embedding: replaces the model's own positional embedding (``[1 + N, D]``, e.g. AnomalyCLIP's
             run-time bilinear resize, :func:`siad.backbones.features.resize_positional_embedding`); None keeps it.
     """
@@ -210,26 +311,34 @@ def variant_features(
     taps = normalize_taps(taps, len(blocks))
     start = variant.resolve_start(len(blocks))
     wanted = set(taps)
+    last = len(blocks) - 1
+    # fused mode: the last block's original patch tokens are read by nobody unless they are an original tap
+    cls_only_last = fused_dual_pass and not (original_taps and last in wanted) and _pools_the_cls_token(visual)
     original: Tensor | None = embed_images(visual, images, positional_embedding)
     modified: Tensor | None = None
     tapped_original: dict[int, Tensor] = {}
     tapped_modified: dict[int, Tensor] = {}
     for index, block in enumerate(blocks):
-        if index >= start:
+        if fused_dual_pass and index >= start:
             modified = original if modified is None else modified
-            source = original if variant.path == "dual" else modified
-            modified = _modified_step(block, modified, source, variant)
-        if original is not None and (index < start or run_original):
-            original = block(original)
+            original, modified = _fused_step(block, original, modified, variant,
+                                             cls_only=cls_only_last and index == last)
         else:
-            original = None
+            if index >= start:
+                modified = original if modified is None else modified
+                source = original if variant.path == "dual" else modified
+                modified = _modified_step(block, modified, source, variant)
+            if original is not None and (index < start or run_original):
+                original = block(original)
+            else:
+                original = None
         if index in wanted:
             tapped_modified[index] = modified if modified is not None else original
-            if original is not None:
+            if original is not None and original_taps:
                 tapped_original[index] = original
     head = {"ln_post": ln_post, "project": project}
     return VariantFeatures(
-        original=collect_taps(visual, taps, tapped_original, **head) if run_original else None,
+        original=collect_taps(visual, taps, tapped_original, **head) if run_original and original_taps else None,
         modified=collect_taps(visual, taps, tapped_modified, **head),
         image_embedding=image_embedding(visual, original) if original is not None else None,
         start_block=start,

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import siad.backbones.attention as attention_module
 from siad.backbones import (
     PRESETS,
     AttentionVariant,
@@ -228,3 +229,108 @@ def test_presets_follow_the_specs():
     surgery = PRESETS["aaclip_surgery"]
     assert (surgery.start_block, surgery.path, surgery.with_mlp, surgery.attend_over) == (5, "single", True, "batch")
     assert PRESETS["anovl_v_last"].resolve_start(12) == 11
+
+
+# --- the fused dual pass (fast mode) and the skipped original taps -------------------------------------------
+
+FUSED_CASES = {
+    "anovl all blocks": AttentionVariant(start_block=0),
+    "dpam-like from block 5": AttentionVariant(start_block=5),
+    "V last block": PRESETS["anovl_v_last"],
+    "custom heads and scale": AttentionVariant(start_block=3, heads=6, scale=0.3),
+    "qkv without mlp": AttentionVariant(start_block=2, kind="qkv"),
+    "V-V with mlp": AttentionVariant(start_block=4, with_mlp=True),
+}
+
+
+def assert_relatively_close(fast, reference, tolerance=1e-5):
+    error = float((fast - reference).abs().max() / reference.abs().max())
+    assert error <= tolerance, error
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Records the ``cls_only`` flag of every fused block, so a test sees that the fast mode really ran."""
+    calls = []
+    original = attention_module._fused_step
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["cls_only"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "_fused_step", spy)
+    return calls
+
+
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+@torch.no_grad()
+def test_fused_dual_pass_equals_the_reference_mode_within_rounding(anovl_tiny, fused_calls, case):
+    backbone, images = anovl_tiny
+    visual = backbone.model.visual
+    variant = FUSED_CASES[case]
+    taps = list(range(12))
+    reference = variant_features(visual, images, variant, taps)
+    fused = variant_features(visual, images, variant, taps, fused_dual_pass=True)
+    start = reference.start_block
+    assert fused_calls == [False] * (12 - start)  # every modified block fused; the last one in full (it is tapped)
+    for stream in ("original", "modified"):
+        for block in taps:
+            assert_relatively_close(getattr(fused, stream).patch_at(block), getattr(reference, stream).patch_at(block))
+            assert_relatively_close(getattr(fused, stream).cls_at(block), getattr(reference, stream).cls_at(block))
+    assert_relatively_close(fused.image_embedding, reference.image_embedding)
+    # and against the float64 definition, so both modes are right, not merely alike
+    args = {"start": start, "kind": variant.kind, "heads": variant.heads, "scale": variant.scale,
+            "with_mlp": variant.with_mlp}
+    originals, modifieds = slow_reference(visual, images, **args)
+    for block in taps:
+        assert_close(fused.modified.patch_at(block), modifieds[block][:, 1:])
+        assert_close(fused.original.patch_at(block), originals[block][:, 1:])
+
+
+@torch.no_grad()
+def test_fused_dual_pass_computes_the_last_block_for_the_cls_row_only_when_nothing_else_reads_it(
+        anovl_tiny, fused_calls):
+    backbone, images = anovl_tiny
+    visual = backbone.model.visual
+    variant = PRESETS["anovl"]
+    reference = variant_features(visual, images, variant, [5, 11], ln_post=True, project=True, original_taps=False)
+    fused = variant_features(visual, images, variant, [5, 11], ln_post=True, project=True, original_taps=False,
+                             fused_dual_pass=True)
+    assert fused_calls == [False] * 11 + [True]
+    assert fused.original is None
+    for block in (5, 11):
+        assert_relatively_close(fused.modified.patch_at(block), reference.modified.patch_at(block))
+    assert_relatively_close(fused.image_embedding, backbone.model.encode_image(images))
+    fused_calls.clear()  # with the original last-block tap asked for, the last block runs in full
+    variant_features(visual, images, variant, [11], fused_dual_pass=True)
+    assert fused_calls == [False] * 12
+
+
+@torch.no_grad()
+def test_skipping_the_original_taps_is_bit_identical_and_skips_their_head(anovl_tiny):
+    backbone, images = anovl_tiny
+    visual = backbone.model.visual
+    calls = []
+    hook = visual.ln_post.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[1]))
+    try:
+        full = variant_features(visual, images, PRESETS["anovl"], [3, 11], ln_post=True, project=True)
+        with_original = len(calls)
+        calls.clear()
+        lean = variant_features(visual, images, PRESETS["anovl"], [3, 11], ln_post=True, project=True,
+                                original_taps=False)
+    finally:
+        hook.remove()
+    assert lean.original is None and full.original is not None
+    assert torch.equal(lean.image_embedding, full.image_embedding)
+    for block in (3, 11):
+        assert torch.equal(lean.modified.patch_at(block), full.modified.patch_at(block))
+        assert torch.equal(lean.modified.cls_at(block), full.modified.cls_at(block))
+    assert len(calls) == with_original - 2  # two taps of the original stream not passed through ln_post
+
+
+def test_fused_dual_pass_refuses_what_it_cannot_fuse(anovl_tiny):
+    backbone, images = anovl_tiny
+    visual = backbone.model.visual
+    for variant in (PRESETS["aaclip_surgery_tokenwise"], AttentionVariant(start_block=5, attend_over="batch")):
+        with pytest.raises(ConfigError, match="fused_dual_pass"):
+            variant_features(visual, images, variant, [11], fused_dual_pass=True)
