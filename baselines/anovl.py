@@ -32,6 +32,16 @@ TTA variants (``tta``), all on the projected patch tokens only (the backbone nev
   probe for ``ω`` gives a marginal gain "due to poor random initialization", hence the text init.
 - ``none``: TFA.
 
+The paper and linear-probe adapters of the images of a batch are independent, so they are trained together
+(:meth:`AnoVL.adapt_batch`): one stacked ω ``[B, 2N, C]`` with batched matrix products and one AdamW over it —
+AdamW is element-wise, so each image's slice follows exactly its own AdamW; the summed loss gives each slice
+its own image's gradient. Equal to the per-image :meth:`AnoVL.adapt` within float rounding (≤ 1e-6).
+
+``fused_dual_pass: true`` runs the V-V dual path in the fused fast mode of :mod:`siad.backbones.attention`
+(one ``ln_1`` and QKV projection per block for both streams, equal within float rounding); false (default)
+is the bit-identical reference mode. Either way the original stream's taps are not collected (only its CLS
+feeds the image embedding), so their ``ln_post`` + ``proj`` are skipped.
+
 Determinism: every random draw of an image (noise, the code variant's re-initialisation) comes from a
 ``torch.Generator`` seeded with ``self.seed`` and a SHA-256 of (class, image path) — the image's index in
 its batch when the batch carries no paths — so the same inputs in the same order give identical outputs.
@@ -167,6 +177,35 @@ def paper_loss(adapter: PaperAdapter, tokens: Tensor, text: Tensor, pseudo: Tens
     return discriminative + pseudo_label
 
 
+class BatchedPaperAdapter(nn.Module):
+    """Eq. 9 for B independent images at once: ``P'_b = softmax(P_b ω_bᵀ) T_b + P_b`` with a stacked ω.
+
+    ``text_tokens`` and ``omega`` are ``[B, 2N, C]`` (one class's sentence tokens and initial ω per image).
+    """
+
+    def __init__(self, text_tokens: Tensor, omega: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("text_tokens", text_tokens)
+        self.omega = nn.Parameter(omega.clone())
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Raw tokens ``[B, M, C]`` → adapted tokens ``[B, M, C]``."""
+        return torch.bmm(torch.bmm(tokens, self.omega.transpose(1, 2)).softmax(dim=-1), self.text_tokens) + tokens
+
+
+def batched_paper_loss(adapter: BatchedPaperAdapter, tokens: Tensor, text: Tensor, pseudo: Tensor,
+                       noise: Tensor) -> Tensor:
+    """:func:`paper_loss` per image of a batch: tokens [B, M, C], class text [B, 2, C], pseudo-labels [B, M],
+    noise [B, M, C] → the B losses [B]."""
+    adapted = adapter(tokens)
+    unit = F.normalize(adapted, dim=-1)
+    clean = torch.bmm(unit, text.transpose(1, 2)).log_softmax(dim=-1)
+    noisy = torch.bmm(F.normalize(adapted + noise, dim=-1), text.transpose(1, 2)).log_softmax(dim=-1)
+    discriminative = -torch.cat([clean[..., 0], noisy[..., 1]], dim=1).mean(dim=1)
+    pseudo_label = -(pseudo * clean[..., 1]).mean(dim=1)
+    return discriminative + pseudo_label
+
+
 def code_loss(adapter: CodeAdapter, tokens: Tensor, text: Tensor, pseudo: Tensor, noise: Tensor) -> Tensor:
     """Released ``loss_func``: entropy(clean) + 0.5·(−log p_n(clean) − log p_a(noisy)), token means."""
     del pseudo  # the released loss uses no TFA pseudo-labels
@@ -215,6 +254,7 @@ class AnoVL(BackboneMethod):
         "image_views": "single",  # "single" | "augmented" (22 views of the released MVTec script)
         "text_batch_size": 256,  # sentences per text-encoder batch (924 per class)
         "feature_cache": None,  # folder of the frozen-feature cache (None: always run the backbone)
+        "fused_dual_pass": False,  # True: fused fast V-V pass (equal within float rounding); False: bit-identical
     }
     param_rules: ClassVar[Mapping[str, ParamRule]] = {
         **BACKBONE_RULES,
@@ -230,6 +270,7 @@ class AnoVL(BackboneMethod):
         "image_views": Choice(IMAGE_VIEWS),
         "text_batch_size": Number(low=1, integer=True),
         "feature_cache": Text(),
+        "fused_dual_pass": Flag(),
     }
 
     def __init__(self, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0,
@@ -273,13 +314,15 @@ class AnoVL(BackboneMethod):
     def encode_image(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """One backbone pass: normalised global embedding [B, D] (original-path CLS) and the pixel-branch
         tokens [B, N, D] (last block's second-stream tokens, or plain tokens for ``qkv``, through
-        ``ln_post`` + ``proj``; NOT normalised: the TTA adapters take them raw)."""
+        ``ln_post`` + ``proj``; NOT normalised: the TTA adapters take them raw). ``fused_dual_pass`` selects the
+        fused fast mode of the V-V pass (no effect on ``qkv``, which runs the plain model)."""
         visual = self.backbone.model.visual
         if self.params["attention"] == "qkv":
             out = stage_features(visual, images, [-1], ln_post=True, project=True)
             embedding, patches = out.image_embedding, out.taps.patch[0]
         else:
-            feats = variant_features(visual, images, self.variant, [-1], ln_post=True, project=True)
+            feats = variant_features(visual, images, self.variant, [-1], ln_post=True, project=True,
+                                     original_taps=False, fused_dual_pass=self.params["fused_dual_pass"])
             embedding, patches = feats.image_embedding, feats.modified.patch[0]
         return F.normalize(embedding, dim=-1), patches
 
@@ -292,6 +335,8 @@ class AnoVL(BackboneMethod):
             namespace = backbone_namespace(self.backbone.spec, taps=(), seed=self.weights_seed,
                                            feature="anovl_pixel_branch",
                                            attention=self.params["attention"], start_block=self.params["start_block"],
+                                           **({"fused_dual_pass": True} if self.params["fused_dual_pass"]
+                                              and self.params["attention"] != "qkv" else {}),
                                            code_modules=(type(self).encode_image.__module__,))
             self._cache = FeatureCache(Path(self.params["feature_cache"]), namespace)
 
@@ -346,6 +391,53 @@ class AnoVL(BackboneMethod):
             )
         return TTAResult(adapted, tuple(losses))
 
+    def adapt_batch(self, tokens: Tensor, cls_names: Sequence[str], image_keys: Sequence[object]) -> list[TTAResult]:
+        """The configured TTA on the raw tokens ``[B, M, C]`` of B images (classes ``cls_names``, keys for their
+        random draws ``image_keys``): one :class:`TTAResult` per image, equal to :meth:`adapt` per image.
+
+        ``paper`` and ``linear_probe`` train the B independent adapters together (module docstring); ``code``
+        runs image after image, since its per-class optimiser carries state from one image to the next.
+        """
+        if self.params["tta"] == "code":
+            return [self.adapt(tokens[i], cls_names[i], image_keys[i]) for i in range(len(cls_names))]
+        texts = [self.class_text(c) for c in cls_names]
+        class_features = torch.stack([t.features for t in texts]).to(tokens)  # [B, 2, C]
+        sentences = torch.stack([t.sentence_features for t in texts]).to(tokens)  # [B, 2N, C]
+        generators = [torch.Generator().manual_seed(stable_seed(self.seed, c, k)) for c, k in zip(cls_names, image_keys,
+                                                                                                  strict=True)]
+        if self.params["tta"] == "paper":
+            omega = sentences
+        else:  # linear_probe: each image's own draw, as _adapter makes it
+            bound = 1.0 / math.sqrt(sentences.shape[-1])
+            omega = torch.stack([_uniform_like(sentences[i], bound, g) for i, g in enumerate(generators)])
+        adapter = BatchedPaperAdapter(sentences, omega)
+        optimizer = self._optimizer(adapter)
+        with torch.no_grad():
+            logits = torch.bmm(F.normalize(tokens, dim=-1), class_features.transpose(1, 2))
+            pseudo = logits.log_softmax(dim=-1)[..., 1].exp()  # [B, M]
+        losses: list[list[float]] = [[] for _ in cls_names]
+        noise = None
+        with torch.enable_grad():
+            for _ in range(self.params["tta_steps"]):
+                if noise is None or self.params["noise_per_step"]:
+                    noise = torch.stack([torch.randn(tokens.shape[1:], generator=g) for g in generators]).to(tokens)
+                    noise = noise * self.params["noise_std"]
+                per_image = batched_paper_loss(adapter, tokens, class_features, pseudo, noise)
+                optimizer.zero_grad()
+                per_image.sum().backward()  # image b's loss reaches only its own slice ω_b
+                optimizer.step()
+                for image_losses, value in zip(losses, per_image.detach().tolist(), strict=True):
+                    image_losses.append(value)
+        with torch.no_grad():
+            adapted = adapter(tokens)
+        for i, cls_name in enumerate(cls_names):
+            if not torch.isfinite(adapted[i]).all():
+                raise NumericalError(
+                    f"method anovl: TTA ({self.params['tta']}) produced non-finite tokens for class {cls_name!r}; "
+                    "lower tta_lr or noise_std"
+                )
+        return [TTAResult(adapted[i], tuple(image_losses)) for i, image_losses in enumerate(losses)]
+
     def _optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(module.parameters(), lr=self.params["tta_lr"],
                                  weight_decay=self.params["tta_weight_decay"])
@@ -380,7 +472,7 @@ class AnoVL(BackboneMethod):
         text = torch.stack([self.class_text(c).features for c in names]).to(tokens)  # [B, 2, D]
         scores = self.image_scores(images, global_features, text)
         if self.params["tta"] != "none":
-            tokens = torch.stack([self.adapt(tokens[i], names[i], keys[i]).tokens for i in range(len(names))])
+            tokens = torch.stack([result.tokens for result in self.adapt_batch(tokens, names, keys)])
         probs = (torch.einsum("bnd,bkd->bnk", F.normalize(tokens, dim=-1), text)).softmax(dim=-1)[..., 1]
         grid = round(probs.shape[1] ** 0.5)
         maps = smooth_and_upsample(probs.reshape(-1, grid, grid), images.shape[-1])

@@ -241,3 +241,39 @@ def test_feature_cache_reproduces_the_backbone_and_is_shared_by_variants(tmp_pat
     _share_text(qkv, tfa)
     qkv.predict(batch)  # another visual path: another namespace
     assert qkv._cache.cache_stats.misses == 2
+
+
+@pytest.mark.parametrize("tta", ["paper", "linear_probe", "code"])
+def test_batched_tta_equals_the_per_image_adapters(tfa, tta):
+    """The paper / linear-probe adapters of a batch train together (stacked ω, one AdamW): the same numbers as
+    one adapter and one AdamW per image; the code variant stays sequential (its optimiser state runs on)."""
+    tokens = tfa.encode_image(_images(3, seed=4))[1]
+    names, keys = ["bottle", "carpet", "bottle"], ["a.png", "b.png", "c.png"]
+    batched = _share_text(_anovl(tta=tta), tfa).adapt_batch(tokens, names, keys)
+    single = _share_text(_anovl(tta=tta), tfa)
+    for i, result in enumerate(batched):
+        alone = single.adapt(tokens[i], names[i], keys[i])
+        assert len(result.losses) == len(alone.losses) == 5
+        assert np.allclose(result.losses, alone.losses, atol=1e-6, rtol=0)
+        error = float((result.tokens - alone.tokens).abs().max())
+        assert error <= 1e-6, error
+        assert not torch.allclose(result.tokens, tokens[i], atol=1e-3)  # the adaptation did move the tokens
+    assert not torch.allclose(batched[0].tokens - tokens[0], batched[2].tokens - tokens[2], atol=1e-4)  # own draws
+
+
+def test_fused_dual_pass_is_a_switch_equal_within_rounding(tfa):
+    fused = _share_text(_anovl(tta="none", fused_dual_pass=True), tfa)
+    images = _images(2, seed=3)
+    reference_global, reference_tokens = tfa.encode_image(images)
+    fast_global, fast_tokens = fused.encode_image(images)
+    for fast, reference in ((fast_global, reference_global), (fast_tokens, reference_tokens)):
+        assert float((fast - reference).abs().max() / reference.abs().max()) <= 1e-5
+    expected = variant_features(tfa.backbone.model.visual, images, AttentionVariant(start_block=0), [-1],
+                                ln_post=True, project=True)
+    assert torch.equal(reference_tokens, expected.modified.patch[0])  # the default stays the bit-identical mode
+    assert torch.equal(reference_global, F.normalize(expected.image_embedding, dim=-1))
+    scores, maps = fused.predict(_batch())
+    reference_scores, reference_maps = tfa.predict(_batch())
+    assert torch.allclose(scores, reference_scores, atol=1e-6) and torch.allclose(maps, reference_maps, atol=1e-6)
+    with pytest.raises(ConfigError):
+        _anovl(fused_dual_pass="yes")
