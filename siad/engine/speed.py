@@ -17,6 +17,16 @@ number of new tokens is instead fixed to the token length of a typical target an
 plus the separator) and the number of decoding steps actually run is measured and shown. The paper LLM kind
 ``vicuna-7b-arch`` is a random-weight LLaMA at Vicuna-7B dimensions in float16 (about 13.5 GB): it is
 timed only on a GPU; on the CPU its rows say so instead of allocating it.
+
+Method (issue 12): on a shared machine the same call can swing several-fold from one moment to the next, so
+the rows of a group are not timed one after another but interleaved, round by round
+(:func:`interleaved_rounds`): round ``r`` calls every row once (the bare forward included), in the cyclic order
+that starts at row ``r mod n`` (:func:`round_order`), so each row takes every position equally often and a slow
+spell hits the rows of a round alike. Each row reports the median and the minimum of its per-image times; its
+ratio to the bare forward is taken within each round (this row's time over the bare forward's time in the same
+round) and summarised by the median over rounds, beside the ratio of the two minima (:func:`round_stats`). All
+rows of a group are built before the rounds; warm-up calls run on separate images, never timed; peak memory is
+measured on one more untimed call per row after the rounds, so its bookkeeping never touches a timed call.
 """
 
 from __future__ import annotations
@@ -26,9 +36,9 @@ import gc
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +58,7 @@ __all__ = [
     "PhaseClock",
     "Timing",
     "answer_token_count",
+    "interleaved_rounds",
     "build_llm_method",
     "build_random_llama",
     "fixed_new_tokens",
@@ -57,9 +68,10 @@ __all__ = [
     "measure_speed",
     "method_call",
     "render_speed",
+    "round_order",
+    "round_stats",
     "run_speed",
     "time_batches",
-    "time_calls",
 ]
 
 BARE = "bare forward"
@@ -80,27 +92,36 @@ DEMO_LLM_NOTE = "demo stand-in LLM"
 
 @dataclass(frozen=True)
 class Timing:
-    """One row: milliseconds per image (mean and standard deviation over the timed batches).
+    """One row: milliseconds per image over the interleaved rounds, and its ratio to the bare forward.
 
-    ``ratio`` is ``mean_ms`` over the mean of its group's bare forward on the same device and batch size.
-    ``phases`` holds the per-image milliseconds of :data:`PHASES` (LLM rows only); ``tokens`` the
-    (prompt, generated) token counts of the first generation as measured; ``peak_mib`` the peak memory
-    of the timed calls, measured as ``memory_measure`` says. A row that was not timed has ``mean_ms``
-    None and its reason in ``note``.
+    ``median_ms`` / ``min_ms``: median and minimum over the ``rounds`` timed calls (per image: call time / batch
+    size). ``ratio``: the median over rounds of (this row's time / the bare forward's time in the same round), for
+    the bare forward of the same group, device and batch size; ``min_ratio``: ``min_ms`` over the bare forward's
+    ``min_ms``. ``phases`` holds the per-image milliseconds of :data:`PHASES` (LLM rows only; the median over
+    rounds of each phase); ``tokens`` the (prompt, generated) token counts of the first generation as measured;
+    ``peak_mib`` the peak working memory of one untimed call, measured as ``memory_measure`` says. A row that was
+    not timed has ``median_ms`` None and its reason in ``note``.
     """
 
     name: str
     device: str
-    mean_ms: float | None
-    std_ms: float | None
+    median_ms: float | None
+    min_ms: float | None
     ratio: float | None = None
+    min_ratio: float | None = None
     group: str = ""
     batch_size: int = 1
+    rounds: int = 0
     phases: Mapping[str, float] = field(default_factory=dict)
     tokens: tuple[int, int] | None = None
     peak_mib: float | None = None
     memory_measure: str = ""
     note: str = ""
+
+
+def _clock() -> float:
+    """Seconds of the timing clock (``time.perf_counter``); one indirection so tests can drive a fake clock."""
+    return time.perf_counter()
 
 
 def _sync(device: str) -> None:
@@ -151,23 +172,30 @@ class PeakMemory:
     """Peak memory (MiB) of the code run inside ``with``.
 
     CUDA: ``torch.cuda.max_memory_allocated`` after a reset — everything allocated on the GPU, the weights
-    included. CPU: growth of the process's peak resident set (VmHWM, reset on entry) over its resident set
-    on entry, after freed heap memory was returned to the OS — the working memory of the calls
-    (activations, KV cache), the resident weights excluded.
-    ``peak_mib`` stays None where the CPU measure is unavailable (not Linux).
+    included; with ``growth=True`` minus what was allocated on entry (the working memory of the calls, the
+    resident weights excluded: the speed table, whose rows are all resident at once). CPU: growth of the
+    process's peak resident set (VmHWM, reset on entry) over its resident set on entry, after freed heap memory
+    was returned to the OS — the working memory of the calls (activations, KV cache), the resident weights
+    excluded. ``peak_mib`` stays None where the CPU measure is unavailable (not Linux).
     """
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, *, growth: bool = False) -> None:
         self.device = device
         self.cuda = device.startswith("cuda")
-        self.measure = "CUDA max allocated" if self.cuda else "CPU peak-RSS growth"
+        self.growth = growth
+        if self.cuda:
+            self.measure = "CUDA peak-allocated growth" if growth else "CUDA max allocated"
+        else:
+            self.measure = "CPU peak-RSS growth"
         self.peak_mib: float | None = None
         self._base_kib: int | None = None
+        self._base_bytes = 0
 
     def __enter__(self) -> PeakMemory:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            self._base_bytes = torch.cuda.memory_allocated() if self.growth else 0
         else:
             gc.collect()
             _trim_heap()
@@ -177,7 +205,7 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         if self.cuda:
             torch.cuda.synchronize()
-            self.peak_mib = torch.cuda.max_memory_allocated() / 2**20
+            self.peak_mib = (torch.cuda.max_memory_allocated() - self._base_bytes) / 2**20
             return
         peak = _status_kib("VmHWM")
         if self._base_kib is not None and peak is not None:
@@ -185,23 +213,6 @@ class PeakMemory:
 
 
 # -- timing loops ------------------------------------------------------------------------------------
-
-
-def time_calls(call: Callable[[torch.Tensor], Any], images: torch.Tensor, *, warmup: int, device: str,
-               warmup_images: torch.Tensor | None = None) -> list[float]:
-    """Milliseconds of ``call`` on each image of ``images`` (batch of one), after ``warmup`` calls on
-    ``warmup_images`` (default: ``images``; other images keep a method's per-image caches out of the timed calls)."""
-    pool = images if warmup_images is None or len(warmup_images) == 0 else warmup_images
-    for i in range(warmup):
-        call(pool[i % len(pool)][None])
-    _sync(device)
-    times = []
-    for image in images:
-        start = time.perf_counter()
-        call(image[None])
-        _sync(device)
-        times.append(1000.0 * (time.perf_counter() - start))
-    return times
 
 
 def time_batches(
@@ -231,19 +242,57 @@ def time_batches(
     return times
 
 
-def _stats(times: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(times), statistics.pstdev(times)
+def round_order(n_calls: int, round_index: int) -> list[int]:
+    """The order of the calls in round ``round_index``: cyclic, starting at call ``round_index mod n_calls``.
+
+    Over ``n_calls`` consecutive rounds every call takes every position once, so what a position brings (caches
+    warmed or evicted by the call before, a clock ramping up) is spread evenly over the rows; the order is fixed
+    by the round index, so a run is reproducible and testable.
+    """
+    first = round_index % n_calls
+    return [(first + j) % n_calls for j in range(n_calls)]
 
 
-def _with_ratios(timings: list[Timing]) -> list[Timing]:
-    """Each timed row's ratio to the bare forward of its group, device and batch size."""
-    bare = {(t.group, t.device, t.batch_size): t.mean_ms for t in timings if t.name == BARE}
-    out = []
-    for t in timings:
-        base = bare.get((t.group, t.device, t.batch_size))
-        ratio = t.mean_ms / base if t.mean_ms is not None and base else None
-        out.append(replace(t, ratio=ratio))
-    return out
+def interleaved_rounds(
+    calls: Sequence[tuple[Hashable, Callable[[int], Any]]],
+    n_rounds: int,
+    *,
+    device: str,
+    clock: Callable[[], float] | None = None,
+) -> dict[Hashable, list[float]]:
+    """Milliseconds of every call in each of ``n_rounds`` rounds: round ``r`` runs each ``(key, call)`` once as
+    ``call(r)``, in :func:`round_order`. Returns key → the ``n_rounds`` times in round order (``clock`` in seconds,
+    default :func:`_clock`; the device is synchronised around each call)."""
+    clock = clock or _clock
+    if not calls or n_rounds < 1:
+        raise ConfigError(f"interleaved timing needs calls and at least one round (got {len(calls)} calls, "
+                          f"{n_rounds} rounds)")
+    times: dict[Hashable, list[float]] = {key: [] for key, _ in calls}
+    for round_index in range(n_rounds):
+        for position in round_order(len(calls), round_index):
+            key, call = calls[position]
+            _sync(device)
+            start = clock()
+            call(round_index)
+            _sync(device)
+            times[key].append(1000.0 * (clock() - start))
+    return times
+
+
+def round_stats(times: Sequence[float], bare: Sequence[float]) -> tuple[float, float, float, float]:
+    """(median, minimum, median of the per-round ratios ``times[r] / bare[r]``, ratio of the minima) of one row's
+    per-round times against its group's bare forward timed in the same rounds."""
+    if len(times) != len(bare) or not times:
+        raise ValueError(f"{len(times)} row times against {len(bare)} bare-forward times: one each per round")
+    ratios = [t / b for t, b in zip(times, bare, strict=True)]
+    return statistics.median(times), min(times), statistics.median(ratios), min(times) / min(bare)
+
+
+def _peak_memory(call: Callable[[], Any], device: str) -> tuple[float | None, str]:
+    """Peak working memory (MiB) of one untimed ``call`` and how it was measured (:class:`PeakMemory`, growth)."""
+    with PeakMemory(device, growth=True) as memory:
+        call()
+    return memory.peak_mib, memory.measure
 
 
 def _bare_backbone(backbone: str, image_size: int, device: str, seed: int) -> Any:
@@ -263,14 +312,6 @@ def method_call(method: Method, cls_name: str, dataset: str = "mvtec") -> Callab
     return call
 
 
-def _timed_row(name: str, group: str, call: Callable[[torch.Tensor], Any], images: torch.Tensor, *, warmup: int,
-               device: str, warmup_images: torch.Tensor | None = None) -> Timing:
-    with PeakMemory(device) as memory:
-        times = time_calls(call, images, warmup=warmup, device=device, warmup_images=warmup_images)
-    mean, std = _stats(times)
-    return Timing(name, device, mean, std, group=group, peak_mib=memory.peak_mib, memory_measure=memory.measure)
-
-
 def measure_speed(
     entries: Mapping[str, tuple[str, Mapping[str, Any]]],
     *,
@@ -283,29 +324,38 @@ def measure_speed(
     cls_name: str = "bottle",
     group: str = "",
 ) -> list[Timing]:
-    """Time the bare forward of ``backbone`` and each entry (display name → (method, params)), batch 1.
+    """Time the bare forward of ``backbone`` and each entry (display name → (method, params)), batch 1, in
+    ``n_images`` interleaved rounds (round ``r`` predicts image ``r`` with every row; module docstring).
 
-    Every method is built with ``backbone`` at ``image_size`` and random weights (``random_init``).
+    Every method is built with ``backbone`` at ``image_size`` and random weights (``random_init``); all rows are
+    built first, then each is warmed up ``warmup`` times on other images (never timed; they keep per-image caches
+    out of the timed calls), then the rounds run.
     """
     group = group or f"{backbone} @ {image_size} px"
     torch.manual_seed(seed)
     images = torch.randn(n_images, 3, image_size, image_size, device=device)
-    extra = torch.randn(warmup, 3, image_size, image_size, device=device)  # warm-up images, never timed
+    extra = torch.randn(max(warmup, 1), 3, image_size, image_size, device=device)  # warm-up images, never timed
     bare = _bare_backbone(backbone, image_size, device, seed)
-    with torch.no_grad():
-        timings = [_timed_row(BARE, group, bare.model.encode_image, images, warmup=warmup, device=device)]
-    del bare
-    _free(device)
+    rows: list[tuple[str, Callable[[torch.Tensor], Any]]] = [(BARE, torch.no_grad()(bare.model.encode_image))]
     for name, (method_name, params) in entries.items():
         overrides = {"backbone": backbone, "image_size": image_size, "random_init": True}
         if "feature_cache" in get_method_class(method_name).defaults:  # every timed call computes its frozen pass
             overrides["feature_cache"] = None
         method = build_method(method_name, {**params, **overrides}, device=device, seed=seed)
-        timings.append(_timed_row(name, group, method_call(method, cls_name), images, warmup=warmup, device=device,
-                                  warmup_images=extra))
-        del method
-        _free(device)
-    return _with_ratios(timings)
+        rows.append((name, method_call(method, cls_name)))
+    for _, call in rows:
+        for i in range(warmup):
+            call(extra[i % len(extra)][None])
+    times = interleaved_rounds([(name, lambda r, call=call: call(images[r][None])) for name, call in rows],
+                               n_images, device=device)
+    timings = []
+    for name, call in rows:
+        peak, measure = _peak_memory(lambda call=call: call(extra[:1]), device)
+        timings.append(Timing(name, device, *round_stats(times[name], times[BARE]), group=group, rounds=n_images,
+                              peak_mib=peak, memory_measure=measure))
+    del rows, bare
+    _free(device)
+    return timings
 
 
 # -- the LLM group -----------------------------------------------------------------------------------
@@ -408,7 +458,8 @@ class PhaseClock:
     ``first_pass`` is the image pass; the first ``judge`` of a prediction is the LLM generation; a
     ``refined_pass`` and every later ``judge`` belong to the second pass (SIAD-LLM's self-improvement). A
     forward pre-hook on the LLM counts the decoding steps (= generated tokens) and the prompt length of
-    the first generation. Call :meth:`start` before each prediction and :meth:`reset` after the warm-up.
+    the first generation. Call :meth:`start` before each prediction and :meth:`reset` after the warm-up;
+    ``totals`` sums the phases since the reset, ``last`` holds the phases of the latest prediction alone.
     """
 
     def __init__(self, method: Any, device: str) -> None:
@@ -427,11 +478,13 @@ class PhaseClock:
     def reset(self) -> None:
         """Zero the phase totals and the token counts (after the warm-up)."""
         self.totals = dict.fromkeys(PHASES, 0.0)
+        self.last = dict.fromkeys(PHASES, 0.0)
         self.tokens: tuple[int, int] | None = None
 
     def start(self) -> None:
         """Mark the start of one prediction (its first ``judge`` is the LLM generation)."""
         self._judged = 0
+        self.last = dict.fromkeys(PHASES, 0.0)
 
     def close(self) -> None:
         """Restore the method's own hooks and remove the step counter."""
@@ -457,10 +510,12 @@ class PhaseClock:
             phase = self._phase(name)
             steps_before = len(self._lengths)
             _sync(self.device)
-            start = time.perf_counter()
+            start = _clock()
             result = fn(*args, **kwargs)
             _sync(self.device)
-            self.totals[phase] += 1000.0 * (time.perf_counter() - start)
+            elapsed = 1000.0 * (_clock() - start)
+            self.totals[phase] += elapsed
+            self.last[phase] += elapsed
             if name == "judge":
                 if self._judged == 0 and len(self._lengths) > steps_before:
                     steps = self._lengths[steps_before:]
@@ -471,46 +526,73 @@ class PhaseClock:
         return timed
 
 
-def _llm_rows(name: str, method: Any, images: torch.Tensor, *, group: str, n_batches: int, warmup: int, device: str,
-              cls_name: str, note: str) -> Timing:
-    """One LLM row at the batch size ``len(images)``: whole prediction, phases, tokens and peak memory."""
-    clock = PhaseClock(method, device)
+_CallRecord = tuple[dict[str, float], "tuple[int, int] | None"]
 
-    def call(x: torch.Tensor) -> Any:
+
+def _llm_call(method: Any, clock: PhaseClock, images: torch.Tensor, size: int, cls_name: str,
+              record: list[_CallRecord] | None) -> Callable[[int], Any]:
+    """A call of round ``r``: ``predict_batch`` on the first ``size`` images of ``images[r]`` (``[R, B, 3, S, S]``),
+    appending (per-image phases, (prompt, generated) tokens) of that prediction to ``record`` (None: warm-up or
+    memory call, nothing recorded)."""
+
+    def call(round_index: int) -> Any:
         clock.start()
-        return method.predict_batch({"image": x, "cls_name": [cls_name] * len(x)})
+        out = method.predict_batch({"image": images[round_index][:size], "cls_name": [cls_name] * size})
+        if record is not None:
+            record.append(({phase: ms / size for phase, ms in clock.last.items()}, clock.tokens))
+        return out
 
+    return call
+
+
+def _llm_group(methods: Mapping[str, Any], bare_call: Callable[[torch.Tensor], Any], batch_sizes: Sequence[int], *,
+               group: str, image_size: int, n_batches: int, warmup: int, device: str, cls_name: str,
+               note: str) -> list[Timing]:
+    """The LLM group's cells (row × batch size), bare forward included, timed in ``n_batches`` interleaved rounds:
+    whole prediction per image, per-image phases (median over rounds), tokens and peak working memory."""
+    largest = max(batch_sizes)
+    images = torch.randn(n_batches, largest, 3, image_size, image_size, device=device)
+    extra = torch.randn(1, largest, 3, image_size, image_size, device=device)  # warm-up and memory, never timed
+    clocks = {name: PhaseClock(method, device) for name, method in methods.items()}
     try:
-        with torch.no_grad(), PeakMemory(device) as memory:
-            times = time_batches(call, images, n_batches=n_batches, warmup=warmup, device=device,
-                                 after_warmup=clock.reset)
-    finally:
-        clock.close()
-    mean, std = _stats(times)
-    per_image = {phase: total / (n_batches * len(images)) for phase, total in clock.totals.items()}
-    if clock.totals[PHASES[2]] == 0.0:  # no second pass (AnomalyGPT, SIAD-LLM w/o SI)
-        per_image.pop(PHASES[2])
-    return Timing(name, device, mean, std, group=group, batch_size=len(images), phases=per_image,
-                  tokens=clock.tokens, peak_mib=memory.peak_mib, memory_measure=memory.measure, note=note)
-
-
-def _bare_rows(backbone: str, image_size: int, images: torch.Tensor, batch_sizes: Sequence[int], *, group: str,
-               n_batches: int, warmup: int, device: str, seed: int) -> tuple[list[Timing], int]:
-    """The group's reference at every batch size, and the backbone's embedding width (the LLM's image input)."""
-    bare = _bare_backbone(backbone, image_size, device, seed)
-    rows = []
-    with torch.no_grad():
+        calls: list[tuple[Hashable, Callable[[int], Any]]] = []
+        spare: dict[Hashable, Callable[[int], Any]] = {}
+        records: dict[Hashable, list[_CallRecord]] = {}
         for size in batch_sizes:
-            with PeakMemory(device) as memory:
-                times = time_batches(bare.model.encode_image, images[:size], n_batches=n_batches, warmup=warmup,
-                                     device=device)
-            mean, std = _stats(times)
-            rows.append(Timing(BARE, device, mean, std, group=group, batch_size=size, peak_mib=memory.peak_mib,
-                               memory_measure=memory.measure))
-    image_dim = int(bare.model.visual.output_dim)
-    del bare
-    _free(device)
-    return rows, image_dim
+            calls.append(((BARE, size), lambda r, size=size: bare_call(images[r][:size])))
+            spare[(BARE, size)] = lambda r, size=size: bare_call(extra[r][:size])
+            for name, method in methods.items():
+                records[(name, size)] = []
+                calls.append(((name, size), _llm_call(method, clocks[name], images, size, cls_name,
+                                                      records[(name, size)])))
+                spare[(name, size)] = _llm_call(method, clocks[name], extra, size, cls_name, None)
+        for key, _ in calls:
+            for _ in range(warmup):
+                spare[key](0)
+        for clock in clocks.values():
+            clock.reset()
+        times = interleaved_rounds(calls, n_batches, device=device)
+        timings = []
+        for (name, size), _ in calls:
+            per_image = [t / size for t in times[(name, size)]]
+            bare = [t / size for t in times[(BARE, size)]]
+            peak, measure = _peak_memory(lambda key=(name, size): spare[key](0), device)
+            phases: dict[str, float] = {}
+            tokens = None
+            if name != BARE:
+                record = records[(name, size)]
+                phases = {p: statistics.median(r[p] for r, _ in record) for p in PHASES}
+                if all(r[PHASES[2]] == 0.0 for r, _ in record):  # no second pass (AnomalyGPT, SIAD-LLM w/o SI)
+                    phases.pop(PHASES[2])
+                tokens = record[0][1]
+            timings.append(Timing(name, device, *round_stats(per_image, bare), group=group, batch_size=size,
+                                  rounds=n_batches, phases=phases, tokens=tokens, peak_mib=peak,
+                                  memory_measure=measure, note=note if name != BARE else ""))
+    finally:
+        for clock in clocks.values():
+            clock.close()
+    order = [BARE, *methods]
+    return sorted(timings, key=lambda t: (order.index(t.name), batch_sizes.index(t.batch_size)))
 
 
 def llm_group_label(backbone: str, image_size: int, kind: str) -> str:
@@ -532,8 +614,9 @@ def measure_llm_speed(
     cls_name: str = "bottle",
 ) -> list[Timing]:
     """Time the bare forward of ``backbone`` and each LLM entry (display name → (method, params)) per image at
-    every batch size; see the module docstring. ``kind`` is the LLM: ``vicuna-7b-arch`` (random LLaMA at
-    Vicuna-7B dimensions, float16, GPU only: on the CPU its rows carry a note and are not timed) or
+    every batch size, all cells interleaved in ``n_batches`` rounds (round ``r``: batch ``r`` of fresh images, its
+    first ``b`` images at batch size ``b``); see the module docstring. ``kind`` is the LLM: ``vicuna-7b-arch``
+    (random LLaMA at Vicuna-7B dimensions, float16, GPU only: on the CPU its rows carry a note and are not timed) or
     ``tiny-random`` (the demo's 2-layer LLM; the rows say they are stand-ins). On the CPU the
     ``vicuna-7b-arch`` group is not timed at all: every row, the bare forward included, says why.
     """
@@ -549,34 +632,36 @@ def measure_llm_speed(
     from siad.llm.tiny_tokenizer import load_tiny_tokenizer
 
     torch.manual_seed(seed)
-    images = torch.randn(max(batch_sizes), 3, image_size, image_size, device=device)
-    timings, image_dim = _bare_rows(backbone, image_size, images, batch_sizes, group=group, n_batches=n_batches,
-                                    warmup=warmup, device=device, seed=seed)
-
+    bare = _bare_backbone(backbone, image_size, device, seed)
+    image_dim = int(bare.model.visual.output_dim)
     llm = build_random_llama(VICUNA_7B_DIMS, image_dim, device=device, seed=seed) if kind == "vicuna-7b-arch" else None
     tokenizer = llm.tokenizer if llm is not None else load_tiny_tokenizer()
     note = DEMO_LLM_NOTE if kind == "tiny-random" else ""
     new_tokens = fixed_new_tokens(entries, tokenizer)
+    methods = {}
     for name, (method_name, params) in entries.items():
         overrides = {"backbone": backbone, "image_size": image_size, "random_init": True, "llm": "tiny-random",
                      "feature_cache": None, "max_new_tokens": new_tokens[name]}
-        method = build_llm_method(method_name, {**params, **overrides}, device=device, seed=seed, llm=llm)
-        timings += [_llm_rows(name, method, images[:size], group=group, n_batches=n_batches, warmup=warmup,
-                              device=device, cls_name=cls_name, note=note) for size in batch_sizes]
-        del method
-        _free(device)
-    return _with_ratios(timings)
+        methods[name] = build_llm_method(method_name, {**params, **overrides}, device=device, seed=seed, llm=llm)
+    with torch.no_grad():
+        timings = _llm_group(methods, bare.model.encode_image, list(batch_sizes), group=group, image_size=image_size,
+                             n_batches=n_batches, warmup=warmup, device=device, cls_name=cls_name, note=note)
+    del methods, bare, llm
+    _free(device)
+    return timings
 
 
 # -- the table ---------------------------------------------------------------------------------------
 
-_COLUMNS = ("group (reference: its bare forward)", "method", "device", "ms / image", "× bare forward", "batch",
+_COLUMNS = ("group (reference: its bare forward)", "method", "device", "batch", "ms / image (median)",
+            "ms / image (min)", "× bare forward (median of rounds)", "× bare forward (of minima)", "rounds",
             *PHASES, "tokens in → out", "peak MiB", "paper ms (RTX 3090)", "note")
 _ALIGN = ("---", "---", "---", *["---:"] * (len(_COLUMNS) - 4), "---")
-_CSV_COLUMNS = ("group", "method", "device", "batch_size", "mean_ms", "std_ms", "ratio_to_bare_forward",
-                "image_pass_ms", "generation_ms", "second_pass_ms", "prompt_tokens", "generated_tokens",
-                "peak_mem_mib", "peak_mem_measure", "paper_ms", "paper_ms_std", "note")
-_MEMORY_SHORT = {"CUDA max allocated": "CUDA alloc.", "CPU peak-RSS growth": "RSS growth"}
+_CSV_COLUMNS = ("group", "method", "device", "batch_size", "median_ms", "min_ms", "ratio_median_of_rounds",
+                "ratio_of_minima", "rounds", "image_pass_ms", "generation_ms", "second_pass_ms", "prompt_tokens",
+                "generated_tokens", "peak_mem_mib", "peak_mem_measure", "paper_ms", "paper_ms_std", "note")
+_MEMORY_SHORT = {"CUDA max allocated": "CUDA alloc.", "CUDA peak-allocated growth": "CUDA alloc. growth",
+                 "CPU peak-RSS growth": "RSS growth"}
 
 
 def _num(value: float | None, digits: int = 1) -> str:
@@ -596,18 +681,20 @@ def _csv_text(value: str) -> str:
 
 
 def _markdown_row(t: Timing, paper: tuple[float, float] | None) -> str:
-    total = "–" if t.mean_ms is None else f"{t.mean_ms:.1f} ± {t.std_ms:.1f}"
     tokens = f"{t.tokens[0]} → {t.tokens[1]}" if t.tokens else "–"
     peak = "–" if t.peak_mib is None else f"{t.peak_mib:,.0f} ({_MEMORY_SHORT.get(t.memory_measure, t.memory_measure)})"
-    cells = [t.group, t.name, t.device, total, _num(t.ratio, 2), str(t.batch_size),
+    cells = [t.group, t.name, t.device, str(t.batch_size), _num(t.median_ms), _num(t.min_ms), _num(t.ratio, 2),
+             _num(t.min_ratio, 2), str(t.rounds) if t.median_ms is not None else "–",
              *[_num(t.phases.get(p)) for p in PHASES], tokens, peak,
              f"{paper[0]:.1f} ± {paper[1]:.1f}" if paper else "n/a", t.note]
     return "| " + " | ".join(cells) + " |"
 
 
 def _csv_row(t: Timing, paper: tuple[float, float] | None) -> str:
-    cells = [_csv_text(t.group), _csv_text(t.name), t.device, str(t.batch_size), _csv_num(t.mean_ms),
-             _csv_num(t.std_ms), _csv_num(t.ratio, 4), *[_csv_num(t.phases.get(p)) for p in PHASES],
+    cells = [_csv_text(t.group), _csv_text(t.name), t.device, str(t.batch_size), _csv_num(t.median_ms),
+             _csv_num(t.min_ms), _csv_num(t.ratio, 4), _csv_num(t.min_ratio, 4),
+             _csv_num(t.rounds if t.median_ms is not None else None),
+             *[_csv_num(t.phases.get(p)) for p in PHASES],
              _csv_num(t.tokens[0] if t.tokens else None), _csv_num(t.tokens[1] if t.tokens else None),
              _csv_num(t.peak_mib, 1), t.memory_measure if t.peak_mib is not None else "",
              _csv_num(paper[0] if paper else None, 1), _csv_num(paper[1] if paper else None, 1), _csv_text(t.note)]
@@ -619,7 +706,8 @@ def render_speed(timings: Sequence[Timing], claimed: Mapping[str, tuple[float, f
     """(Markdown, CSV) of the speed table: one row per timing, ``claimed`` maps a row name of the first group
     (the CLIP/AnoVL one) to the paper's (ms, ms std); ``notes`` are printed under the table."""
     first_group = timings[0].group if timings else ""
-    lines = [header, "", "### Inference time per image (random weights, after warm-up)", "",
+    lines = [header, "", "### Inference time per image (random weights, after warm-up; rows interleaved round by "
+             "round)", "",
              "| " + " | ".join(_COLUMNS) + " |", "|" + "|".join(_ALIGN) + "|"]
     csv = [",".join(_CSV_COLUMNS)]
     for t in timings:
@@ -635,12 +723,21 @@ DEMO_HEADER = ("> **DEMO OUTPUT: timings of random-initialised models on this ma
                "paper architecture, the LLM rows with tiny demo stand-ins); the synthetic data play no part here, "
                "and these are not the paper's GPU timings.**")
 
+SPEED_METHOD_NOTE = ("Method: the rows of a group (its bare forward included) are timed interleaved, round by "
+                     "round: round r calls every row once, in cyclic order starting at row r mod n (each row takes "
+                     "every position equally often). ms / image: median and minimum over the rounds. × bare "
+                     "forward: the ratio to the bare forward timed in the same round, median over rounds; beside "
+                     "it the ratio of the two minima. Warm-up calls run on other images and are not timed.")
 ANOVL_NOTE = ("The paper times a GPU; its ratios are relative to its CLIP row (TFA 7.6/6.2 = 1.23×, TTA "
               "20.1/6.2 = 3.2×). Here each ratio is relative to the bare forward of the same group, device and "
-              "batch size.")
-MEMORY_NOTE = ("Peak MiB: on a GPU torch.cuda.max_memory_allocated over the timed calls (weights included); on the "
-               "CPU the growth of the process's peak resident set (VmHWM, reset before the timed calls) over its "
-               "resident set before them (working memory; the resident weights excluded).")
+              "batch size. AnoVL rows marked 'fused' run the V-V dual path in its fused fast mode "
+              "(fused_dual_pass: one ln_1 and QKV projection per block for both streams; equal to the reference "
+              "mode within float rounding, not bit-identical).")
+MEMORY_NOTE = ("Peak MiB: the working memory of one untimed call per row after the rounds (every row of a group is "
+               "resident during the rounds, so the resident weights are excluded): on a GPU "
+               "torch.cuda.max_memory_allocated over the call minus what was allocated before it; on the CPU the "
+               "growth of the process's peak resident set (VmHWM, reset before the call) over its resident set "
+               "before it.")
 
 
 def llm_notes(kind: str, tokens: Mapping[str, int]) -> list[str]:
@@ -649,7 +746,9 @@ def llm_notes(kind: str, tokens: Mapping[str, int]) -> list[str]:
     notes = [
         "LLM rows: ms / image is the whole predict_batch divided by the batch size; image pass = backbone, stage "
         "maps and LLM prompts; LLM generation = one batched greedy generation with KV cache (answers and "
-        "P(Yes)); second pass = SIAD-LLM's refined pass and its second generation.",
+        "P(Yes)); second pass = SIAD-LLM's refined pass and its second generation (each phase: median over the "
+        "rounds). Every (row, batch size) cell, bare forward included, is interleaved in the rounds; round r "
+        "uses fresh images, the first b of them at batch size b.",
         "A random LLM never emits the stop separator, so new tokens are fixed to the token length of a typical "
         f"target answer (one region + \"\\n###\"): {fixed}; 'tokens in → out' is the measured prompt length and "
         "decoding steps of the first generation.",
@@ -665,10 +764,21 @@ def llm_notes(kind: str, tokens: Mapping[str, int]) -> list[str]:
 
 
 def _entries(config: Mapping[str, Any], rows: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[str, dict]]:
+    """Row name → (method, parameters): the variant's parameters with the row's own ``params`` on top (speed-only
+    settings such as AnoVL's ``fused_dual_pass``, checked against the method's rules here)."""
     from siad.config import method_params
 
-    return {name: (row["method"], method_params(config, row["method"], row.get("variant", "default")))
-            for name, row in rows.items()}
+    entries = {}
+    for name, row in rows.items():
+        params = {**method_params(config, row["method"], row.get("variant", "default")), **row.get("params", {})}
+        cls = get_method_class(row["method"])
+        unknown = sorted(set(row.get("params", {})) - set(cls.defaults))
+        if unknown:
+            raise ConfigError(f"speed rows/{name}/params: unknown parameter(s) {unknown} of {row['method']!r}; "
+                              f"accepted: {sorted(cls.defaults)}")
+        cls.resolve_params(params)
+        entries[name] = (row["method"], params)
+    return entries
 
 
 def run_speed(config: Mapping[str, Any], claimed_csv: str | None = None) -> tuple[str, str]:
@@ -699,7 +809,7 @@ def run_speed(config: Mapping[str, Any], claimed_csv: str | None = None) -> tupl
             timings += measure_speed(group_entries, backbone=group["backbone"], image_size=group["image_size"],
                                      device=device, n_images=group.get("n_images", section.get("n_images", 10)),
                                      warmup=group.get("warmup", section.get("warmup", 2)), seed=seed, group=label)
-    notes = [ANOVL_NOTE]
+    notes = [SPEED_METHOD_NOTE, ANOVL_NOTE]
     llm = section.get("llm")
     if llm:
         llm_entries = _entries(config, llm["rows"])
