@@ -41,6 +41,7 @@ __all__ = [
     "LlmSpec",
     "LoadedLlm",
     "PANDAGPT_DELTA_REPO",
+    "apply_memory_switches",
     "apply_pandagpt_delta",
     "check_lora_complete",
     "collect_lora_pairs",
@@ -74,6 +75,10 @@ class LlmSpec:
     lora_alpha: int = 32
     lora_modules: tuple[str, ...] = LORA_MODULES
     dtype: str = "float32"
+    # memory switches (off by default; docs/scale.md): recompute each decoder layer in the backward pass instead of
+    # keeping its activations (the gradient still reaches the prompts through the frozen LLM), and int8 weights
+    gradient_checkpointing: bool = False
+    load_in_8bit: bool = False
 
 
 @dataclass
@@ -185,7 +190,53 @@ def load_llm(spec: LlmSpec) -> LoadedLlm:
         raise ConfigError(f"unknown LLM kind {spec.kind!r}; use 'tiny-random' or 'vicuna-pandagpt'.")
     for module in (loaded.model, loaded.image_proj):
         module.eval().requires_grad_(False)
+    apply_memory_switches(loaded)
     return loaded
+
+
+def apply_memory_switches(loaded: LoadedLlm) -> None:
+    """Apply ``loaded.spec``'s memory switches to the loaded (frozen, eval-mode) LLM, in place.
+
+    ``gradient_checkpointing``: transformers' checkpointing of every decoder layer (non-reentrant, so the gradient
+    reaches inputs_embeds while no weight requires one). transformers checkpoints a layer only in training mode, so the
+    decoder layers are put in training mode; a LLaMA layer has no dropout (``attention_dropout`` must be 0, checked),
+    so its outputs are unchanged. ``load_in_8bit``: every linear layer but ``lm_head`` becomes a bitsandbytes
+    ``Linear8bitLt`` (LLM.int8(), CUDA only); without the package a ConfigError says what to install.
+    """
+    spec = loaded.spec
+    if spec.load_in_8bit:
+        _quantize_8bit(loaded.model)
+    if spec.gradient_checkpointing:
+        model = loaded.model
+        if float(getattr(model.config, "attention_dropout", 0.0) or 0.0) != 0.0:
+            raise ConfigError("llm gradient_checkpointing: the LLM has attention dropout; checkpointing needs its "
+                              "layers in training mode, which would change its outputs")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for layer in model.model.layers:
+            layer.train()
+
+
+def _quantize_8bit(model: nn.Module) -> None:
+    """Swap every ``nn.Linear`` of ``model`` except ``lm_head`` for a bitsandbytes int8 layer (weights quantised when
+    the model moves to CUDA)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("llm load_in_8bit: the bitsandbytes package is not installed; `pip install bitsandbytes` "
+                          "(needs a CUDA GPU), or switch load_in_8bit off")
+    import bitsandbytes as bnb
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear) or name == "lm_head":
+                continue
+            layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                        has_fp16_weights=False, threshold=6.0)
+            layer.weight = bnb.nn.Int8Params(child.weight.data.to(torch.float16), requires_grad=False,
+                                             has_fp16_weights=False)
+            if child.bias is not None:
+                layer.bias = nn.Parameter(child.bias.data.to(torch.float16), requires_grad=False)
+            setattr(parent, name, layer)
 
 
 def _load_tiny(spec: LlmSpec) -> LoadedLlm:
