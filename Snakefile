@@ -35,6 +35,16 @@ include: "workflow/rules/benchmark.smk"
 include: "workflow/rules/scale.smk"
 
 
+# External methods' own rules (`methods.<m>.external.rules`; README: Adding a baseline), relative to the repository.
+for _method, _external in EXTERNAL_METHODS.items():
+    if not (Path(workflow.basedir) / _external["rules"]).is_file():
+        raise WorkflowError(f"methods/{_method}/external/rules: {_external['rules']} does not exist (relative to "
+                            f"{workflow.basedir}); give the path of the rule file that writes its external.npz")
+for _rules in dict.fromkeys(e["rules"] for e in EXTERNAL_METHODS.values()):
+
+    include: _rules
+
+
 rule all:
     default_target: True
     input:

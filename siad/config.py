@@ -39,6 +39,9 @@ def validate_config(config: Mapping[str, Any], schema_path: str | Path = SCHEMA_
     if errors:
         lines = [f"  {'/'.join(map(str, e.absolute_path)) or '(top level)'}: {e.message}" for e in errors[:10]]
         raise ConfigError("invalid configuration:\n" + "\n".join(lines))
+    from siad.methods.external import register_external_methods
+
+    register_external_methods(config)  # methods predicted by the user's own rules get their stand-in class
     _check_names(config)
     return config
 
@@ -137,14 +140,39 @@ def _check_names(config: Mapping[str, Any]) -> None:
                     raise ConfigError(f"protocol: dataset {name!r} is not listed under `datasets`")
         for name, entry in config["methods"].items():
             cls = get_method_class(name)
-            for overrides in [{}, *entry.get("variants", {}).values()]:
-                cls.resolve_params({**entry.get("params", {}), **overrides})
+            for variant, overrides in [("default", {}), *entry.get("variants", {}).items()]:
+                _check_variant_params(cls, name, variant, entry.get("params", {}), overrides)
         _check_speed(config)
         resolve_device(config["device"])  # `device: cuda` without a GPU stops here, not in the first job
     except ConfigError:
         raise
     except SiadError as err:
         raise ConfigError(f"invalid configuration: {err}") from None
+
+
+def _check_variant_params(cls: Any, method: str, variant: str, params: Mapping[str, Any],
+                          overrides: Mapping[str, Any]) -> None:
+    """Resolve one variant's parameters; a bad key or value that the variant sets is reported at its own config path
+    (``methods/<m>/variants/<v>/<key>``), not at ``methods/<m>/params``."""
+    from siad.methods.external import ExternalMethod
+
+    where = f"methods/{method}/variants/{variant}"
+    if variant != "default" and not issubclass(cls, ExternalMethod):
+        unknown = sorted(set(overrides) - set(cls.defaults))
+        if unknown:
+            raise ConfigError(f"{where}: unknown parameter(s) {unknown}; accepted: {sorted(cls.defaults)}")
+    try:
+        cls.resolve_params({**params, **overrides})
+    except ConfigError as err:
+        text = str(err)
+        for key in overrides if variant != "default" else ():
+            prefix = f"methods/{method}/params/{key}:"
+            if text.startswith(prefix):
+                text = (f"{where}/{key}:" + text[len(prefix):]).replace(
+                    f" (set under methods/{method}/params, or in the variant that overrides {key})",
+                    f" (variant {variant!r} sets it: fix it under {where})")
+                raise ConfigError(text) from None
+        raise
 
 
 def _check_speed(config: Mapping[str, Any]) -> None:

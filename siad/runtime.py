@@ -326,6 +326,10 @@ def run_step(step: Callable[[Any], None], smk: Any) -> None:
     log file and on stderr, naming the file or config key and the fix (:func:`explain_failure`)."""
     log_path = setup_logging(_log_path(smk))
     try:
+        if isinstance(getattr(smk, "config", None), Mapping):
+            from siad.methods.external import register_external_methods
+
+            register_external_methods(smk.config)  # a fresh process: the config's external methods get their class
         step(smk)
     except KeyboardInterrupt:
         log.error("job interrupted; rerun the workflow (with --rerun-incomplete) to finish it")
@@ -339,3 +343,30 @@ def run_step(step: Callable[[Any], None], smk: Any) -> None:
             for handler in logging.getLogger().handlers:
                 handler.flush()
         sys.exit(1)
+
+
+class StepFailed(RuntimeError):
+    """A step run inside the Snakemake process (:func:`run_inline`) failed; the message is the explanation."""
+
+
+def run_inline(step: Callable[[], Any], log_path: str | os.PathLike, config: Mapping[str, Any] | None = None) -> None:
+    """Run a light step (a table, the claims check) inside the Snakemake process, without a Python start-up.
+
+    It leaves the process's logging alone: the log file gets what the step wrote (or the explanation of its
+    failure, :func:`explain_failure`, with the traceback of an unexpected error), and a failure raises
+    :class:`StepFailed` carrying the one-line explanation, which Snakemake prints.
+    """
+    path = Path(log_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        result = step()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # noqa: BLE001 (every failure must end with a message in the job's log)
+        explanation = explain_failure(err, config)
+        text = explanation or "".join(traceback.format_exception(type(err), err, err.__traceback__)).rstrip()
+        line = explanation or f"{type(err).__name__}: {_first_line(str(err))} (traceback in {path})"
+        path.write_text(text + "\n")
+        raise StepFailed(line) from None
+    written = result if isinstance(result, list | tuple) else [result] if result is not None else []
+    path.write_text("".join(f"wrote {p}\n" for p in written))

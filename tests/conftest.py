@@ -17,6 +17,19 @@ from siad.data.synthetic import write_standin
 from siad.engine.protocol import training_meta
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shipped_external_methods() -> None:
+    """The external methods of the shipped profiles (the demo's worked example) registered, as validating the config
+    does in the workflow: tests read the profiles' YAML directly."""
+    import yaml
+
+    from siad.methods.external import register_external_methods
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("demo.yaml", "config.yaml"):
+        register_external_methods(yaml.safe_load((root / "config" / name).read_text()))
+
+
 @pytest.fixture(scope="session")
 def mvtec_standin(tmp_path_factory) -> tuple[Path, dict[str, Any]]:
     """(root, index) of a two-class MVTec AD stand-in at 64 px (6 train, 4 + 4 test images per class)."""

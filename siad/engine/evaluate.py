@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from siad import metrics
 from siad.errors import NumericalError, SiadError
+from siad.files import atomic_write
 from siad.methods import Method
 from siad.methods.base import MethodOutput
 
@@ -191,7 +192,11 @@ class _LlmOutputs:
 
 
 def _check_finite(output: MethodOutput, paths: Sequence[str]) -> None:
-    bad = ~torch.isfinite(output.scores) | ~torch.isfinite(output.maps.flatten(1)).all(dim=1)
+    if isinstance(output.maps, torch.Tensor):
+        maps_finite = torch.isfinite(output.maps.flatten(1)).all(dim=1)
+    else:  # maps of differing sizes (an external method's replayed file, siad.engine.external)
+        maps_finite = torch.tensor([bool(torch.isfinite(m).all()) for m in output.maps], dtype=torch.bool)
+    bad = ~torch.isfinite(output.scores) | ~maps_finite.to(output.scores.device)
     if output.p_yes is not None:
         bad |= ~torch.isfinite(output.p_yes.reshape(-1).to(bad.device))
     if bool(bad.any()):
@@ -231,8 +236,10 @@ def _llm_block(preds: Predictions, classes: Sequence[str]) -> dict[str, Any]:
 
 def save_predictions(preds: Predictions, path: Path) -> None:
     """Write scores, labels and float16 maps (flattened with their shapes, so sizes may differ), plus
-    ``answers`` (str array) and ``p_yes`` (float32) when the method gave them."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ``answers`` (str array) and ``p_yes`` (float32) when the method gave them.
+
+    Atomic (:func:`~siad.files.atomic_write`: a uniquely named temporary file renamed into place), so a reader never
+    sees half a file and two writers of the same path never share a temporary file."""
     shapes = np.array([m.shape for m in preds.maps], dtype=np.int32).reshape(-1, 2)
     flat = np.concatenate([m.ravel() for m in preds.maps]).astype(np.float16) if preds.maps else np.zeros(0, np.float16)
     llm = {}
@@ -240,18 +247,9 @@ def save_predictions(preds: Predictions, path: Path) -> None:
         llm["answers"] = np.array(preds.answers, dtype=str)
     if preds.p_yes is not None:
         llm["p_yes"] = np.asarray(preds.p_yes, dtype=np.float32)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(
-        tmp,
-        cls_names=np.array(preds.cls_names, dtype=str),
-        img_paths=np.array(preds.img_paths, dtype=str),
-        labels=preds.labels,
-        scores=preds.scores,
-        maps_flat=flat,
-        map_shapes=shapes,
-        **llm,
-    )
-    tmp.replace(path)
+    arrays = {"cls_names": np.array(preds.cls_names, dtype=str), "img_paths": np.array(preds.img_paths, dtype=str),
+              "labels": preds.labels, "scores": preds.scores, "maps_flat": flat, "map_shapes": shapes, **llm}
+    atomic_write(Path(path), lambda handle: np.savez(handle, **arrays))
 
 
 OPTIONAL_ARRAYS = ("answers", "p_yes")

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from siad.engine.protocol import NO_SOURCE, RunKey, check_no_leakage
 from siad.engine.settings import TrainingSetRequest, build_training_set, label_counts
 from siad.engine.spec import RunSpec, file_sha256, resolve_run_spec, results_digest
 from siad.errors import ConfigError, DataError, LeakageError
-from siad.files import write_text_atomic
+from siad.files import atomic_output, write_text_atomic
 from siad.methods import Method, build_method
 from siad.seeding import resolve_device, seed_everything
 
@@ -65,7 +64,8 @@ def load_trained(method: Method, model_dir: Path) -> list[str]:
     """Load the model trained in ``model_dir`` into ``method`` and return the datasets it was trained on.
 
     The weights file must have the SHA-256 recorded in ``model.json`` when it was written: a truncated,
-    corrupt or swapped file is refused (DataError naming it), never loaded.
+    corrupt or swapped file is refused (DataError naming it), never loaded. It is checked again after loading, so a
+    file another process replaced while this one read it is refused too.
     """
     info = _trained_info(model_dir)
     weights = model_dir / info["weights"]
@@ -73,6 +73,9 @@ def load_trained(method: Method, model_dir: Path) -> list[str]:
     if problem:
         raise DataError(f"{weights}: {problem}; delete {model_dir} and rerun the run job, which trains it again")
     method.load(weights)
+    if file_sha256(weights) != info["weights_sha256"]:
+        raise DataError(f"{weights}: replaced while it was being loaded (another job writes this model); run the job "
+                        "again once that job has finished")
     return list(info["trained_on"])
 
 
@@ -328,18 +331,16 @@ def save_trained(method: Method, model_dir: Path, info: Mapping[str, Any]) -> No
     """Write ``method``'s weights and then ``model.json`` (``info`` + the weights' SHA-256), each atomically.
 
     Any previous ``model.json`` is removed first, so an interruption between the two writes never pairs new
-    weights with an old record (or old weights with a new one).
+    weights with an old record (or old weights with a new one). The SHA-256 recorded is that of the bytes this
+    process wrote (hashed before they are renamed into place): should another process replace the weights before
+    this record is written, the record does not match them and :func:`load_trained` refuses the pair.
     """
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / MODEL_INFO).unlink(missing_ok=True)
-    weights = model_dir / WEIGHTS
-    tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(model_dir / WEIGHTS) as tmp:  # a unique temporary name: concurrent writers never share one
         method.save(tmp)
-        tmp.replace(weights)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _write_json({**info, "weights": WEIGHTS, "weights_sha256": file_sha256(weights)}, model_dir / MODEL_INFO)
+        digest = file_sha256(tmp)
+    _write_json({**info, "weights": WEIGHTS, "weights_sha256": digest}, model_dir / MODEL_INFO)
 
 
 def copy_trained(source_dir: Path, model_dir: Path, spec: RunSpec) -> None:
@@ -352,16 +353,12 @@ def copy_trained(source_dir: Path, model_dir: Path, spec: RunSpec) -> None:
         raise DataError(f"{source_dir / MODEL_INFO}: {problem}; run the job again")
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / MODEL_INFO).unlink(missing_ok=True)
-    weights = model_dir / WEIGHTS
-    tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(model_dir / WEIGHTS) as tmp:
         shutil.copyfile(source_dir / info["weights"], tmp)
-        tmp.replace(weights)
-    finally:
-        tmp.unlink(missing_ok=True)
+        digest = file_sha256(tmp)
     record = {**info, "variant": spec.key.variant, "fingerprint": spec.training_digest,
               "training_spec": spec.training_identity(), "shared_from": str(source_dir), "weights": WEIGHTS,
-              "weights_sha256": file_sha256(weights)}
+              "weights_sha256": digest}
     _write_json(record, model_dir / MODEL_INFO)
     log.info("%s/%s trains exactly as %s (they differ only in evaluation settings): its model is copied, not trained "
              "again", spec.key.method, spec.key.variant, source_dir)
@@ -403,30 +400,35 @@ def job_per(config: Mapping[str, Any]) -> str:
 @dataclass(frozen=True)
 class RunGroup:
     """The runs of one workflow job: one (method, training seed, source) — or, with ``job_per: method``, one (method,
-    training seed) with every source (``source == "all"``) — every setting, variant and target asked for. One
-    process per group pays the process start, the imports and the frozen model once for all of them (the job
-    start-up costs more than a tiny model's whole run)."""
+    training seed) with every source (``source == "all"``) — and one ``part`` of its runs: the workflow plan cuts a
+    method's runs by the set of tables and figures that read them (:mod:`siad.plan`), so that building one table runs
+    only the jobs it needs, and choosing other tables never changes a job that has run. One process per group pays the
+    process start, the imports and the frozen model once for all of its runs (the job start-up costs more than a tiny
+    model's whole run)."""
 
     method: str
     seed: int
     source: str
     keys: tuple[RunKey, ...]
+    part: str = ""  # a name for the tables the runs serve ("" when the runs are not cut)
 
     @classmethod
-    def of(cls, key: RunKey, per: str = "source") -> RunGroup:
+    def of(cls, key: RunKey, per: str = "source", part: str = "") -> RunGroup:
         """The (empty) group ``key`` belongs to under grouping ``per``: its rule name and log path, no members."""
-        return cls(key.method, key.seed, key.source if per == "source" else ALL_SOURCES, ())
+        return cls(key.method, key.seed, key.source if per == "source" else ALL_SOURCES, (), part)
 
     @property
     def rule_name(self) -> str:
         """The Snakemake rule of this job."""
         suffix = "" if self.source == ALL_SOURCES else f"_{self.source}"
-        return f"run_{self.method}_seed{self.seed}{suffix}"
+        part = f"_{self.part}" if self.part else ""
+        return f"run_{self.method}_seed{self.seed}{suffix}{part}"
 
     @property
     def log_name(self) -> str:
         """The job's log and benchmark path below ``logs/runs`` / ``benchmarks/runs`` (without a suffix)."""
-        return f"{self.method}/seed{self.seed}/{self.source}"
+        part = f"/{self.part}" if self.part else ""
+        return f"{self.method}/seed{self.seed}/{self.source}{part}"
 
     @property
     def datasets(self) -> list[str]:
@@ -435,16 +437,18 @@ class RunGroup:
         return list(dict.fromkeys(d for d in names if d != NO_SOURCE))
 
 
-def group_runs(keys: Sequence[RunKey], per: str = "source") -> list[RunGroup]:
-    """Runs grouped by (method, seed, source) — or by (method, seed) with ``per="method"`` — in first-seen order:
-    one workflow job each (see :func:`run_group`)."""
+def group_runs(keys: Sequence[RunKey], per: str = "source",
+               part_of: Callable[[RunKey], str] | None = None) -> list[RunGroup]:
+    """Runs grouped by (method, seed, source) — or by (method, seed) with ``per="method"`` — and by ``part_of(key)``
+    (default: one part), in first-seen order: one workflow job each (see :func:`run_group`)."""
     if per not in JOB_GROUPINGS:
         raise ConfigError(f"workflow/job_per: {per!r}; choose one of {list(JOB_GROUPINGS)}")
-    groups: dict[tuple[str, int, str], list[RunKey]] = {}
+    groups: dict[tuple[str, int, str, str], list[RunKey]] = {}
     for key in dict.fromkeys(keys):
-        group = RunGroup.of(key, per)
-        groups.setdefault((group.method, group.seed, group.source), []).append(key)
-    return [RunGroup(*group, tuple(members)) for group, members in groups.items()]
+        group = RunGroup.of(key, per, part_of(key) if part_of else "")
+        groups.setdefault((group.method, group.seed, group.source, group.part), []).append(key)
+    return [RunGroup(method, seed, source, tuple(members), part)
+            for (method, seed, source, part), members in groups.items()]
 
 
 def run_group(

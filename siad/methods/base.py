@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from siad.errors import ConfigError
+from siad.errors import ConfigError, UnknownNameError
 from siad.registry import Registry
 
 Batch = Mapping[str, Any]
@@ -343,7 +343,26 @@ def get_method_class(name: str) -> type[Method]:
     """The method class registered as ``name`` (modules of ``baselines/`` are discovered on demand)."""
     if name not in METHODS:
         _discover()
+    if name not in METHODS:
+        module = _module_named(name)
+        if module is not None:
+            raise UnknownNameError(
+                f"unknown method {name!r}: {module} exists and was imported, but it registered no method named "
+                f"{name!r}; decorate its Method subclass with @METHODS.register({name!r}) (README: Adding a baseline)")
+        raise UnknownNameError(
+            f"unknown method {name!r}; known: {', '.join(sorted(METHODS))} (an external method, declared with "
+            "`methods.<name>.external`, is known once its config is validated: siad.config.validate_config)")
     return METHODS.get(name)
+
+
+def _module_named(name: str) -> str | None:
+    """The file of the plugin module called ``name`` (``baselines/<name>.py`` or a package), if there is one."""
+    for package_name in _PLUGIN_PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in pkgutil.iter_modules(package.__path__):
+            if info.name == name:
+                return f"{package_name.replace('.', '/')}/{name}{'/' if info.ispkg else '.py'}"
+    return None
 
 
 def build_method(name: str, params: Mapping[str, Any] | None = None, *, device: str = "cpu", seed: int = 0,

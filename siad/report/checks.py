@@ -11,7 +11,7 @@ from typing import Any
 
 from siad.config import method_variants
 from siad.errors import ConfigError, SiadError
-from siad.report.paper import check_listed, required_runs
+from siad.report.paper import PAPER_TABLES, check_listed, required_runs
 from siad.report.paper_figures import figure_runs
 from siad.report.setting_tables import table2_settings
 
@@ -22,6 +22,7 @@ def check_report_config(config: Mapping[str, Any]) -> None:
         _check_report_methods(config)
         if "table2" in config["report"]:  # checked when present, listed in report/tables or not
             table2_settings(config)
+        _check_user_table_names(config)
         _check_report_runs(config)
     except ConfigError:
         raise
@@ -55,3 +56,21 @@ def _check_report_runs(config: Mapping[str, Any]) -> None:
                               f"methods/{key.method}/variants")
         if key.target not in config["datasets"]:
             raise ConfigError(f"report: a table needs dataset {key.target!r}, which is not listed under `datasets`")
+
+
+#: File stems under tables/<profile>/ that are not paper tables: a user table may not take them.
+RESERVED_STEMS = ("claims_check", "speed", "cost")
+
+
+def _check_user_table_names(config: Mapping[str, Any]) -> None:
+    """A user table's name is its file stem: it must not be a paper table's name or stem, or another output's."""
+    from siad.report.figures import FIGURE_STEM
+    from siad.report.paper_figures import STEMS as FIGURE_STEMS
+    from siad.report.user_tables import user_tables
+
+    taken = {*PAPER_TABLES.names(), *(PAPER_TABLES.get(n).stem for n in PAPER_TABLES.names()), *RESERVED_STEMS,
+             FIGURE_STEM, *FIGURE_STEMS.values()}
+    for name in user_tables(config):
+        if name in taken:
+            raise ConfigError(f"report/user_tables/{name}: the name is taken by a paper table or another output "
+                              "(tables/<profile>/<name>.md would be written twice); rename the user table")

@@ -296,47 +296,99 @@ for _stem, _reference, _runs, _build in (
     PAPER_TABLES.add(_stem, PaperTable(_stem, _reference, _runs, _build))
 
 
+def configured_tables(config: Config) -> list[str]:
+    """The tables ``all`` renders: ``report.tables`` (paper tables), then ``report.user_tables`` (declared ones)."""
+    from siad.report.user_tables import user_tables
+
+    return [*config["report"]["tables"], *user_tables(config)]
+
+
+def table_stem(name: str) -> str:
+    """The file stem of table ``name`` under ``tables/<profile>/`` (a user table's stem is its name)."""
+    return PAPER_TABLES.get(name).stem if name in PAPER_TABLES else name
+
+
+def table_runs(config: Config, name: str) -> list[RunKey]:
+    """The runs table ``name`` (a paper table or a user table) reads."""
+    from siad.report.user_tables import user_table_runs, user_tables
+
+    if name in user_tables(config):
+        return user_table_runs(config, name)
+    return PAPER_TABLES.get(name).runs(config)
+
+
+def build_table(config: Config, name: str, runs: Sequence[Mapping[str, Any]], reference_dir: Path) -> ClaimTable:
+    """Table ``name`` (a paper table with its claims, or a user table) from the runs' metrics."""
+    from siad.report.user_tables import build_user_table, user_tables
+
+    if name in user_tables(config):
+        return build_user_table(config, name, runs)
+    table = PAPER_TABLES.get(name)
+    reference = load_reference(Path(reference_dir) / table.reference) if table.reference else pd.DataFrame()
+    return table.build(config, runs, reference)
+
+
+def _checked_runs(config: Config, metrics_paths: Sequence[Path], needed: Sequence[RunKey],
+                  require_current: bool) -> list[dict[str, Any]]:
+    runs = load_runs([Path(p) for p in metrics_paths])
+    if require_current:
+        refuse_stale_runs(config, runs)
+        refuse_missing_runs(runs, needed)
+    return runs
+
+
+def render_table(config: Config, name: str, metrics_paths: Sequence[Path], out_dir: Path, reference_dir: Path, *,
+                 require_current: bool = True) -> list[Path]:
+    """Write table ``name`` (md, tex, csv) into ``out_dir`` from the metrics files of its runs.
+
+    ``require_current``: refuse metrics files whose stamp differs from the run specification of ``config``, the
+    prepared indexes and the code (:func:`siad.report.runs.refuse_stale_runs`), and a table whose runs are not all
+    given; False renders what it is given (tests with hand-made metrics).
+    """
+    runs = _checked_runs(config, metrics_paths, table_runs(config, name), require_current)
+    return write_table(build_table(config, name, runs, reference_dir), out_dir, table_stem(name))
+
+
+def render_claims_check(config: Config, metrics_paths: Sequence[Path], out_path: Path, reference_dir: Path, *,
+                        require_current: bool = True) -> Path:
+    """Write ``claims_check.md``: every claimed number of every configured paper table beside its reproduction."""
+    runs = _checked_runs(config, metrics_paths, required_runs(config), require_current)
+    tables = [build_table(config, name, runs, reference_dir) for name in config["report"]["tables"]]
+    return write_text_atomic(Path(out_path), claims_check(tables))
+
+
 def render_report(
     config: Config, metrics_paths: Sequence[Path], out_dir: Path, reference_dir: Path, *,
     require_current: bool = True,
 ) -> list[Path]:
-    """Write every configured table (md, tex, csv) and ``claims_check.md`` into ``out_dir``.
+    """Write every configured table (md, tex, csv) and ``claims_check.md`` into ``out_dir`` (what the workflow's
+    per-table rules and its claims rule write one by one, in one call: notebooks and tests).
 
-    ``require_current``: refuse metrics files whose stamp differs from the run specification of ``config``,
-    the prepared indexes and the code (:func:`siad.report.runs.refuse_stale_runs`); False renders what it is
-    given (tests with hand-made metrics). Every table is built before any file is written, so a failure (a
-    stale or bad metrics file, a missing claim) leaves the previous tables as they were, not a mix.
+    Every table is built before any file is written, so a failure (a stale or bad metrics file, a missing claim)
+    leaves the previous tables as they were, not a mix.
     """
-    runs = load_runs([Path(p) for p in metrics_paths])
-    if require_current:
-        refuse_stale_runs(config, runs)
-        refuse_missing_runs(config, runs)
-    built: list[tuple[str, ClaimTable]] = []
-    for name in config["report"]["tables"]:
-        table = PAPER_TABLES.get(name)
-        reference = load_reference(reference_dir / table.reference) if table.reference else pd.DataFrame()
-        built.append((table.stem, table.build(config, runs, reference)))
-    check = claims_check([table for _, table in built])
-    written = [path for stem, table in built for path in write_table(table, out_dir, stem)]
+    runs = _checked_runs(config, metrics_paths, required_runs(config), require_current)
+    built = [(name, build_table(config, name, runs, reference_dir)) for name in configured_tables(config)]
+    check = claims_check([table for name, table in built if name in config["report"]["tables"]])
+    written = [path for name, table in built for path in write_table(table, out_dir, table_stem(name))]
     written.append(write_text_atomic(out_dir / "claims_check.md", check))
     return written
 
 
-def refuse_missing_runs(config: Config, runs: Sequence[Mapping[str, Any]]) -> None:
-    """Raise DataError naming the runs the configured tables need that ``runs`` lacks: a cell must never average a
-    subset of its training seeds (or show "missing") because a file was left out."""
+def refuse_missing_runs(runs: Sequence[Mapping[str, Any]], needed: Sequence[RunKey]) -> None:
+    """Raise DataError naming the runs of ``needed`` that ``runs`` lacks: a cell must never average a subset of its
+    training seeds (or show "missing") because a file was left out."""
     present = {RunKey.from_run(run["run"]) for run in runs}
-    missing = [key for key in required_runs(config) if key not in present]
+    missing = [key for key in needed if key not in present]
     if missing:
         shown = ", ".join(str(key.run_dir("")) for key in missing[:6]) + (" ..." if len(missing) > 6 else "")
-        raise DataError(f"{len(missing)} run(s) the configured tables need have no metrics.json among the files "
+        raise DataError(f"{len(missing)} run(s) the table(s) need have no metrics.json among the files "
                         f"given: {shown}; run the workflow (snakemake ... all), which computes them")
 
 
 def required_runs(config: Config) -> list[RunKey]:
-    """Every run the configured tables need, without duplicates, in table order."""
-    keys = [key for name in config["report"]["tables"] for key in PAPER_TABLES.get(name).runs(config)]
-    return list(dict.fromkeys(keys))
+    """Every run the configured tables (paper and user tables) need, without duplicates, in table order."""
+    return list(dict.fromkeys(key for name in configured_tables(config) for key in table_runs(config, name)))
 
 
 def table_columns(
@@ -359,8 +411,9 @@ def variant_row(config: Config, key: str, method: str, variant: str, claimed: Ma
 
 
 __all__ = [
-    "PAPER_TABLES", "PaperTable", "build_claim_table", "industrial_targets", "protocol_targets", "render_report",
-    "required_runs", "run_key", "run_keys", "run_setting", "table_columns", "target_runs", "variant_row",
+    "PAPER_TABLES", "PaperTable", "build_claim_table", "build_table", "configured_tables", "industrial_targets",
+    "protocol_targets", "render_claims_check", "render_report", "render_table", "required_runs", "table_runs",
+    "table_stem", "run_key", "run_keys", "run_setting", "table_columns", "target_runs", "variant_row",
 ]
 
 

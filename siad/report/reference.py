@@ -49,13 +49,13 @@ def load_reference(path: Path) -> pd.DataFrame:
 
 
 def _shown_path(path: Path) -> str:
-    """``path`` relative to the repository when it lies in it (``config/reference/<name>``: table notes then read the
-    same on every machine), else as given."""
+    """``path`` relative to the repository when it lies in it (``config/reference/<name>``), else its file name:
+    table notes never print a path of the machine that made them, so they read the same on every machine."""
     repository = Path(__file__).resolve().parents[2]
     try:
         return str(path.resolve().relative_to(repository))
     except ValueError:
-        return str(path)
+        return path.name
 
 
 def _as_claim(value: object, where: str) -> float | None:

@@ -25,6 +25,11 @@ LEGEND = (
     "n/a = not reported / not defined; – = not applicable (no pixel masks); missing = no run found; "
     "not run = a method of the paper this suite does not run (the claim only)."
 )
+#: The legend of a table without claimed numbers (:attr:`ClaimTable.has_claims` False: a user table).
+LEGEND_NO_CLAIMS = (
+    "Each cell: reproduced, in percent; mean ± std over training seeds where several; n/a = not defined; "
+    "– = not applicable (no pixel masks); missing = no run found."
+)
 #: The reproduced side of a cell whose method is not run (status ``not_run``).
 NOT_RUN_TEXT = "not run"
 DASH = "–"
@@ -70,7 +75,14 @@ def claimed_text(table: ClaimTable, cell: Cell) -> str:
     return table.no_claim if cell.claimed is None else fmt_pct(cell.claimed)
 
 
+def legend(table: ClaimTable) -> str:
+    """The legend of ``table``: with or without claimed numbers."""
+    return LEGEND if table.has_claims else LEGEND_NO_CLAIMS
+
+
 def _md_cell(table: ClaimTable, cell: Cell) -> str:
+    if not table.has_claims:
+        return reproduced_text(cell)
     if cell.status == NOT_APPLICABLE:
         return DASH
     return f"{reproduced_text(cell)} ({claimed_text(table, cell)})"
@@ -89,7 +101,7 @@ def render_markdown(table: ClaimTable) -> str:
     header = [_header_label(f) for f in table.row_header] + table.columns
     align = ["---"] * len(table.row_header) + ["---:"] * len(table.columns)
     lines = _stamp_lines(table, "> **", "**") + ([""] if table.demo else [])
-    lines += [f"### {table.title}", "", f"_{LEGEND}_", ""]
+    lines += [f"### {table.title}", "", f"_{legend(table)}_", ""]
     lines.append("| " + " | ".join(map(_md_escape, header)) + " |")
     lines.append("|" + "|".join(align) + "|")
     for row in table.row_keys:
@@ -127,6 +139,8 @@ def latex_escape(text: str) -> str:
 def _tex_cell(table: ClaimTable, cell: Cell) -> str:
     if cell.status == NOT_APPLICABLE:
         return "--"
+    if not table.has_claims:
+        return latex_escape(reproduced_text(cell))
     return f"{latex_escape(reproduced_text(cell))} {{\\scriptsize({latex_escape(claimed_text(table, cell))})}}"
 
 
@@ -146,8 +160,8 @@ def _tex_rows(table: ClaimTable) -> list[str]:
 
 def render_latex(table: ClaimTable) -> str:
     """A booktabs ``table`` environment; image/pixel (first-key) blocks separated by ``\\midrule``."""
-    legend = latex_escape(LEGEND).replace("(claimed by the paper)", r"{\scriptsize(claimed by the paper)}")
-    caption = f"{latex_escape(table.title)}. {legend}"
+    text = latex_escape(legend(table)).replace("(claimed by the paper)", r"{\scriptsize(claimed by the paper)}")
+    caption = f"{latex_escape(table.title)}. {text}"
     if table.demo:
         caption += r" \textbf{" + latex_escape(DEMO_STAMP) + "}"
     header = [latex_escape(_header_label(f)) for f in table.row_header] + [latex_escape(c) for c in table.columns]

@@ -20,8 +20,8 @@ SOURCE_KEY = "_source"
 
 RUN_FIELDS = ("profile", "demo", "setting", "method", "variant", "source", "target", "seed")
 REQUIRED_SECTIONS = ("run", "mean", "ci", "mean_replicates", "bootstrap")
-_REGENERATE = ("rerun the job that writes it: `snakemake --cores 1 all --forcerun "
-               "run_<method>_seed<seed>_<source>` (plus your --configfile)")
+_REGENERATE = ("rerun the job that writes it: `snakemake --cores 1 --force <this file>`, then `snakemake --cores 1 "
+               "all` (plus your --configfile)")
 
 
 def run_label(run: Mapping[str, Any]) -> str:
@@ -172,13 +172,13 @@ def confidence(run: Mapping[str, Any]) -> float:
 
 def stale_runs(config: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
     """The runs of ``runs`` whose metrics.json was not computed under the current run specification, as
-    {rule of the job that writes them: one line per stale file naming it and what changed}.
+    {its metrics.json file (which `snakemake --force` recomputes): one line per stale file naming it and what changed}.
 
     The expected specification is resolved now from ``config``, the prepared dataset indexes and the code
     (:func:`siad.engine.spec.resolve_run_spec`).
     """
     from siad.engine.protocol import RunKey
-    from siad.engine.runs import RunGroup, job_per
+    from siad.config import results_root
     from siad.engine.spec import resolve_run_spec, results_digest, spec_differences
 
     stale: dict[str, list[str]] = {}
@@ -187,7 +187,7 @@ def stale_runs(config: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> 
         key = RunKey.from_run(ident)
         expected = resolve_run_spec(config, key)
         stamp = run.get("spec") if isinstance(run.get("spec"), Mapping) else {}
-        rule = RunGroup.of(key, job_per(config)).rule_name
+        rule = str(run.get(SOURCE_KEY) or key.run_dir(results_root(config)) / "metrics.json")
         if stamp.get("digest") == expected.digest:
             if stamp.get("results_digest") != results_digest(run):
                 stale.setdefault(rule, []).append(
@@ -210,5 +210,5 @@ def refuse_stale_runs(config: Mapping[str, Any], runs: Sequence[Mapping[str, Any
         lines = [line for group in stale.values() for line in group]
         raise DataError(
             f"{len(lines)} run(s) were computed under another run specification, so no table is written from "
-            "them:\n  " + "\n  ".join(lines) + "\nRefresh them with: snakemake --cores 1 all --forcerun "
-            + " ".join(stale) + " (plus your --configfile)")
+            "them:\n  " + "\n  ".join(lines) + "\nRefresh them with: snakemake --cores 1 --force "
+            + " ".join(stale) + ", then snakemake --cores 1 all (plus your --configfile)")

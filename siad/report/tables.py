@@ -92,6 +92,7 @@ class ClaimTable:
     column_header: str = "dataset"
     checks: list[OrderCheck] = field(default_factory=list)
     no_claim: str = "n/a"
+    has_claims: bool = True  # False: a table no paper claims (a user table): cells and legend show no claims
 
     def cell(self, row: RowKey, column: str) -> Cell:
         """The cell at (row, column)."""

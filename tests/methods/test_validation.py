@@ -104,10 +104,24 @@ def test_a_bad_variant_value_stops_the_config_validation_at_start_up(profile, no
     config = yaml.safe_load((CONFIG / profile).read_text())
     validate_config(config)  # both profiles are valid as committed
     config["methods"]["siad_llm"]["variants"]["wo_si"]["epochs"] = 0
-    with pytest.raises(ConfigError, match=r"methods/siad_llm/params/epochs: 0 is not accepted; use an integer ≥ 1"):
+    # named at the variant that sets it
+    with pytest.raises(ConfigError, match=r"methods/siad_llm/variants/wo_si/epochs: 0 is not accepted; use an integer "
+                                          r"≥ 1 .*fix it under methods/siad_llm/variants/wo_si"):
         validate_config(config)
     config["methods"]["siad_llm"]["variants"]["wo_si"].update(epochs=1, lr="1e-3")  # PyYAML: text, read as 0.001
     assert validate_config(config)["methods"]["siad_llm"]["variants"]["wo_si"]["lr"] == 0.001
     config["methods"]["siad_llm"]["variants"]["wo_si"]["lr"] = "fast"
-    with pytest.raises(ConfigError, match=r"methods/siad_llm/params/lr: 'fast' is not accepted"):
+    with pytest.raises(ConfigError, match=r"methods/siad_llm/variants/wo_si/lr: 'fast' is not accepted"):
+        validate_config(config)
+
+
+def test_an_unknown_key_of_a_variant_is_named_at_the_variant():
+    config = yaml.safe_load((CONFIG / "demo.yaml").read_text())
+    config["methods"]["anovl"]["variants"]["tfa"]["tta_stepz"] = 3
+    with pytest.raises(ConfigError, match=r"^methods/anovl/variants/tfa: unknown parameter\(s\) \['tta_stepz'\]; "
+                                          r"accepted: \[.*'tta_steps'"):
+        validate_config(config)
+    config["methods"]["anovl"]["variants"]["tfa"].pop("tta_stepz")
+    config["methods"]["anovl"]["params"]["tta_stepz"] = 3  # in the method's params: named there
+    with pytest.raises(ConfigError, match=r"^methods/anovl/params: unknown parameter"):
         validate_config(config)

@@ -187,13 +187,14 @@ def test_table1_under_another_setting_keeps_the_training_free_run():
 
 
 def test_a_report_missing_a_needed_run_is_refused_naming_it(make_run):
-    from siad.report.paper import refuse_missing_runs
+    from siad.report.paper import refuse_missing_runs, required_runs
 
     config = demo_config()
+    config["report"].pop("user_tables")
     config["report"]["tables"] = ["siad_table7_training_free"]
     config["report"]["table7"] = {"methods": ["anovl"]}
     targets = ["mvtec", "visa", "mpdd", "dtd", "sdd", "btad"]
     runs = [anovl_run(make_run, "default", t) for t in targets]
-    refuse_missing_runs(config, runs)  # every run present
-    with pytest.raises(DataError, match=r"1 run\(s\) the configured tables need .*anovl/default/seed0/none/btad"):
-        refuse_missing_runs(config, runs[:-1])
+    refuse_missing_runs(runs, required_runs(config))  # every run present
+    with pytest.raises(DataError, match=r"1 run\(s\) the table\(s\) need .*anovl/default/seed0/none/btad"):
+        refuse_missing_runs(runs[:-1], required_runs(config))

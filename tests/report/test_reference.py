@@ -15,7 +15,7 @@ def test_comments_kept_and_body_parsed(reference: pd.DataFrame, reference_path: 
         "Toy reference: Table 1 shape, AUROC in percent.",
         "Pixel level not reported for medical sets.",
     ]
-    assert reference.attrs["source"] == str(reference_path)  # outside the repository: as given
+    assert reference.attrs["source"] == reference_path.name  # outside the repository: no path of this machine
     assert list(reference.columns) == ["level", "method", "MVTecAD", "VisA", "BTAD", "HeadCT", "Average"]
     assert len(reference) == 4
     assert reference.loc[0, "MVTecAD"] == pytest.approx(60.9)

@@ -141,6 +141,7 @@ def test_not_run_claims_are_listed_apart_in_the_claims_check(config, make_run):
 
 
 def test_required_runs_list_the_pseudo_and_zad_runs(config):
+    config["report"].pop("user_tables", None)
     keys = required_runs(config)
     settings = {(k.setting, k.method) for k in keys}
     assert {("pseudo", "toy_anomalyclip"), ("zad", "toy_anomalyclip"), ("zad", "toy_siad_llm"),

@@ -24,7 +24,6 @@ def config(tmp_path, monkeypatch):
         meta.parent.mkdir(parents=True)
         meta.write_text(json.dumps({"test": {}}))
     config = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
-    config["workflow"] = {"job_per": "source"}  # the commands below name one job per source
     return config
 
 
@@ -52,33 +51,33 @@ def test_a_run_of_another_specification_is_refused_naming_the_change_and_the_com
     config = copy.deepcopy(config)
     mutate(config, tmp_path)
     stale = stale_runs(config, [run])
-    assert list(stale) == ["run_anomalygpt_seed0_mvtec"]
-    assert len(stale["run_anomalygpt_seed0_mvtec"]) == 1
-    line = stale["run_anomalygpt_seed0_mvtec"][0]
+    assert list(stale) == ["results/visa.json"]  # the file `snakemake --force` recomputes
+    assert len(stale["results/visa.json"]) == 1
+    line = stale["results/visa.json"][0]
     assert "results/visa.json" in line and changed in line
     with pytest.raises(DataError, match="1 run\\(s\\) were computed under another") as err:
         refuse_stale_runs(config, [run])
-    assert "--forcerun run_anomalygpt_seed0_mvtec (plus" in str(err.value)
+    assert "snakemake --cores 1 --force results/visa.json, then snakemake --cores 1 all (plus" in str(err.value)
 
 
 def test_stale_runs_of_several_jobs_get_one_command(config):
-    runs = [stamped_run(config), stamped_run(config, RunKey("uzad", "clip", "default", "none", "visa", 0))]
+    runs = [stamped_run(config), stamped_run(config, RunKey("uzad", "clip", "default", "none", "sdd", 0))]
     config["seed"] = 5
     with pytest.raises(DataError, match="2 run") as err:
         refuse_stale_runs(config, runs)
-    assert "--forcerun run_anomalygpt_seed0_mvtec run_clip_seed0_none (plus" in str(err.value)
+    assert "--force results/visa.json results/sdd.json, then" in str(err.value)
 
 
 def test_a_run_without_a_stamp_is_refused(config):
     run = stamped_run(config)
     del run["spec"]
-    assert "(no specification stamp)" in stale_runs(config, [run])["run_anomalygpt_seed0_mvtec"][0]
+    assert "(no specification stamp)" in stale_runs(config, [run])["results/visa.json"][0]
     run["spec"] = {"digest": "x", "spec": "not a mapping"}
-    assert "(no specification stamp)" in stale_runs(config, [run])["run_anomalygpt_seed0_mvtec"][0]
+    assert "(no specification stamp)" in stale_runs(config, [run])["results/visa.json"][0]
 
 
 def test_a_hand_edited_number_is_refused(config):
     run = stamped_run(config)
     run["mean"]["image_auroc"] = 0.123
-    lines = stale_runs(config, [run])["run_anomalygpt_seed0_mvtec"]
+    lines = stale_runs(config, [run])["results/visa.json"]
     assert "edited after the run" in lines[0]

@@ -13,7 +13,8 @@ import yaml
 from siad.data.registry import get_dataset
 from siad.engine.protocol import protocol_runs
 from siad.engine.runs import job_per
-from siad.plan import build_plan
+from siad.plan import build_plan, validate_workflow_config
+from siad.report.paper import table_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.workflow
@@ -61,6 +62,27 @@ def run_jobs(output: str) -> dict[str, list[tuple[str, str, str, str]]]:
     return {rule: [(m, v, s, t) for _, m, v, _, s, t in runs] for rule, runs in run_paths(output).items()}
 
 
+def job_of(rule: str, outputs: list[str]) -> str:
+    """A job named by what it runs, whatever its part: ``run_<method>_seed<s>_<source>`` for a run or scoring job
+    (from its outputs), ``report`` for a table or the claims check, else the rule."""
+    metrics = [Path(o).parts[-7:-1] for o in outputs if o.endswith("metrics.json")]
+    if rule.startswith(("run_", "score_")) and metrics:
+        _, method, _, seed, source, _ = metrics[0]
+        return f"run_{method}_{seed}_{source}"
+    return "report" if rule.startswith("table_") or rule == "claims_check" else rule
+
+
+def merged_run_jobs(output: str) -> dict[str, list[tuple[str, str, str, str]]]:
+    """:func:`run_jobs` merged by (method, seed, source): the runs of each, whatever part of the jobs holds them."""
+    merged: dict[str, list[tuple[str, str, str, str]]] = {}
+    for rule, _, outputs in dry_run_jobs(output):
+        if rule.startswith(("run_", "score_")):
+            merged.setdefault(job_of(rule, outputs), []).extend(
+                (m, v, s, t) for _, m, v, _, s, t in (Path(o).parts[-7:-1] for o in outputs
+                                                      if o.endswith("metrics.json")))
+    return merged
+
+
 def write_config(tmp_path: Path, config: dict) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -96,7 +118,9 @@ def test_dry_run_has_one_job_per_method_seed_source_covering_every_required_run(
                                  training_free=True, seeds=[config["seed"]])
     ]
     clip_rule = f"run_clip_seed{config['seed']}" + ("_none" if per == "source" else "")
-    assert len(table1) == 9 and sorted(run_jobs(result.stdout + result.stderr)[clip_rule]) == sorted(table1)
+    clip_runs = [run for rule, group in run_jobs(result.stdout + result.stderr).items()
+                 if rule.startswith(clip_rule + "_") for run in group]  # the jobs are cut by the tables they serve
+    assert len(table1) == 9 and set(table1) <= set(clip_runs)
     print(f"{profile}: {len(paths)} run jobs, {len(runs)} runs")
     jobs = run_jobs(result.stdout + result.stderr)
     siad = [run for rule, group in jobs.items() if "siad_llm" in rule for run in group]
@@ -115,8 +139,8 @@ def test_trained_method_gets_one_job_per_source(tmp_path):
                        preload=ROOT / "tests" / "engine" / "test_runs.py")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
-    jobs = run_jobs(output)
-    assert sorted(jobs) == ["run_anovl_seed0_none", "run_clip_seed0_none",
+    jobs = merged_run_jobs(output)
+    assert sorted(jobs) == ["run_anovl_seed0_none", "run_clip_seed0_none", "run_colour_distance_seed0_none",
                             "run_test_mean_image_seed0_br35h", "run_test_mean_image_seed0_mvtec"]
     for source in ("mvtec", "br35h"):
         targets = next(e["targets"] for e in config["protocol"] if e["source"] == source)
@@ -218,12 +242,12 @@ def test_tiny_demo_end_to_end_and_resumable(tiny_run):
     for target in ("visa", "sdd", "headct"):
         run_dir = tmp_path / "results" / "demo" / "uzad" / "clip" / "default" / "seed0" / "none" / target
         assert (run_dir / "metrics.json").is_file()
-    assert (tmp_path / "results" / "demo" / "benchmarks" / "runs" / "clip" / "seed0" / "none.tsv").is_file()
+    assert list((tmp_path / "results" / "demo" / "benchmarks" / "runs" / "clip" / "seed0" / "none").glob("*.tsv"))
     assert re.search(r"\| image \| AnomalyGPT \| \d+\.\d \(\d+\.\d\) \|", table)
     trained = tmp_path / "results" / "demo" / "uzad" / "anomalygpt" / "default" / "seed0"
     for source, targets in (("mvtec", ("visa", "sdd")), ("br35h", ("headct",))):
-        assert (tmp_path / "results" / "demo" / "logs" / "runs" / "anomalygpt" / "seed0" /
-                f"{source}.log").is_file()  # one job per source
+        assert list((tmp_path / "results" / "demo" / "logs" / "runs" / "anomalygpt" / "seed0" / source).glob(
+            "*.log"))  # jobs per source (cut by the tables they serve)
         assert (trained / source / "model.json").is_file()
         for target in targets:
             llm = json.loads((trained / source / target / "metrics.json").read_text())["llm"]
@@ -251,7 +275,7 @@ ANOMALYCLIP_JOBS = {"run_anomalyclip_seed0_mvtec", "run_anomalyclip_seed0_br35h"
 CLIP_FAMILY_JOBS = {f"run_{m}_seed0_{s}" for m in ("anomalyclip", "adaclip", "filo", "aaclip")
                     for s in ("mvtec", "br35h")}
 RUN_JOBS = {"run_clip_seed0_none", "run_anovl_seed0_none", "run_anomalygpt_seed0_mvtec",
-            "run_anomalygpt_seed0_br35h"} | CLIP_FAMILY_JOBS
+            "run_anomalygpt_seed0_br35h", "run_colour_distance_seed0_none"} | CLIP_FAMILY_JOBS
 FIGURES = {"figure1", "figure2"}
 TINY_DATASETS = ("mvtec", "visa", "sdd", "br35h", "headct")
 PREPARE = {f"prepare_dataset[{d}]" for d in TINY_DATASETS}
@@ -260,8 +284,8 @@ STANDIN = {f"synthesize_standin[{d}]" for d in TINY_DATASETS}
 
 def planned_jobs(output: str) -> set[str]:
     """The jobs of a dry run as ``rule`` or ``rule[dataset]``, without the ``all`` target."""
-    return {f"{rule}[{wc['dataset']}]" if "dataset" in wc else rule
-            for rule, wc, _ in dry_run_jobs(output) if rule != "all"}
+    return {f"{rule}[{wc['dataset']}]" if "dataset" in wc else job_of(rule, outputs)
+            for rule, wc, outputs in dry_run_jobs(output) if rule != "all"}
 
 
 def dry_run_with(tmp_path: Path, mutate=None, preload: Path | None = None) -> set[str]:
@@ -292,21 +316,23 @@ def dry_run_with(tmp_path: Path, mutate=None, preload: Path | None = None) -> se
     # the top-level seed seeds the stand-ins, the frozen random weights and the bootstrap; with no training.seeds it is
     # also the one training seed, so every run moves to seed7
     (lambda c: c.update(seed=7), {j.replace("seed0", "seed7") for j in RUN_JOBS} | PREPARE | STANDIN
-     | {"report", "speed"} | FIGURES),
+     | {"report", "speed", "colour_distance"} | FIGURES),
     # another training seed adds that seed's jobs of the trained methods; the seed-0 runs stay as they are
     (lambda c: c["training"].update(seeds=[0, 5]),
      {"run_anomalygpt_seed5_mvtec", "run_anomalygpt_seed5_br35h", "report"} | FIGURES
      | {j.replace("seed0", "seed5") for j in CLIP_FAMILY_JOBS}),
-    (lambda c: c["data"]["standin"].update(n_test_normal=4), RUN_JOBS | PREPARE | STANDIN | {"report"} | FIGURES),
+    (lambda c: c["data"]["standin"].update(n_test_normal=4),
+     RUN_JOBS | PREPARE | STANDIN | {"report", "colour_distance"} | FIGURES),
     (lambda c: c["data"]["options"].update(medical_protocol="dra_75_25"),
-     {"prepare_dataset[br35h]", "prepare_dataset[headct]", "run_clip_seed0_none",
-      "run_anomalygpt_seed0_br35h", "report"} | FIGURES
+     {"prepare_dataset[br35h]", "prepare_dataset[headct]", "run_clip_seed0_none", "run_anovl_seed0_none",
+      "run_colour_distance_seed0_none", "colour_distance", "run_anomalygpt_seed0_br35h", "report"} | FIGURES
      | {j for j in CLIP_FAMILY_JOBS if j.endswith("br35h")}),
     (lambda c: c["methods"]["clip"].update(display_name="CLIP (ViT-L)"), {"report"} | FIGURES),
     (lambda c: c["methods"]["clip"].update(variants={"cold": {"logit_scale": 10.0}}), set()),  # no table uses it
     (lambda c: c["datasets"]["visa"].update(classes=["candle", "pcb1"]),
      {"synthesize_standin[visa]", "prepare_dataset[visa]", "run_clip_seed0_none", "run_anovl_seed0_none",
-      "run_anomalygpt_seed0_mvtec", "report"} | FIGURES | {j for j in CLIP_FAMILY_JOBS if j.endswith("mvtec")}),
+      "run_colour_distance_seed0_none", "colour_distance", "run_anomalygpt_seed0_mvtec", "report"} | FIGURES
+     | {j for j in CLIP_FAMILY_JOBS if j.endswith("mvtec")}),
 ])
 def test_a_config_change_reruns_exactly_the_jobs_that_depend_on_it(tiny_run, mutate, expected):
     tmp_path, _ = tiny_run
@@ -341,8 +367,9 @@ def test_an_edited_image_re_prepares_its_dataset_and_reruns_its_readers(tiny_run
 
 def test_the_report_reads_the_claimed_numbers_as_inputs(tiny_run):
     tmp_path, configfile = tiny_run
-    result = snakemake(tmp_path, "-n", "--forcerun", "report", "all", configfile=configfile)
-    report = re.search(r"^rule report:\n(.*?)(?=^\S|\Z)", result.stdout + result.stderr, flags=re.S | re.M).group(1)
+    result = snakemake(tmp_path, "-n", "--forcerun", "table_table1_uzad", "all", configfile=configfile)
+    report = re.search(r"^rule table_table1_uzad:\n(.*?)(?=^\S|\Z)", result.stdout + result.stderr,
+                       flags=re.S | re.M).group(1)
     assert str(ROOT / "config" / "reference" / "siad_table1_uzad.csv") in report
 
 
@@ -357,14 +384,14 @@ def test_the_report_refuses_a_stale_metrics_file(tiny_run):
     metrics.write_text(json.dumps(body))
     os.utime(metrics, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     try:
-        result = snakemake(tmp_path, "--forcerun", "report", "all", configfile=configfile)
+        result = snakemake(tmp_path, "--forcerun", "table_table1_uzad", "all", configfile=configfile)
     finally:
         metrics.write_bytes(original)
         os.utime(metrics, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    log = (tmp_path / "results" / "demo" / "logs" / "report.log").read_text()
+    log = (tmp_path / "results" / "demo" / "logs" / "tables" / "table1_uzad.log").read_text()
     assert result.returncode != 0 and "computed under another run specification" in log
     assert "uzad/clip/default/seed0/none/visa/metrics.json" in log and "stamp does not match" in log
-    assert "--forcerun run_clip_seed0_none" in log
+    assert "--force results/demo/uzad/clip/default/seed0/none/visa/metrics.json, then" in log
     assert not tables.exists() or tables.read_bytes() == before
 
 
@@ -374,3 +401,61 @@ def test_booleans_from_the_command_line_are_read_as_booleans(tmp_path):
     wrong = snakemake(tmp_path, "-n", "all", "--config", "data={verify_counts: perhaps}")
     output = wrong.stdout + wrong.stderr
     assert wrong.returncode != 0 and "data.verify_counts: 'perhaps' is not a boolean" in output
+
+
+# --- one table at a time ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda c: c["report"].update(tables=["table_zad"]),
+    lambda c: c["report"].update(tables=["siad_table7_training_free", "table1_uzad"]),
+    lambda c: c["report"].pop("user_tables"),
+])
+def test_choosing_other_tables_reruns_no_finished_run(tiny_run, mutate):
+    tmp_path, _ = tiny_run
+    config = tiny_demo()
+    mutate(config)
+    configfile = tmp_path / "chosen.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "-n", "all", configfile=configfile)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    # the claims check lists the claims of the chosen tables: it alone is written again
+    assert {rule for rule, _, _ in dry_run_jobs(output) if rule != "all"} <= {"claims_check"}, output[-3000:]
+
+
+def test_one_table_builds_exactly_the_runs_it_reads(tmp_path):
+    config = tiny_demo()
+    configfile = write_config(tmp_path, config)
+    result = snakemake(tmp_path, "-n", "tables/demo/siad_table7_training_free.md", configfile=configfile)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    built = {run for group in run_paths(output).values() for run in group}
+    needed = {(k.setting, k.method, k.variant, k.seed_folder, k.source, k.target)
+              for k in table_runs(validate_workflow_config(config), "siad_table7_training_free")}
+    # AnoVL's default model only (no other method, no other table's variant), on every protocol target
+    assert {run[:5] for run in built} == {run[:5] for run in needed} and needed <= built
+    assert {run[5] for run in built} == {"visa", "sdd", "headct"}
+    rules = {rule for rule, _, _ in dry_run_jobs(output)}
+    assert "table_siad_table7_training_free" in rules and not {r for r in rules if r.startswith("table_")} - {
+        "table_siad_table7_training_free"} and "claims_check" not in rules
+
+
+def test_a_user_table_and_an_external_method_join_the_demo(tiny_run):
+    tmp_path, _ = tiny_run
+    table = (tmp_path / "tables" / "demo" / "rule_baseline.md").read_text()
+    assert "claimed" not in table.split("Notes:")[0] and "no paper claims these numbers" in table
+    for row in ("CLIP", "Colour distance", "AnoVL (TFA)"):
+        assert re.search(rf"\| image \| {re.escape(row)} \| \d+\.\d \| \d+\.\d \| \d+\.\d \| \d+\.\d \|", table), row
+    run = tmp_path / "results" / "demo" / "uzad" / "colour_distance" / "default" / "seed0" / "none" / "visa"
+    assert (run / "external.npz").is_file() and (run / "predictions.npz").is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["run"]["method"] == "colour_distance" and "spec" in metrics
+
+
+def test_no_table_note_prints_a_path_of_this_machine(tiny_run):
+    tmp_path, _ = tiny_run
+    for table in (tmp_path / "tables" / "demo").glob("*.*"):
+        if table.suffix in (".md", ".tex", ".csv"):
+            text = table.read_text()
+            assert str(ROOT) not in text and str(tmp_path) not in text and "/tmp/" not in text, table.name

@@ -15,6 +15,9 @@ rule speed:
         f"{RESULTS}/logs/speed.log",
     benchmark:
         f"{RESULTS}/benchmarks/speed.tsv"
+    threads: threads_of("speed")
+    resources:
+        **resources_of("speed"),
     conda:
         "../envs/siad.yaml"
     script:

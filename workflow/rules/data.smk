@@ -15,6 +15,9 @@ rule synthesize_standin:
         state=lambda wc: standin_state_param(config, wc.dataset, f"{RESULTS}/datasets/{wc.dataset}/standin.done"),
     log:
         f"{RESULTS}/logs/synthesize_standin/{{dataset}}.log",
+    threads: threads_of("synthesize_standin")
+    resources:
+        **resources_of("synthesize_standin"),
     conda:
         "../envs/siad.yaml"
     script:
@@ -38,6 +41,9 @@ rule prepare_dataset:
     benchmark:
         f"{RESULTS}/benchmarks/prepare_dataset/{{dataset}}.tsv"
     retries: 0
+    threads: threads_of("prepare_dataset")
+    resources:
+        **resources_of("prepare_dataset"),
     conda:
         "../envs/siad.yaml"
     script:

@@ -12,22 +12,61 @@ from siad.report.paper_figures import (
 )
 
 
-rule report:
+# One job per table, rendered inside the Snakemake process (a table needs only the suite, which planning the workflow
+# has imported: no Python start-up per table) and on the submitting host under a cluster executor (localrule).
+# `snakemake tables/<profile>/<table>.md` builds exactly the runs that table reads.
+for _name in TABLE_NAMES:
+
+    rule:
+        name:
+            f"table_{_name}"
+        input:
+            metrics=table_metrics(_name),
+            references=reference_files([_name]),
+        output:
+            md=f"{TABLES}/{table_stem(_name)}.md",
+            tex=f"{TABLES}/{table_stem(_name)}.tex",
+            csv=f"{TABLES}/{table_stem(_name)}.csv",
+        params:
+            table=_name,
+            reference_dir=repo_file("config/reference"),
+            spec=PLAN.table_params(_name),
+        log:
+            f"{RESULTS}/logs/tables/{_name}.log",
+        threads: threads_of("table")
+        resources:
+            **resources_of("table"),
+        localrule: True
+        run:
+            from siad.report.paper import render_table
+            from siad.runtime import run_inline
+
+            run_inline(lambda: render_table(config, params.table, [Path(p) for p in input.metrics],
+                                            Path(output.md).parent, Path(params.reference_dir)), log[0], config)
+
+
+# The claims check: every claimed number of every configured paper table beside its reproduction.
+rule claims_check:
     input:
         metrics=report_metrics(),
         references=reference_files(),
     output:
-        report_outputs(),
+        f"{TABLES}/claims_check.md",
     params:
         reference_dir=repo_file("config/reference"),
         spec=PLAN.report_params(),
     log:
-        f"{RESULTS}/logs/report.log",
-    conda:
-        "../envs/siad.yaml"
-    script:
-        "../scripts/render_report.py"
+        f"{RESULTS}/logs/claims_check.log",
+    threads: threads_of("claims_check")
+    resources:
+        **resources_of("claims_check"),
+    localrule: True
+    run:
+        from siad.report.paper import render_claims_check
+        from siad.runtime import run_inline
 
+        run_inline(lambda: render_claims_check(config, [Path(p) for p in input.metrics], Path(output[0]),
+                                               Path(params.reference_dir)), log[0], config)
 
 
 # Qualitative figure in the style of SIAD-LLM Fig. 4: `all` asks for it when report.figure4 is configured.
@@ -43,6 +82,9 @@ rule figure4:
         spec=PLAN.report_params(),
     log:
         f"{RESULTS}/logs/figure4.log",
+    threads: threads_of("figure4")
+    resources:
+        **resources_of("figure4"),
     conda:
         "../envs/siad.yaml"
     script:
@@ -66,6 +108,9 @@ rule figure1:
         spec=PLAN.report_params(),
     log:
         f"{RESULTS}/logs/figure1.log",
+    threads: threads_of("figure1")
+    resources:
+        **resources_of("figure1"),
     conda:
         "../envs/siad.yaml"
     script:
@@ -87,6 +132,9 @@ rule figure2:
         spec=PLAN.report_params(),
     log:
         f"{RESULTS}/logs/figure2.log",
+    threads: threads_of("figure2")
+    resources:
+        **resources_of("figure2"),
     conda:
         "../envs/siad.yaml"
     script:

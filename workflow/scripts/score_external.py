@@ -1,0 +1,24 @@
+"""One job's external runs: check each run's external.npz (written by the user's rule) and score it like any run."""
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from siad.runtime import run_step
+
+if TYPE_CHECKING:
+    from snakemake.iocontainers import snakemake
+
+
+def main(smk) -> None:
+    from siad.config import results_root
+    from siad.engine.external import score_external_runs
+    from siad.engine.protocol import RunKey
+
+    p = smk.params
+    keys = [RunKey(setting, p.method, variant, source, target, p.seed) for setting, variant, source, target in p.runs]
+    planned = dict(zip(keys, (entry.rpartition("=")[2] for entry in p.spec), strict=True))
+    score_external_runs(smk.config, keys, meta_paths=dict(zip(p.datasets, map(Path, smk.input.meta), strict=True)),
+                        results_root=results_root(smk.config), expected_digests=planned)
+
+
+run_step(main, snakemake)  # noqa: F821 (injected by Snakemake)
