@@ -177,8 +177,8 @@ def stale_runs(config: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> 
     The expected specification is resolved now from ``config``, the prepared dataset indexes and the code
     (:func:`siad.engine.spec.resolve_run_spec`).
     """
-    from siad.engine.protocol import RunKey
     from siad.config import results_root
+    from siad.engine.protocol import RunKey
     from siad.engine.spec import resolve_run_spec, results_digest, spec_differences
 
     stale: dict[str, list[str]] = {}
