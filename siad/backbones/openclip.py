@@ -11,6 +11,7 @@ source for the ``pretrained`` tag (the Hugging Face hub when it has one).
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from siad.backbones.registry import MODEL_CONFIG_DIR, BackboneSpec, ensure_model_configs
 from siad.errors import ConfigError, MissingWeightsError, UnknownNameError
+from siad.files import exclusive_lock
 
 __all__ = ["MODEL_CONFIG_DIR", "LoadedBackbone", "load_openclip", "resolve_checkpoint", "weights_cache_dir"]
 
@@ -52,13 +54,21 @@ def weights_cache_dir(cache_dir: str | os.PathLike | None, *, url: bool = False)
     return Path(constants.HF_HUB_CACHE)
 
 
+def download_lock(folder: Path) -> AbstractContextManager[None]:
+    """One download into ``folder`` at a time (:func:`~siad.files.exclusive_lock`): open_clip's URL downloader writes
+    the weights file in place, so a second job starting meanwhile would read, or download again over, a half-written
+    file. Jobs that find the file complete pass after the lock with no network access."""
+    return exclusive_lock(Path(folder) / ".siad-download.lock")
+
+
 def _download_url(spec: BackboneSpec, cache_dir: str | os.PathLike | None) -> str:
     """Fetch ``spec.url`` into the cache (a cached file is reused without network access)."""
     assert spec.url is not None
     try:
-        return open_clip.pretrained.download_pretrained_from_url(
-            spec.url, cache_dir=None if cache_dir is None else str(cache_dir)
-        )
+        with download_lock(weights_cache_dir(cache_dir, url=True)):
+            return open_clip.pretrained.download_pretrained_from_url(
+                spec.url, cache_dir=None if cache_dir is None else str(cache_dir)
+            )
     except Exception as err:  # URLError, timeouts, checksum mismatch: the user's fix is the same
         where = weights_cache_dir(cache_dir, url=True)
         raise MissingWeightsError(
@@ -96,8 +106,10 @@ def resolve_checkpoint(spec: BackboneSpec, cache_dir: str | os.PathLike | None =
     if not pretrained_cfg:
         tags = open_clip.list_pretrained_tags_by_model(spec.arch)
         raise UnknownNameError(f"open_clip has no pretrained tag {spec.pretrained!r} for {spec.arch}; known: {tags}")
+    folder = None if cache_dir is None else str(cache_dir)
     try:
-        return open_clip.download_pretrained(pretrained_cfg, cache_dir=None if cache_dir is None else str(cache_dir))
+        with download_lock(weights_cache_dir(cache_dir, url=not pretrained_cfg.get("hf_hub"))):
+            return open_clip.download_pretrained(pretrained_cfg, cache_dir=folder)
     except Exception as err:  # network, hub and offline errors all mean the same thing to the user
         where = weights_cache_dir(cache_dir)
         source = pretrained_cfg.get("hf_hub") or pretrained_cfg.get("url")
