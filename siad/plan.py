@@ -274,7 +274,8 @@ RESOURCE_RULES = ("synthesize_standin", "prepare_dataset", "run", "score_externa
 def job_resources(config: Mapping[str, Any], rule: str, method: str | None = None) -> dict[str, Any]:
     """``threads``, ``mem_mb``, ``runtime`` (minutes), ``gpu`` (count) and, when set, ``gpu_model`` of a job of kind
     ``rule`` (and of ``method``'s run jobs): :data:`DEFAULT_RESOURCES`, then ``resources.default``, then
-    ``resources.rules.<rule>``, then ``resources.methods.<method>``. A profile whose ``device`` is ``cpu`` asks no GPU.
+    ``resources.rules.<rule>``, then ``resources.methods.<method>``. A profile whose ``device`` is ``cpu`` asks no GPU,
+    and a job asking no GPU carries no ``gpu_model``.
     """
     section = config.get("resources") or {}
     if rule not in RESOURCE_RULES:
@@ -283,7 +284,8 @@ def job_resources(config: Mapping[str, Any], rule: str, method: str | None = Non
               **(section.get("methods", {}).get(method, {}) if method else {})}
     if str(config["device"]) == "cpu":
         merged["gpu"] = 0
-        merged.pop("gpu_model", None)
+    if not merged["gpu"]:
+        merged.pop("gpu_model", None)  # the SLURM plugin would still send --gpus=<model>:0
     return merged
 
 

@@ -321,6 +321,17 @@ def report_failure(err: BaseException, *, log_path: str | None, config: Mapping[
                   type(err).__name__, _first_line(str(err), 300) or "(no message)", where)
 
 
+def _threads_of_cluster_job(smk: Any) -> None:
+    """In a SLURM job, torch uses the job's ``threads`` (its cpus-per-task) unless OMP_NUM_THREADS says otherwise:
+    torch would otherwise start one thread per core of the node, over the cores other jobs hold. Off a cluster the
+    local default is kept (the demo's numbers and speed do not change)."""
+    threads = getattr(smk, "threads", None)
+    if os.environ.get("SLURM_JOB_ID") and "OMP_NUM_THREADS" not in os.environ and isinstance(threads, int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+
+
 def run_step(step: Callable[[Any], None], smk: Any) -> None:
     """Run a workflow script body with its log file; any failure ends the job (exit code 1) with one line, in the
     log file and on stderr, naming the file or config key and the fix (:func:`explain_failure`)."""
@@ -330,6 +341,7 @@ def run_step(step: Callable[[Any], None], smk: Any) -> None:
             from siad.methods.external import register_external_methods
 
             register_external_methods(smk.config)  # a fresh process: the config's external methods get their class
+        _threads_of_cluster_job(smk)
         step(smk)
     except KeyboardInterrupt:
         log.error("job interrupted; rerun the workflow (with --rerun-incomplete) to finish it")

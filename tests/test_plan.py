@@ -79,6 +79,8 @@ def test_resources_merge_default_rule_and_method_and_a_cpu_profile_asks_no_gpu()
                                                         "gpu_model": "a100"}
     assert job_resources(config, "run", "clip")["mem_mb"] == 8000
     assert job_resources(config, "table") == {"threads": 1, "mem_mb": 8000, "runtime": 60, "gpu": 0}
+    config["resources"]["methods"]["clip"] = {"gpu": 0, "gpu_model": "a100"}
+    assert "gpu_model" not in job_resources(config, "run", "clip")  # no --gpus=a100:0
     config["device"] = "cpu"
     assert job_resources(config, "run", "siad_llm")["gpu"] == 0 and "gpu_model" not in job_resources(
         config, "run", "siad_llm")

@@ -276,3 +276,26 @@ def test_runtime_stays_light_at_import():
 
     code = "import sys, siad.runtime; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0, runtime.__file__
+
+
+def test_run_inline_logs_what_it_wrote_and_a_failure_as_one_explained_line(tmp_path):
+    from siad.errors import DataError
+    from siad.runtime import StepFailed, run_inline
+
+    log = tmp_path / "logs" / "table.log"
+    run_inline(lambda: [tmp_path / "a.md", tmp_path / "a.csv"], log)
+    assert log.read_text() == f"wrote {tmp_path / 'a.md'}\nwrote {tmp_path / 'a.csv'}\n"
+
+    def stale() -> None:
+        raise DataError("results/x/metrics.json: computed under another run specification")
+
+    with pytest.raises(StepFailed, match=r"results/x/metrics.json: computed under another run specification"):
+        run_inline(stale, log)
+    assert "computed under another run specification" in log.read_text()
+
+    def bug() -> None:
+        raise ZeroDivisionError("division by zero")
+
+    with pytest.raises(StepFailed, match=r"ZeroDivisionError: division by zero \(traceback in .*table.log\)"):
+        run_inline(bug, log)
+    assert "Traceback" in log.read_text() and "in bug" in log.read_text()

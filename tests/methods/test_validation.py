@@ -125,3 +125,20 @@ def test_an_unknown_key_of_a_variant_is_named_at_the_variant():
     config["methods"]["anovl"]["params"]["tta_stepz"] = 3  # in the method's params: named there
     with pytest.raises(ConfigError, match=r"^methods/anovl/params: unknown parameter"):
         validate_config(config)
+
+
+def test_a_baselines_module_that_registers_nothing_is_named(tmp_path, monkeypatch):
+    import baselines
+    from siad.errors import UnknownNameError
+    from siad.methods import get_method_class
+
+    module = Path(baselines.__path__[0]) / "zz_registers_nothing.py"
+    module.write_text('"""A module that forgot @METHODS.register."""\n')
+    try:
+        with pytest.raises(UnknownNameError, match=r"baselines/zz_registers_nothing.py exists and was imported, but "
+                                                   r"it registered no method named 'zz_registers_nothing'; decorate"):
+            get_method_class("zz_registers_nothing")
+    finally:
+        module.unlink()
+    with pytest.raises(UnknownNameError, match=r"unknown method 'zz_nowhere'; known: .*external method"):
+        get_method_class("zz_nowhere")
