@@ -206,6 +206,14 @@ def _check_speed_rows(config: Mapping[str, Any], rows: Mapping[str, Any], key: s
             raise ConfigError(f"{key}/{name}: method {row['method']!r} is not listed under `methods`")
         if row.get("variant", "default") not in method_variants(config, row["method"]):
             raise ConfigError(f"{key}/{name}: unknown variant {row.get('variant')!r} of {row['method']!r}")
+        if row.get("params"):  # the row's own parameters, over its variant's: checked now, not when the table is timed
+            from siad.methods import get_method_class
+
+            try:
+                get_method_class(row["method"]).resolve_params(
+                    {**method_params(config, row["method"], row.get("variant", "default")), **row["params"]})
+            except ConfigError as err:
+                raise ConfigError(f"{key}/{name}/params: {err}") from None
 
 
 def method_variants(config: Mapping[str, Any], method: str) -> list[str]:

@@ -144,3 +144,13 @@ def test_method_switches_and_lists_from_the_command_line_are_read_by_their_rules
     config["methods"]["anomalyclip"]["params"]["compound_fp16"] = "perhaps"
     with pytest.raises(ConfigError, match="methods/anomalyclip/params/compound_fp16: 'perhaps' is not accepted"):
         validate_config(config)
+
+
+def test_a_speed_rows_own_params_are_checked_at_start_up():
+    from siad.config import validate_config
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "demo.yaml").read_text())
+    config["speed"]["rows"]["AnoVL-TFA fused"]["params"] = {"fused_dual_pas": True}
+    with pytest.raises(ConfigError, match=r"speed/rows/AnoVL-TFA fused/params: .*unknown parameter\(s\) "
+                                          r"\['fused_dual_pas'\]"):
+        validate_config(config)
