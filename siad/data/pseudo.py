@@ -35,10 +35,12 @@ Choices and guarantees beyond NSA (documented because they change behaviour in e
   mask. For the rectangular patches used without a background model this compositing changes
   nothing (checked in the tests).
 * A patch placement fails when no placement meets the object criteria within ``max_tries``
-  draws, when the Poisson mask has fewer than 50 pixels (NSA's guard), or when the blend changed
-  no pixel at all (OpenCV erodes the mask by 3 px, so thin patches can vanish; NSA would keep such
-  an invisible "anomaly"). A failed *further* patch
-  is skipped (as NSA). A failed *first* patch is replaced by one deterministic fallback draw that
+  draws, when the Poisson mask has fewer than 50 pixels (NSA's guard), when the Poisson mask is
+  thinner than 3 px on either axis (a patch of 3 or 4 px on a side: ``cv2.seamlessClone`` cannot
+  solve such a mask and raises ``!fixedSize() in function 'release'``; see :func:`poisson_clone`),
+  or when the blend changed no pixel at all (OpenCV erodes the mask by 3 px, so thin patches can
+  vanish; NSA would keep such an invisible "anomaly"). A failed *further* patch is skipped (as
+  NSA). A failed *first* patch is replaced by one deterministic fallback draw that
   ignores the background model and raises both patch sides to at least 10 pixels, which always
   succeeds (it is kept even if invisible, which happens only when the source patch equals the
   destination content); so every pseudo-anomaly has a non-empty mask (NSA/AnomalyGPT would instead return an
@@ -75,6 +77,7 @@ MIN_IMAGE_SIDE = 16
 
 _FALLBACK_MIN_SIDE = 10  # 8x8 interior after the zero frame = 64 >= _MIN_CLONE_AREA
 _MIN_CLONE_AREA = 50  # NSA: seamlessClone misbehaves on tiny masks
+_MIN_CLONE_SIDE = 3  # seamlessClone raises on a mask whose 255-box is thinner than this (poisson_clone)
 _CHANGE_TOL = 1.0  # NSA `tol`: mean absolute change (grey levels) that counts as "changed"
 
 Bounds = tuple[float, float]
@@ -214,7 +217,21 @@ def poisson_clone(canvas: np.ndarray, dest: np.ndarray, clone_mask: np.ndarray) 
     region of interest, the bounding box of the 255-valued pixels, on ``p``; ``p`` is computed so
     that the box lands exactly where it is in ``clone_mask`` (OpenCV's start = p − extent//2 with
     extent = max − min). OpenCV erodes the mask in place, hence the copy.
+
+    OpenCV zeroes the mask's outer one-pixel border and needs the bounding box of the remaining
+    255-valued pixels to span at least ``_MIN_CLONE_SIDE`` (3) pixels on both axes: a thinner box
+    (extent max − min < 2) makes ``cv2.seamlessClone`` fail with ``(-215:Assertion failed)
+    !fixedSize() in function 'release'`` (OpenCV 5.1; checked exhaustively on random masks). Such a
+    mask is refused here with a ValueError naming the box; the generator never passes one (its
+    ``_blend`` counts such a patch as a failed placement).
     """
+    inner_rows, inner_cols = np.nonzero(clone_mask[1:-1, 1:-1] == 255)
+    if inner_rows.size and min(np.ptp(inner_rows), np.ptp(inner_cols)) + 1 < _MIN_CLONE_SIDE:
+        raise ValueError(
+            f"Poisson mask box rows {inner_rows.min() + 1}..{inner_rows.max() + 1}, cols {inner_cols.min() + 1}.."
+            f"{inner_cols.max() + 1} is thinner than {_MIN_CLONE_SIDE} px; cv2.seamlessClone cannot blend it "
+            "(fix: skip such a patch, as CutPastePoisson does)"
+        )
     rows, cols = np.nonzero(clone_mask == 255)
     centre = (
         int(cols.min() + (cols.max() - cols.min()) // 2),
@@ -408,7 +425,7 @@ class CutPastePoisson:
         patch_obj: np.ndarray | None,
     ) -> tuple[np.ndarray, np.ndarray, Box] | None:
         """Poisson-paste ``patch`` at ``origin``; return (image, pasted region, the patch's rectangle) or
-        ``None`` if the Poisson mask is too small."""
+        ``None`` if the Poisson mask is too small or too thin for ``cv2.seamlessClone``."""
         h, w = patch.shape[:2]
         row, col = origin
         window = (slice(row, row + h), slice(col, col + w))
@@ -419,7 +436,9 @@ class CutPastePoisson:
         pasted = clone.copy() if dest_obj is None or patch_obj is None else patch_obj | dest_obj[window]
         for piece in (pasted, clone):  # zero frame (NSA)
             piece[0, :] = piece[-1, :] = piece[:, 0] = piece[:, -1] = False
-        if clone.sum() < _MIN_CLONE_AREA or not pasted.any():
+        # a patch of 3 or 4 px on a side leaves a Poisson mask of 1 or 2 px after the frame: cv2.seamlessClone
+        # cannot solve it (it raises; see poisson_clone), so it fails like a too small mask
+        if clone.sum() < _MIN_CLONE_AREA or min(h, w) - 2 < _MIN_CLONE_SIDE or not pasted.any():
             return None
         canvas = dest.copy()
         canvas[window] = patch

@@ -107,6 +107,32 @@ def test_raw_seamless_clone_changes_only_the_rectangle_but_spills_outside_irregu
     assert not np.any(changed & ~inside_box)
 
 
+def test_a_patch_too_thin_for_seamless_clone_is_a_failed_placement_not_a_crash(monkeypatch) -> None:
+    """Regression: at 96 px (any side of ~68 to ~149 px: the smallest patch side round(0.03·side) is 3 or 4 px)
+    seed 26 draws a 4 px thin patch whose Poisson mask is 2 px thick after the zero frame; cv2.seamlessClone raised
+    ``(-215:Assertion failed) !fixedSize() in function 'release'`` (OpenCV 5.1, the CPU-scaled scale run). Such a
+    placement now fails like a too small mask, and the raw clone refuses the thin mask by name."""
+    sides = []
+    blend = CutPastePoisson._blend
+
+    def spy(dest, patch, origin, dest_obj, patch_obj):
+        sides.append(patch.shape[:2])
+        return blend(dest, patch, origin, dest_obj, patch_obj)
+
+    monkeypatch.setattr(CutPastePoisson, "_blend", staticmethod(spy))
+    result = CutPastePoisson(PatchParams()).generate(IMAGE, SOURCE, np.random.default_rng(26))
+    assert min(sides[0]) <= 4  # the thin patch was drawn (and skipped)
+    assert result.boxes == ((70, 90, 30, 68),) and result.mask.sum() == 18 * 36
+    assert not np.any(np.any(result.image != IMAGE, axis=-1) & (result.mask == 0))
+
+    thin = np.zeros((SIDE, SIDE), dtype=np.uint8)
+    thin[86:88, 42:71] = 255  # the failing run's Poisson mask: 2 rows
+    with pytest.raises(ValueError, match="thinner than 3 px"):
+        poisson_clone(SOURCE, IMAGE, thin)
+    thin[86:89, 42:71] = 255  # 3 rows: OpenCV blends it
+    assert poisson_clone(SOURCE, IMAGE, thin).shape == IMAGE.shape
+
+
 def test_single_patch_mask_is_a_rectangle_within_the_width_bounds() -> None:
     side = 224
     params = dataclasses.replace(anomalygpt_params("mvtec", "screw"), skip_background=None, num_patches=1)
