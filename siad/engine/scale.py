@@ -1,8 +1,10 @@
 """A paper-scale dry run: what the paper profile's run jobs will cost, measured before spending it (issue 12).
 
-The job list is the paper profile's own (:func:`siad.plan.build_plan` of ``scale.paper_config``: one job per
-method × training seed × source, cut by the tables that read them). Each *kind* of training — (method, variant,
-setting), whose cost does not depend on the seed or the source — is measured once through the real code paths:
+This module measures and extrapolates; it never sees the workflow plan. The job list (:class:`JobWork`, one per
+method × training seed × source of the paper profile, cut by the tables that read them) is made by
+:mod:`siad.scale` (above the plan, which builds it) and handed to :func:`cost_jobs`. Each *kind* of training —
+(method, variant, setting), whose cost does not depend on the seed or the source — is measured once through the
+real code paths:
 
 - the method is built from the paper params with random weights (``random_init``), the LLM methods with a
   random LLaMA at the Vicuna-7B architecture in float16 (:func:`siad.engine.speed.build_random_llama`);
@@ -31,7 +33,7 @@ checkpointing of the LLM, 8-bit LLM weights, a smaller batch) and the first set 
 
 Modes: ``gpu`` (the paper architectures, CUDA), ``cpu_scaled`` (every architecture replaced by the tiny one of
 ``scale.cpu_params_from``, measurement images of ``image_size.cpu_scaled`` px: its hours are CPU-scaled hours,
-never GPU numbers) and ``auto``. This module measures and extrapolates; :mod:`siad.report.cost` renders.
+never GPU numbers) and ``auto``. :mod:`siad.scale` runs it; :mod:`siad.report.cost` renders.
 """
 
 from __future__ import annotations
@@ -65,11 +67,10 @@ __all__ = [
     "Switch",
     "TrainingStage",
     "choose_switches",
-    "job_work",
     "llm_activation_bytes",
     "measure_kind",
     "resolve_mode",
-    "run_scale",
+    "cost_jobs",
     "steps_for",
     "test_images",
     "training_images",
@@ -192,26 +193,6 @@ class JobWork:
     n_runs: int
     trainings: tuple[tuple[tuple[str, str], int], ...]  # ((variant, setting), training images)
     evaluations: tuple[tuple[tuple[str, str], int], ...]  # ((variant, setting), test images), one per run
-
-
-def job_work(plan: Any, train_counts: Mapping[str, int]) -> list[JobWork]:
-    """The work of every job of ``plan`` (a :class:`siad.plan.WorkflowPlan`), in the plan's order."""
-    from siad.engine.protocol import NO_SOURCE
-
-    config = plan.config
-    jobs = []
-    for group in plan.groups:
-        trainings: dict[str, tuple[tuple[str, str], int]] = {}
-        evaluations = []
-        for key in group.keys:
-            kind = (key.variant, key.setting)
-            if key.source != NO_SOURCE and key.method in TRAINING_SCHEDULES:
-                digest = plan.specs[key].shared_training_digest
-                trainings.setdefault(digest, (kind, training_images(config, train_counts, key.source, key.setting)))
-            evaluations.append((kind, test_images(config, key.target)))
-        jobs.append(JobWork(group.rule_name, group.method, group.seed, group.source, len(group.keys),
-                            tuple(trainings.values()), tuple(evaluations)))
-    return jobs
 
 
 # -- measuring one kind of training ------------------------------------------------------------------------------
@@ -568,7 +549,8 @@ def backbone_params(backbone: str, image_size: int | None) -> int:
 
     spec = get_backbone_spec(backbone, {"pretrained": None, "checkpoint": None,
                                         **({"image_size": image_size} if image_size else {})})
-    return _param_count_on_meta(lambda: open_clip.create_model(spec.arch, pretrained=None,
+    # device="meta": open_clip moves the model to its device (default the CPU), which a meta tensor cannot do
+    return _param_count_on_meta(lambda: open_clip.create_model(spec.arch, pretrained=None, device="meta",
                                                                force_image_size=spec.image_size))
 
 
@@ -601,8 +583,8 @@ class MemoryEstimate:
 
 @dataclass(frozen=True)
 class Switch:
-    """A change that lowers a job's memory: the config/param switch a user sets, whether the method accepts it yet,
-    and what it does to the estimate."""
+    """A change that lowers a job's memory: the method param a user sets (``methods/<m>/params/<param>``; the LLM
+    methods accept both switches), when it applies, and what it does to the estimate."""
 
     name: str
     param: str
@@ -635,15 +617,17 @@ def _with_batch(est: MemoryEstimate, batch: int) -> MemoryEstimate:
 
 
 def choose_switches(est: MemoryEstimate, budget_gib: float, *, is_llm: bool, ctx: Mapping[str, Any],
-                    batch_param: str) -> tuple[bool, list[str], MemoryEstimate]:
+                    batch_param: str, method: str | None = None) -> tuple[bool, list[str], MemoryEstimate]:
     """(fits as configured, the switches to set where it does not, the estimate with them).
 
     The switches of :data:`SWITCHES` that apply are added one at a time, in order, until the estimate fits; if
     they are not enough, the largest smaller batch that fits is named (``<batch_param>: n``). A job that fits
-    with none gets ``[]``; one that fits with nothing gets the whole list ending in "does not fit".
+    with none gets ``[]``; one that fits with nothing gets the whole list ending in "does not fit". With
+    ``method``, each switch is named by its config key, ``methods/<method>/params/<param>: value``.
     """
     if est.total <= budget_gib:
         return True, [], est
+    key = (lambda param: f"methods/{method}/params/{param}") if method else (lambda param: param)
     chosen: list[str] = []
     current = est
     for name in SWITCHES.names():
@@ -651,15 +635,15 @@ def choose_switches(est: MemoryEstimate, budget_gib: float, *, is_llm: bool, ctx
         if not switch.applies(current, is_llm):
             continue
         current = switch.apply(current, ctx)
-        chosen.append(f"{switch.param}: true")
+        chosen.append(f"{key(switch.param)}: true")
         if current.total <= budget_gib:
             return False, chosen, current
     for batch in range(current.batch - 1, 0, -1):
         smaller = _with_batch(current, batch)
         if smaller.total <= budget_gib:
-            return False, [*chosen, f"{batch_param}: {batch}"], smaller
+            return False, [*chosen, f"{key(batch_param)}: {batch}"], smaller
     smallest = _with_batch(current, 1)
-    return False, [*chosen, f"{batch_param}: 1", "still does not fit"], smallest
+    return False, [*chosen, f"{key(batch_param)}: 1", "still does not fit"], smallest
 
 
 # -- the whole dry run -------------------------------------------------------------------------------------------
@@ -727,13 +711,6 @@ def resolve_mode(mode: str) -> str:
     return mode
 
 
-def _load_config(path: str | Path) -> dict[str, Any]:
-    from siad.plan import validate_workflow_config
-    from siad.yaml_check import load_yaml
-
-    return validate_workflow_config(load_yaml(Path(path)))
-
-
 def _kind_params(paper: Mapping[str, Any], cpu: Mapping[str, Any] | None, method: str, variant: str) -> dict:
     """The params a kind is built with: the paper's (variant applied); in cpu_scaled mode the tiny profile's
     architecture params on top (its backbone, LLM, taps), the paper's schedule kept."""
@@ -793,30 +770,20 @@ def _activation_factor(paper: Mapping[str, Any], measured: Mapping[str, Any]) ->
         measured["backbone"], measured.get("image_size"))
 
 
-def run_scale(config: Mapping[str, Any], *, base_dir: Path | None = None, jobs_limit: int | None = None,
+def cost_jobs(works: Sequence[JobWork], *, paper: Mapping[str, Any], cpu: Mapping[str, Any] | None,
+              section: Mapping[str, Any], mode: str, paper_config: str = "",
               log: Callable[[str], None] = print) -> ScaleRun:
-    """The dry run of ``config['scale']``: measure every (method, variant, setting) the paper plan trains or
-    evaluates, then cost every job. ``base_dir``: where relative config paths are read from (the repository).
-    ``jobs_limit``: cost only the first n jobs (tests)."""
+    """Measure every (method, variant, setting) that ``works`` train or evaluate, then cost every job.
+
+    ``paper``: the validated paper config (params, schedules, evaluation batch); ``cpu``: the validated config whose
+    tiny architectures replace the paper's in ``cpu_scaled`` mode (None in ``gpu`` mode); ``section``: the
+    ``scale`` config section; ``mode``: ``gpu`` or ``cpu_scaled`` (:func:`resolve_mode`).
+    """
     from siad.engine.speed import VICUNA_7B_DIMS
     from siad.methods import get_method_class
-    from siad.plan import build_plan
 
     started = time.perf_counter()
-    section = config["scale"]
-    base = Path(base_dir or ".")
-    mode = resolve_mode(section.get("mode", "auto"))
     device = "cuda" if mode == "gpu" else "cpu"
-    paper = _load_config(base / section["paper_config"])
-    cpu = _load_config(base / section.get("cpu_params_from", "config/demo.yaml")) if mode == "cpu_scaled" else None
-    plan = build_plan(paper)
-    train_counts = section.get("train_images", {})
-    works = job_work(plan, train_counts)
-    wanted = section.get("methods")
-    if wanted:
-        works = [w for w in works if w.method in wanted]
-    if jobs_limit is not None:
-        works = works[:jobs_limit]
     per_variant = section.get("measure_variants", {}).get(mode, "all" if mode == "gpu" else "default") == "all"
     kinds_needed = list(dict.fromkeys((w.method, kind if per_variant else ("default", kind[1]))
                                       for w in works for kind, _ in (*w.trainings, *w.evaluations)))
@@ -856,7 +823,7 @@ def run_scale(config: Mapping[str, Any], *, base_dir: Path | None = None, jobs_l
         notes.insert(0, "variants are costed with their method's default-variant measurement "
                         f"(scale.measure_variants.{mode}: default)")
     return ScaleRun(mode, device, memory_measure, budget, float(section.get("gpu_memory_gib", 24)), jobs, kinds,
-                    time.perf_counter() - started, tuple(notes), str(section["paper_config"]))
+                    time.perf_counter() - started, tuple(notes), paper_config)
 
 
 def method_params_of(config: Mapping[str, Any], method: str, variant: str) -> dict[str, Any]:
@@ -912,7 +879,8 @@ def _job_cost(work: JobWork, measured: Mapping[tuple[str, str, str], KindCost],
     if not memories:
         return JobCost(work, tuple(stages), None, None, (), max(peaks, default=None))
     est, is_llm, ctx, batch_param = max(memories, key=lambda m: m[0].total)
-    fits, switches, _ = choose_switches(est, budget, is_llm=is_llm, ctx=ctx, batch_param=batch_param)
+    fits, switches, _ = choose_switches(est, budget, is_llm=is_llm, ctx=ctx, batch_param=batch_param,
+                                        method=work.method)
     return JobCost(work, tuple(stages), est, fits, tuple(switches), max(peaks, default=None))
 
 

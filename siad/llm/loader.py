@@ -26,7 +26,8 @@ projection; it exercises every code path in seconds but its answers are noise.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +43,7 @@ __all__ = [
     "LoadedLlm",
     "PANDAGPT_DELTA_REPO",
     "apply_memory_switches",
+    "checkpointing_active",
     "apply_pandagpt_delta",
     "check_lora_complete",
     "collect_lora_pairs",
@@ -198,9 +200,11 @@ def apply_memory_switches(loaded: LoadedLlm) -> None:
     """Apply ``loaded.spec``'s memory switches to the loaded (frozen, eval-mode) LLM, in place.
 
     ``gradient_checkpointing``: transformers' checkpointing of every decoder layer (non-reentrant, so the gradient
-    reaches inputs_embeds while no weight requires one). transformers checkpoints a layer only in training mode, so the
-    decoder layers are put in training mode; a LLaMA layer has no dropout (``attention_dropout`` must be 0, checked),
-    so its outputs are unchanged. ``load_in_8bit``: every linear layer but ``lm_head`` becomes a bitsandbytes
+    reaches inputs_embeds while no weight requires one). transformers checkpoints a layer only in training mode, and
+    a layer in training mode drops the KV cache (generation would then see one token at a time), so the layers stay
+    in eval mode here: a training forward runs inside :func:`checkpointing_active`, which puts them in training mode
+    for that forward alone; a LLaMA layer has no dropout (``attention_dropout`` must be 0, checked), so its outputs
+    are unchanged. ``load_in_8bit``: every linear layer but ``lm_head`` becomes a bitsandbytes
     ``Linear8bitLt`` (LLM.int8(), CUDA only); without the package a ConfigError says what to install.
     """
     spec = loaded.spec
@@ -211,9 +215,30 @@ def apply_memory_switches(loaded: LoadedLlm) -> None:
         if float(getattr(model.config, "attention_dropout", 0.0) or 0.0) != 0.0:
             raise ConfigError("llm gradient_checkpointing: the LLM has attention dropout; checkpointing needs its "
                               "layers in training mode, which would change its outputs")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        for layer in model.model.layers:
-            layer.train()
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x (the old name is deprecated)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.eval()
+
+
+@contextmanager
+def checkpointing_active(loaded: LoadedLlm) -> Iterator[None]:
+    """Inside the block, a forward through ``loaded``'s LLM is gradient-checkpointed when its spec says so and
+    gradients are on: the decoder layers are in training mode for the block (transformers checkpoints only then)
+    and back in their mode after it. Without the switch, or under ``torch.no_grad()``, nothing changes."""
+    if not loaded.spec.gradient_checkpointing or not torch.is_grad_enabled():
+        yield
+        return
+    layers = list(loaded.model.model.layers)
+    modes = [layer.training for layer in layers]
+    for layer in layers:
+        layer.train()
+    try:
+        yield
+    finally:
+        for layer, mode in zip(layers, modes):
+            layer.train(mode)
 
 
 def _quantize_8bit(model: nn.Module) -> None:

@@ -25,7 +25,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -57,6 +57,7 @@ from siad.llm import (
     vicuna_pandagpt_spec,
 )
 from siad.llm.generation import generate_judgements
+from siad.llm.loader import checkpointing_active
 from siad.methods.backbone_method import BACKBONE_DEFAULTS, BACKBONE_RULES, BackboneMethod
 from siad.methods.base import Batch, Choice, Flag, MethodOutput, Number, NumberList, ParamRule, Registered, Text
 from siad.methods.llm_components import (
@@ -97,6 +98,11 @@ LLM_DEFAULTS: dict[str, Any] = {
     "vicuna_dir": None,
     "pandagpt_delta": None,
     "llm_dtype": "float16",  # paper profile only; the tiny LM is float32
+    # memory switches of the frozen LLM (docs/scale.md; the cost table names them where a job needs them): recompute
+    # each decoder layer in the backward pass (same numbers, less activation memory, ~1/3 more LLM time), and int8
+    # LLM weights (LLM.int8() via bitsandbytes, CUDA only; the answers change slightly)
+    "llm_gradient_checkpointing": False,
+    "llm_load_in_8bit": False,
     # -- maps
     "test_class_names": "released",  # object words at test: "released" (see RELEASED_TEST_WORDS) | "class"
     "ensemble": "anomalygpt",  # Appendix D compositional ensemble (7 normal × 5 abnormal states × 2 templates)
@@ -138,6 +144,8 @@ LLM_RULES: dict[str, ParamRule] = {
     "vicuna_dir": Text(),
     "pandagpt_delta": Text(),
     "llm_dtype": Choice(("float16", "bfloat16", "float32")),
+    "llm_gradient_checkpointing": Flag(),
+    "llm_load_in_8bit": Flag(),
     "test_class_names": Choice(("released", "class")),
     "ensemble": Registered(ENSEMBLES),
     "map_reduce": Choice(("mean", "sum")),
@@ -273,10 +281,15 @@ class LlmDetector(BackboneMethod):
         return _SHARED_LLM["llm"]
 
     def llm_spec(self) -> LlmSpec:
-        """The LLM to load: the paper's Vicuna-7B v0 + PandaGPT, or the tiny random demo LM."""
+        """The LLM to load: the paper's Vicuna-7B v0 + PandaGPT, or the tiny random demo LM, with the memory
+        switches ``llm_gradient_checkpointing`` and ``llm_load_in_8bit``."""
         if self.params["llm"] == "tiny-random":
-            return tiny_llm_spec(seed=self.weights_seed, image_dim=self.backbone.model.visual.output_dim)
-        return vicuna_pandagpt_spec(self.params["vicuna_dir"], self.params["pandagpt_delta"], self.params["llm_dtype"])
+            spec = tiny_llm_spec(seed=self.weights_seed, image_dim=self.backbone.model.visual.output_dim)
+        else:
+            spec = vicuna_pandagpt_spec(self.params["vicuna_dir"], self.params["pandagpt_delta"],
+                                        self.params["llm_dtype"])
+        return replace(spec, gradient_checkpointing=bool(self.params["llm_gradient_checkpointing"]),
+                       load_in_8bit=bool(self.params["llm_load_in_8bit"]))
 
     def _read_descriptions(self) -> dict[str, str]:
         """Class → description for the human turn; classes missing from it get the Appendix F fallback sentence."""
@@ -402,8 +415,9 @@ class LlmDetector(BackboneMethod):
     ) -> Tensor:
         """Cross-entropy of the LLM on the target answers (prompt positions masked with -100)."""
         batch = self.conversation(embedding, prompts, cls_names, answers, questions)
-        out = self.llm.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                             labels=batch.labels, use_cache=False)
+        with checkpointing_active(self.llm):  # llm_gradient_checkpointing: this forward is checkpointed
+            out = self.llm.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                                 labels=batch.labels, use_cache=False)
         return out.loss.float()
 
     def generation_config(self) -> GenerationConfig:

@@ -105,7 +105,8 @@ def _notes(run: ScaleRun) -> list[str]:
         "forward; LLM generation: the generations' share of evaluation (fixed answer length; random LLMs never stop).",
         "Est. GiB: weights + trainable fp32 weight, gradient and Adam moments + activations (+ the LLaMA's activations "
         "from Korthikanti et al. 2022 at the measured sequence length); fits = est. ≤ usable card memory. Switches "
-        "are tried in order: llm_gradient_checkpointing, llm_load_in_8bit, then the largest smaller batch.",
+        "are config keys (methods/<method>/params/<key>), tried in order: llm_gradient_checkpointing, "
+        "llm_load_in_8bit, then the largest smaller batch.",
     ]
     if run.mode != "gpu":
         notes.append("CPU-scaled: peaks are CPU peak-RSS growth (working memory, resident weights excluded) of the "

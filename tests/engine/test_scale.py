@@ -49,10 +49,11 @@ def test_training_images_per_setting():
 
 def test_job_work_follows_the_paper_plan():
     from siad.plan import build_plan
+    from siad.scale import job_work, load_config
 
-    paper = scale._load_config(REPO / "config" / "config.yaml")
+    paper = load_config(REPO / "config" / "config.yaml")
     plan = build_plan(paper)
-    works = scale.job_work(plan, {"mvtec": 3629, "visa": 8659, "br35h": 0, "brainmri": 0})
+    works = job_work(plan, {"mvtec": 3629, "visa": 8659, "br35h": 0, "brainmri": 0})
     assert [w.rule for w in works] == [g.rule_name for g in plan.groups]
     clip = next(w for w in works if w.method == "clip")
     assert clip.trainings == () and sum(n for _, n in clip.evaluations) == sum(
@@ -83,6 +84,19 @@ def test_checkpointing_is_tried_first_and_enough_for_llm_activations():
     assert after.total <= 22.0 < est.total
 
 
+def test_switches_are_named_by_their_config_keys_for_a_method():
+    dims = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32}
+    full = scale.llm_activation_bytes(dims, 16, 300, checkpointing=False) / scale.GIB
+    est = _estimate(llm_activations=full, llm_weights=30.0)  # checkpointing alone is not enough: 8-bit too
+    _, switches, _ = scale.choose_switches(est, 22.0, is_llm=True, ctx={"llm_dims": dims, "seq": 300},
+                                           batch_param="batch_size", method="siad_llm")
+    assert switches == ["methods/siad_llm/params/llm_gradient_checkpointing: true",
+                        "methods/siad_llm/params/llm_load_in_8bit: true"]
+    _, switches, _ = scale.choose_switches(_estimate(llm_weights=0.0, llm_activations=0.0, activations=40.0), 22.0,
+                                           is_llm=False, ctx={}, batch_param="stage2_batch_size", method="aaclip")
+    assert switches == ["methods/aaclip/params/stage2_batch_size: 3"]
+
+
 def test_smaller_batch_is_the_largest_that_fits():
     est = _estimate(llm_weights=0.0, llm_activations=0.0, activations=40.0)  # 5 GiB per image of the batch
     fits, switches, after = scale.choose_switches(est, 22.0, is_llm=False, ctx={}, batch_param="stage2_batch_size")
@@ -110,8 +124,10 @@ def test_mode_gpu_without_cuda_is_refused():
 
 def test_tiny_cpu_measurement_of_a_trained_method(tmp_path):
     """End to end on the CPU: AnomalyCLIP at the demo's tiny architecture, 2 + 2 capped steps, 2 eval batches."""
-    demo = scale._load_config(REPO / "config" / "demo.yaml")
-    paper = scale._load_config(REPO / "config" / "config.yaml")
+    from siad.scale import load_config
+
+    demo = load_config(REPO / "config" / "demo.yaml")
+    paper = load_config(REPO / "config" / "config.yaml")
     params = scale._kind_params(paper, demo, "anomalyclip", "default")
     # the tiny architecture, the paper's schedule (the demo's 2 epochs dropped: the class default 15 applies)
     assert params["backbone"] == demo["methods"]["anomalyclip"]["params"]["backbone"] and "epochs" not in params

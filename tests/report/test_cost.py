@@ -15,7 +15,7 @@ def _run(mode: str) -> ScaleRun:
     stages = (StageCost("training", "step", 454, 2.0), StageCost("evaluation", "image", 1000, 0.36),
               StageCost("LLM generation (in evaluation)", "image", 1000, 0.2, in_total=False))
     memory = MemoryEstimate(2.0, 12.6, 0.5, 1.0, 20.0, 8, "test")
-    llm_job = JobCost(work, stages, memory, False, ("llm_gradient_checkpointing: true",), 900.0)
+    llm_job = JobCost(work, stages, memory, False, ("methods/siad_llm/params/llm_gradient_checkpointing: true",), 900.0)
     clip = JobCost(JobWork("run_clip_seed0", "clip", 0, "none", 9, (), ((("default", "uzad"), 3600),)),
                    (StageCost("evaluation", "image", 3600, 0.1),), None, None, (), 100.0)
     return ScaleRun(mode, "cpu" if mode != "gpu" else "cuda", "CPU peak-RSS growth", 22.08, 24.0, (llm_job, clip),
@@ -29,7 +29,7 @@ def test_cpu_scaled_table_says_so_first_and_totals_add_up():
     assert "GPU-hours" not in markdown
     hours = (454 * 2.0 + 1000 * 0.36) / 3600 + 3600 * 0.1 / 3600  # generation is inside evaluation
     assert f"| **all** | 2 | {hours:.2f} | 1 |" in markdown
-    assert "no: llm_gradient_checkpointing: true" in markdown and "– (no training)" in markdown
+    assert "no: methods/siad_llm/params/llm_gradient_checkpointing: true" in markdown and "– (no training)" in markdown
     assert table.startswith("# CPU-SCALED")
     rows = list(csv.DictReader(io.StringIO(table.split("\n", 1)[1])))
     assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == 4

@@ -1,6 +1,6 @@
 # Scale profile (config/scale.yaml): a paper-scale dry run. The paper profile's run jobs are timed with random
 # weights on synthetic images (capped steps and predictions), extrapolated to the full run, with peak memory and
-# a 24 GB fit check per job (siad/engine/scale.py, docs/scale.md). Built by `all` when the config has `scale:`.
+# a 24 GB fit check per job (siad/scale.py, siad/engine/scale.py, docs/scale.md). Built by `all` when the config has `scale:`.
 
 
 rule scale_cost:

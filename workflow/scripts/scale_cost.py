@@ -11,9 +11,9 @@ if TYPE_CHECKING:
 
 
 def main(smk) -> None:
-    from siad.engine.scale import run_scale
     from siad.files import write_text_atomic
     from siad.report.cost import render_cost
+    from siad.scale import run_scale
 
     log = logging.getLogger("siad")
     run = run_scale(smk.config, base_dir=Path(smk.params.base), log=log.info)
