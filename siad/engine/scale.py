@@ -677,6 +677,7 @@ class JobCost:
     fits: bool | None
     switches: tuple[str, ...]
     peak_mib: float | None
+    undecided: bool = False  # a CPU-scaled lower bound under the card: whether it fits is not known
 
     @property
     def hours(self) -> float:
@@ -744,30 +745,17 @@ def _memory(kind: KindCost, stages: Sequence[TrainingStage], resolved_paper: Map
         measured = max(0.0, (kind.train_peak_mib - kind.static_mib) / 1024)
         activations = max(0.0, measured - llm_act - trainable)
         basis = "measured (CUDA peak − weights)"
-    else:
-        factor = _activation_factor(resolved_paper, resolved_measured)
-        activations = (kind.train_peak_mib or 0.0) / 1024 * factor
-        basis = f"CPU peak-RSS growth × {factor:.0f} (paper/scaled tokens × width × depth)"
+    else:  # the CPU's resident-memory growth of a tiny model says nothing of a GPU's activations: left out, so the
+        # estimate is a lower bound (LOWER_BOUND_BASIS) and only "does not fit" can be decided from it
+        activations = 0.0
+        basis = LOWER_BOUND_BASIS
     return MemoryEstimate(weights, llm_weights, trainable, activations, llm_act, batch, basis)
 
 
-def _vision_size(backbone: str, image_size: int | None) -> float:
-    """tokens × width × depth of ``backbone``'s image tower at ``image_size`` (what its activations scale with)."""
-    import open_clip
-
-    from siad.backbones import get_backbone_spec
-
-    spec = get_backbone_spec(backbone, {"pretrained": None, "checkpoint": None,
-                                        **({"image_size": image_size} if image_size else {})})
-    vision = open_clip.get_model_config(spec.arch)["vision_cfg"]
-    patch = int(vision["patch_size"])
-    tokens = (spec.image_size // patch) ** 2 + 1
-    return tokens * int(vision["width"]) * int(vision["layers"])
-
-
-def _activation_factor(paper: Mapping[str, Any], measured: Mapping[str, Any]) -> float:
-    return _vision_size(paper["backbone"], paper.get("image_size")) / _vision_size(
-        measured["backbone"], measured.get("image_size"))
+#: The basis of a CPU-scaled memory estimate: what it counts, and that it is a lower bound.
+LOWER_BOUND_BASIS = ("lower bound: the paper architecture's weights, the optimiser state of the measured trainable "
+                     "parameters and the LLM's analytic activations; the image tower's activations are not measured "
+                     "on a CPU")
 
 
 def cost_jobs(works: Sequence[JobWork], *, paper: Mapping[str, Any], cpu: Mapping[str, Any] | None,
@@ -881,7 +869,9 @@ def _job_cost(work: JobWork, measured: Mapping[tuple[str, str, str], KindCost],
     est, is_llm, ctx, batch_param = max(memories, key=lambda m: m[0].total)
     fits, switches, _ = choose_switches(est, budget, is_llm=is_llm, ctx=ctx, batch_param=batch_param,
                                         method=work.method)
-    return JobCost(work, tuple(stages), est, fits, tuple(switches), max(peaks, default=None))
+    undecided = est.basis == LOWER_BOUND_BASIS and est.total <= budget  # a lower bound under the card decides nothing
+    return JobCost(work, tuple(stages), est, None if undecided else fits, () if undecided else tuple(switches),
+                   max(peaks, default=None), undecided)
 
 
 def _notes(mode: str, kinds: Sequence[KindCost]) -> list[str]:

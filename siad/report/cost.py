@@ -40,6 +40,8 @@ def _num(value: float | None, fmt: str = "{:.3g}") -> str:
 
 
 def _fit(job: JobCost) -> str:
+    if job.undecided:
+        return "unknown (a lower bound under the card: activations not measured on a CPU)"
     if job.fits is None:
         return "– (no training)"
     if job.fits:
@@ -70,7 +72,7 @@ def _method_totals(run: ScaleRun) -> list[tuple[str, int, float, int]]:
         entry = totals.setdefault(job.work.method, [0, 0.0, 0])
         entry[0] += 1
         entry[1] += job.hours
-        entry[2] += int(job.fits is False)
+        entry[2] += int(job.fits is False)  # decided only: a CPU-scaled lower bound under the card is "unknown"
     return [(m, n, h, bad) for m, (n, h, bad) in totals.items()]
 
 
@@ -110,9 +112,12 @@ def _notes(run: ScaleRun) -> list[str]:
     ]
     if run.mode != "gpu":
         notes.append("CPU-scaled: peaks are CPU peak-RSS growth (working memory, resident weights excluded) of the "
-                     "tiny architectures; the paper-architecture estimate scales it by tokens × width × depth and "
-                     "counts trainable parameters at the tiny width (a lower bound), FiLo's Grounding DINO not "
-                     "counted. Hours are CPU seconds of tiny models, not a GPU forecast.")
+                     "tiny architectures. The paper-architecture estimate is a LOWER BOUND: the paper backbone's "
+                     "and the LLM's weights, the optimiser state of the trainable parameters at the tiny width, the "
+                     "LLM's analytic activations; the image tower's activations and FiLo's Grounding DINO are not "
+                     "counted. So \"no\" (the bound alone exceeds the card) is decided, \"unknown\" is not: run "
+                     "scale.mode: gpu for the measured answer. Hours are CPU seconds of tiny models, not a GPU "
+                     "forecast.")
     return notes + list(run.notes)
 
 
@@ -129,7 +134,8 @@ def _csv(run: ScaleRun) -> str:
                                                                else job.peak_mib), run.memory_measure,
                              _csv_num(stage.hours), hours_label(run), stage.in_total,
                              _csv_num(job.memory.total if job.memory else None),
-                             "" if job.fits is None else job.fits, "; ".join(job.switches), run.mode, run.device])
+                             "unknown" if job.undecided else "" if job.fits is None else job.fits,
+                             "; ".join(job.switches), run.mode, run.device])
     return buffer.getvalue()
 
 

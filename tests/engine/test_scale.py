@@ -138,3 +138,24 @@ def test_tiny_cpu_measurement_of_a_trained_method(tmp_path):
     assert kind.eval_seconds > 0 and kind.feature_seconds > 0 and kind.trainable_params > 0
     assert kind.feature_cached  # the paper params set a feature cache: training reads it
     assert kind.memory_measure == "CPU peak-RSS growth" and kind.notes == ()
+    # the CPU-scaled paper-architecture estimate: a lower bound without the image tower's activations
+    from siad.methods import get_method_class
+
+    paper_params = get_method_class("anomalyclip").resolve_params(scale._kind_params(paper, None, "anomalyclip",
+                                                                                     "default"))
+    schedule = scale.TRAINING_SCHEDULES.get("anomalyclip")(paper_params, "uzad")
+    est = scale._memory(kind, schedule, paper_params, "cpu_scaled", None, params)
+    assert est.activations == 0.0 and est.basis == scale.LOWER_BOUND_BASIS
+    assert est.weights == pytest.approx(scale.backbone_params(paper_params["backbone"],
+                                                              paper_params.get("image_size")) * 4 / scale.GIB)
+
+
+def test_a_cpu_scaled_lower_bound_decides_only_what_does_not_fit():
+    from siad.report.cost import _fit
+
+    bound = scale.MemoryEstimate(1.0, 0.0, 0.5, 0.0, 0.0, 8, scale.LOWER_BOUND_BASIS)
+    work = scale.JobWork("run_x", "anomalyclip", 0, "mvtec", 1, (), ())
+    under = scale.JobCost(work, (), bound, None, (), None, undecided=True)
+    assert _fit(under).startswith("unknown")
+    over = scale.JobCost(work, (), bound, False, ("methods/anomalyclip/params/batch_size: 4",), None)
+    assert _fit(over) == "no: methods/anomalyclip/params/batch_size: 4"
