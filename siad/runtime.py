@@ -337,10 +337,6 @@ def run_step(step: Callable[[Any], None], smk: Any) -> None:
     log file and on stderr, naming the file or config key and the fix (:func:`explain_failure`)."""
     log_path = setup_logging(_log_path(smk))
     try:
-        if isinstance(getattr(smk, "config", None), Mapping):
-            from siad.methods.external import register_external_methods
-
-            register_external_methods(smk.config)  # a fresh process: the config's external methods get their class
         _threads_of_cluster_job(smk)
         step(smk)
     except KeyboardInterrupt:

@@ -69,10 +69,12 @@ def external_methods(config: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
             if isinstance(entry, Mapping) and isinstance(entry.get("external"), Mapping)}
 
 
-def register_external_methods(config: Mapping[str, Any]) -> list[str]:
+def register_external_methods(config: Mapping[str, Any], *, check_names: bool = True) -> list[str]:
     """Register a stand-in class for every external method of ``config`` (idempotent); return their names.
 
     A name taken by a method class of the suite or of ``baselines/`` is refused: an external entry may not hide it.
+    ``check_names=False`` skips that check, which imports every method module (a job of a workflow whose config was
+    validated when it was planned: the scoring and figure jobs).
     """
     from siad.methods.base import _discover
 
@@ -85,7 +87,8 @@ def register_external_methods(config: Mapping[str, Any]) -> list[str]:
                 known.training_free = bool(spec.get("training_free", True))
                 names.append(name)
                 continue
-        _discover()
+        if check_names:
+            _discover()
         if name in METHODS:
             raise ConfigError(f"methods/{name}/external: {name!r} is the name of a method class of the suite "
                               f"({METHODS.get(name).__module__}); give the external method another name")

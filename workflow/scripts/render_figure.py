@@ -10,8 +10,11 @@ if TYPE_CHECKING:
 
 
 def main(smk) -> None:
+    from siad.methods.external import register_external_methods
     from siad.report.figures import render_figure4
     from siad.report.runs import load_runs, refuse_stale_runs
+
+    register_external_methods(smk.config, check_names=False)  # their stand-in classes, in this process
 
     refuse_stale_runs(smk.config, load_runs([Path(p) for p in smk.input.metrics]))
 

@@ -10,7 +10,10 @@ if TYPE_CHECKING:
 
 
 def main(smk) -> None:
+    from siad.methods.external import register_external_methods
     from siad.report.paper_figures import render_paper_figure
+
+    register_external_methods(smk.config, check_names=False)  # their stand-in classes, in this process
 
     # refuses metrics files of another run specification (as the report does); the rule's outputs are
     # <tables>/<stem>.{png,pdf}, the names the figure writes

@@ -13,6 +13,9 @@ def main(smk) -> None:
     from siad.config import results_root
     from siad.engine.external import score_external_runs
     from siad.engine.protocol import RunKey
+    from siad.methods.external import register_external_methods
+
+    register_external_methods(smk.config, check_names=False)  # their stand-in classes, in this process
 
     p = smk.params
     keys = [RunKey(setting, p.method, variant, source, target, p.seed) for setting, variant, source, target in p.runs]
