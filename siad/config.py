@@ -13,7 +13,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from siad.errors import ConfigError, SiadError
+from siad.errors import ConfigError, SiadError, UnknownNameError
 from siad.yaml_check import check_finite_numbers
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
@@ -89,7 +89,6 @@ def _coerce_by_schema(value: Any, schema: Mapping[str, Any], key: str) -> Any:
 
 
 def _coerce_method(name: str, entry: Any) -> Any:
-    from siad.errors import UnknownNameError
     from siad.methods import get_method_class
 
     try:
@@ -139,7 +138,12 @@ def _check_names(config: Mapping[str, Any]) -> None:
                 if name not in config["datasets"]:
                     raise ConfigError(f"protocol: dataset {name!r} is not listed under `datasets`")
         for name, entry in config["methods"].items():
-            cls = get_method_class(name)
+            try:
+                cls = get_method_class(name)
+            except UnknownNameError as err:
+                raise ConfigError(f"methods/{name}: {err}; fix the name, add baselines/{name}.py registering it "
+                                  "(README: Adding a baseline), or declare it as an external method "
+                                  "(methods.<name>.external)") from None
             for variant, overrides in [("default", {}), *entry.get("variants", {}).items()]:
                 _check_variant_params(cls, name, variant, entry.get("params", {}), overrides)
         _check_speed(config)
@@ -204,6 +208,9 @@ def _check_speed_rows(config: Mapping[str, Any], rows: Mapping[str, Any], key: s
     for name, row in rows.items():
         if row["method"] not in config["methods"]:
             raise ConfigError(f"{key}/{name}: method {row['method']!r} is not listed under `methods`")
+        if "external" in config["methods"][row["method"]]:
+            raise ConfigError(f"{key}/{name}: {row['method']!r} is an external method (predicted by its own rule): "
+                              "the speed table times method classes only; remove the row")
         if row.get("variant", "default") not in method_variants(config, row["method"]):
             raise ConfigError(f"{key}/{name}: unknown variant {row.get('variant')!r} of {row['method']!r}")
         if row.get("params"):  # the row's own parameters, over its variant's: checked now, not when the table is timed

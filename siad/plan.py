@@ -62,9 +62,15 @@ class WorkflowPlan:
         return [f"{k.setting}/{k.variant}/{k.source}/{k.target}={self.specs[k].planned_digest}" for k in group.keys]
 
     def report_params(self) -> str:
-        """Digest of what the claims check and the figures read besides the run files: the report config and the
-        report code."""
-        return self._report_digest(self.config["report"])
+        """Digest of what the figures read besides the run files: the report config without the choice of tables
+        (choosing tables redraws no figure) and the report code."""
+        return self._report_digest({k: v for k, v in self.config["report"].items()
+                                    if k not in ("tables", "user_tables")})
+
+    def claims_params(self) -> str:
+        """Digest of what the claims check reads besides the run files: the report config without the user tables
+        (they claim nothing) and the report code."""
+        return self._report_digest({k: v for k, v in self.config["report"].items() if k != "user_tables"})
 
     def table_params(self, name: str) -> str:
         """Digest of what table ``name`` reads besides its run files and its claims CSV: the report config (without
@@ -197,8 +203,9 @@ def _protocol_targets(config: Mapping[str, Any], unit: RunKey) -> list[str]:
 def _signature(names: Sequence[str]) -> tuple[str, ...]:
     """What cuts the jobs: the paper tables reading a unit; the user tables and figures only for a unit no paper table
     reads. A figure or a user table builds the jobs of the paper tables whose units it shows, so declaring or removing
-    one never changes a job those tables need (a user table alone may then build a few more runs of the same units'
-    jobs than it shows)."""
+    one never changes a job of a unit a paper table reads (a user table alone may then build a few more runs of the
+    same units' jobs than it shows). Editing what a table reads (its rows) can regroup units, and Snakemake reruns a
+    regrouped job: the same numbers again, at the cost of time (README: One table at a time)."""
     tables = tuple(n for n in names if n in PAPER_TABLES)
     return tables or tuple(names)
 

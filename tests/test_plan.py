@@ -104,3 +104,15 @@ def test_the_shipped_profiles_size_their_gpu_jobs():
         assert job_resources(paper, "run", method)["gpu"] >= 1
     assert job_resources(paper, "table")["gpu"] == 0 and job_resources(paper, "prepare_dataset")["gpu"] == 0
     assert all(job_resources(profile(), "run", m)["gpu"] == 0 for m in profile()["methods"])  # the demo: CPU
+
+
+def test_choosing_tables_changes_neither_the_figures_digest_nor_the_claims_checks_inputs_by_user_tables():
+    from siad.report.paper import paper_table_runs
+
+    config = profile()
+    plan = build_plan(config)
+    fewer = profile()
+    fewer["report"]["tables"] = ["table1_uzad"]
+    fewer["report"].pop("user_tables")
+    assert build_plan(validate_workflow_config(fewer)).report_params() == plan.report_params()  # figures stay
+    assert not [k for k in paper_table_runs(config) if k.method == "colour_distance"]  # the user table claims nothing

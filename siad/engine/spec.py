@@ -255,8 +255,9 @@ def input_file_identity(path: str | Path) -> str:
 
 
 def method_code_hash(cls: type) -> str:
-    """Hash of the method's module and every project module it imports, transitively, with their data files."""
-    return modules_hash((cls.__module__,))
+    """Hash of the method's module (or its ``code_modules``: an external method's stand-in names the modules that
+    check and score its predictions) and every project module they import, transitively, with their data files."""
+    return modules_hash(tuple(getattr(cls, "code_modules", None) or (cls.__module__,)))
 
 
 def evaluation_code_modules() -> frozenset[str]:

@@ -350,8 +350,7 @@ def get_method_class(name: str) -> type[Method]:
                 f"unknown method {name!r}: {module} exists and was imported, but it registered no method named "
                 f"{name!r}; decorate its Method subclass with @METHODS.register({name!r}) (README: Adding a baseline)")
         raise UnknownNameError(
-            f"unknown method {name!r}; known: {', '.join(sorted(METHODS))} (an external method, declared with "
-            "`methods.<name>.external`, is known once its config is validated: siad.config.validate_config)")
+            f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
     return METHODS.get(name)
 
 

@@ -26,6 +26,9 @@ class ExternalMethod(Method):
     """
 
     external_spec: ClassVar[Mapping[str, Any]] = {}
+    #: The code a run's numbers depend on (its run specification's code hash): this stand-in and the contract checks
+    #: and scoring of siad/engine/external.py; the user's rule is tracked by Snakemake (its output is an input).
+    code_modules: ClassVar[tuple[str, ...]] = ("siad.methods.external", "siad.engine.external")
     #: img_path -> (score, map [H, W], answer | None, p_yes | None): an external file's predictions being scored
     #: (:func:`siad.engine.external.score_external_runs`); None outside scoring.
     replay: Mapping[str, tuple[float, Any, str | None, float | None]] | None = None
@@ -93,7 +96,7 @@ def register_external_methods(config: Mapping[str, Any], *, check_names: bool = 
             raise ConfigError(f"methods/{name}/external: {name!r} is the name of a method class of the suite "
                               f"({METHODS.get(name).__module__}); give the external method another name")
         cls = type(f"External_{name}", (ExternalMethod,), {
-            "external_spec": dict(spec), "training_free": bool(spec.get("training_free", True)),
+            "__module__": __name__, "external_spec": dict(spec), "training_free": bool(spec.get("training_free", True)),
             "__doc__": f"External method {name!r}: predicted by the rules in {spec.get('rules')}."})
         METHODS.add(name, cls)
         names.append(name)

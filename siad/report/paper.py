@@ -352,7 +352,7 @@ def render_table(config: Config, name: str, metrics_paths: Sequence[Path], out_d
 def render_claims_check(config: Config, metrics_paths: Sequence[Path], out_path: Path, reference_dir: Path, *,
                         require_current: bool = True) -> Path:
     """Write ``claims_check.md``: every claimed number of every configured paper table beside its reproduction."""
-    runs = _checked_runs(config, metrics_paths, required_runs(config), require_current)
+    runs = _checked_runs(config, metrics_paths, paper_table_runs(config), require_current)
     tables = [build_table(config, name, runs, reference_dir) for name in config["report"]["tables"]]
     return write_text_atomic(Path(out_path), claims_check(tables))
 
@@ -386,6 +386,11 @@ def refuse_missing_runs(runs: Sequence[Mapping[str, Any]], needed: Sequence[RunK
                         f"given: {shown}; run the workflow (snakemake ... all), which computes them")
 
 
+def paper_table_runs(config: Config) -> list[RunKey]:
+    """Every run the configured paper tables (``report.tables``) need: what the claims check reads."""
+    return list(dict.fromkeys(key for name in config["report"]["tables"] for key in table_runs(config, name)))
+
+
 def required_runs(config: Config) -> list[RunKey]:
     """Every run the configured tables (paper and user tables) need, without duplicates, in table order."""
     return list(dict.fromkeys(key for name in configured_tables(config) for key in table_runs(config, name)))
@@ -412,8 +417,8 @@ def variant_row(config: Config, key: str, method: str, variant: str, claimed: Ma
 
 __all__ = [
     "PAPER_TABLES", "PaperTable", "build_claim_table", "build_table", "configured_tables", "industrial_targets",
-    "protocol_targets", "render_claims_check", "render_report", "render_table", "required_runs", "table_runs",
-    "table_stem", "run_key", "run_keys", "run_setting", "table_columns", "target_runs", "variant_row",
+    "paper_table_runs", "protocol_targets", "render_claims_check", "render_report", "render_table", "required_runs",
+    "table_runs", "table_stem", "run_key", "run_keys", "run_setting", "table_columns", "target_runs", "variant_row",
 ]
 
 

@@ -112,3 +112,21 @@ def test_scoring_an_oracles_file_gives_perfect_metrics_stamped_like_any_run(tmp_
     assert metrics["mean"]["image_auroc"] == pytest.approx(1.0) and metrics["mean"]["pixel_auroc"] > 0.99
     assert metrics["run"]["method"] == "oracle" and metrics["spec"]["digest"]
     assert (key.run_dir(tmp_path / "results") / "predictions.npz").is_file()
+
+
+def test_an_external_methods_runs_depend_on_the_code_that_checks_and_scores_them():
+    from siad.code_hash import modules_hash
+    from siad.engine.spec import method_code_hash
+
+    validate_config(external_config(Path("/nowhere")))
+    cls = get_method_class("oracle")
+    assert cls.__module__ == "siad.methods.external"
+    assert method_code_hash(cls) == modules_hash(("siad.methods.external", "siad.engine.external"))
+    assert method_code_hash(cls) != modules_hash(("siad.methods.external",))  # the scoring code counts too
+
+
+def test_a_speed_row_may_not_time_an_external_method():
+    config = external_config(Path("/nowhere"))
+    config["speed"]["rows"]["Oracle"] = {"method": "oracle"}
+    with pytest.raises(ConfigError, match=r"speed/rows/Oracle: 'oracle' is an external method"):
+        validate_config(config)

@@ -12,7 +12,8 @@ from siad.methods.external import external_methods
 from siad.data.folder_state import dataset_state_param, standin_state_param
 from siad.plan import build_plan, job_resources, prepare_params, standin_params, validate_workflow_config
 from siad.report.paper_figures import figure_outputs
-from siad.report.paper import PAPER_TABLES, configured_tables, required_runs, table_runs, table_stem
+from siad.report.paper import (PAPER_TABLES, configured_tables, paper_table_runs, required_runs, table_runs,
+                               table_stem)
 
 # Validate the config and resolve every run's specification once; every `params:` digest below comes from it,
 # so Snakemake's params trigger reruns exactly the jobs whose configuration, data options or code changed.
@@ -89,6 +90,11 @@ def run_file(key, name):
 def report_metrics():
     """metrics.json of every run the configured tables need."""
     return [str(key.run_dir(RESULTS) / "metrics.json") for key in required_runs(config)]
+
+
+def claims_metrics():
+    """metrics.json of every run the configured paper tables need (the user tables claim nothing)."""
+    return [run_file(key, "metrics.json") for key in paper_table_runs(config)]
 
 
 def table_metrics(name):

@@ -48,13 +48,13 @@ for _name in TABLE_NAMES:
 # The claims check: every claimed number of every configured paper table beside its reproduction.
 rule claims_check:
     input:
-        metrics=report_metrics(),
+        metrics=claims_metrics(),
         references=reference_files(),
     output:
         f"{TABLES}/claims_check.md",
     params:
         reference_dir=repo_file("config/reference"),
-        spec=PLAN.report_params(),
+        spec=PLAN.claims_params(),
     log:
         f"{RESULTS}/logs/claims_check.log",
     threads: threads_of("claims_check")
