@@ -140,5 +140,10 @@ def test_a_baselines_module_that_registers_nothing_is_named(tmp_path, monkeypatc
             get_method_class("zz_registers_nothing")
     finally:
         module.unlink()
-    with pytest.raises(UnknownNameError, match=r"unknown method 'zz_nowhere'; known: .*external method"):
+    with pytest.raises(UnknownNameError, match=r"unknown method 'zz_nowhere'; known: .*clip"):
         get_method_class("zz_nowhere")
+    config = yaml.safe_load((CONFIG / "demo.yaml").read_text())
+    config["methods"]["zz_nowhere"] = {"display_name": "Nowhere"}
+    with pytest.raises(ConfigError, match=r"methods/zz_nowhere: unknown method 'zz_nowhere'; known: .*; fix the name, "
+                                          r"add baselines/zz_nowhere.py registering it .*external method"):
+        validate_config(config)
