@@ -392,6 +392,14 @@ JOB_GROUPINGS: tuple[str, ...] = ("source", "method")
 ALL_SOURCES = "all"
 
 
+def planned_runs(method: str, seed: int, runs: Sequence[Sequence[str]], spec: Sequence[str]) -> dict[RunKey, str]:
+    """A run job's params back as {run: the config digest the workflow planned it with}: ``runs`` holds
+    (setting, variant, source, target) per run, ``spec`` the matching ``setting/variant/source/target=digest``
+    entries (:meth:`siad.plan.WorkflowPlan.group_params`)."""
+    keys = [RunKey(setting, method, variant, source, target, seed) for setting, variant, source, target in runs]
+    return dict(zip(keys, (entry.rpartition("=")[2] for entry in spec), strict=True))
+
+
 def job_per(config: Mapping[str, Any]) -> str:
     """The configured job grouping (``workflow.job_per``; ``source`` when unset)."""
     return (config.get("workflow") or {}).get("job_per", "source")

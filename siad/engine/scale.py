@@ -174,7 +174,7 @@ def training_images(config: Mapping[str, Any], train_counts: Mapping[str, int], 
         return test_images(config, source)
     if source not in train_counts:
         raise ConfigError(f"scale/train_images: no training image count for source {source!r}; add "
-                          f"`{source}: <normal train images>` (see /work/shared/specs/datasets.md)")
+                          f"`{source}: <normal train images>` (the normal train-split images of its real dataset)")
     normals = int(train_counts[source])
     if training_normal_images(config, source) == "all":
         normals += _test_normals(config, source)

@@ -8,10 +8,9 @@ processes with their own interpreter, as two jobs are.
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -19,6 +18,11 @@ import torch
 
 from siad.backbones.cache import FeatureCache
 from siad.files import TEMP_PREFIX
+
+_spec = importlib.util.spec_from_file_location("two_processes",
+                                               Path(__file__).resolve().parents[1] / "two_processes.py")
+two_processes = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(two_processes)
 
 ROUNDS, KEYS = 6, 40  # each round a fresh namespace: every entry is missed by both processes again
 ENTRY_FLOATS = 32_768  # 128 KiB per entry: a write takes long enough for the other process to read mid-way
@@ -45,9 +49,7 @@ def must_not_compute(positions: list[int]) -> dict[str, torch.Tensor]:
 
 def worker(folder: Path, worker_id: int) -> None:
     """Wait for the go signal, then fill and read every round's cache one key at a time; write counters to JSON."""
-    (folder / f"ready-{worker_id}").touch()
-    while not (folder / "go").exists():
-        time.sleep(0.01)
+    two_processes.wait_for_go(folder, worker_id)
     mismatches = 0
     totals = {"hits": 0, "misses": 0, "corrupt": 0, "stale": 0, "written": 0}
     for round_ in range(ROUNDS):
@@ -63,18 +65,7 @@ def worker(folder: Path, worker_id: int) -> None:
 
 
 def test_two_processes_filling_the_same_cache_entries_never_see_a_torn_entry(tmp_path):
-    workers = [subprocess.Popen([sys.executable, __file__, str(tmp_path), str(i)]) for i in range(2)]
-    try:
-        deadline = time.monotonic() + 120
-        while not all((tmp_path / f"ready-{i}").exists() for i in range(2)):
-            assert time.monotonic() < deadline and all(w.poll() is None for w in workers), "a worker did not start"
-            time.sleep(0.05)
-        (tmp_path / "go").touch()  # both start hammering at the same moment
-        codes = [w.wait(timeout=300) for w in workers]
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
+    codes = two_processes.run_two_workers(__file__, tmp_path)
     assert codes == [0, 0]
     results = [json.loads((tmp_path / f"result-{i}.json").read_text()) for i in range(2)]
     for result in results:

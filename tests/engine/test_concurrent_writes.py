@@ -10,10 +10,9 @@ processes with their own interpreter.
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,11 @@ import torch
 from siad.engine.evaluate import Predictions, load_maps, save_predictions
 from siad.engine.runs import load_trained, save_trained
 from siad.errors import DataError
+
+_spec = importlib.util.spec_from_file_location("two_processes",
+                                               Path(__file__).resolve().parents[1] / "two_processes.py")
+two_processes = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(two_processes)
 
 ITERATIONS = 150
 WEIGHT_FLOATS = 65_536  # 256 KiB of weights: a write is slow enough for the other process to read mid-way
@@ -55,9 +59,7 @@ def predictions_of(writer: int) -> Predictions:
 
 def worker(folder: Path, writer: int) -> None:
     """Write the model and the predictions, read both back, ``ITERATIONS`` times; write counters to JSON."""
-    (folder / f"ready-{writer}").touch()
-    while not (folder / "go").exists():
-        time.sleep(0.01)
+    two_processes.wait_for_go(folder, writer)
     counts = {"loaded": 0, "refused": 0, "wrong": 0, "predictions_read": 0, "predictions_wrong": 0}
     for _ in range(ITERATIONS):
         save_trained(ToyModel(writer), folder / "model", {"trained_on": [f"writer{writer}"]})
@@ -83,18 +85,7 @@ def worker(folder: Path, writer: int) -> None:
 
 
 def test_two_processes_writing_one_model_and_one_predictions_file_never_mix_or_tear_them(tmp_path):
-    workers = [subprocess.Popen([sys.executable, __file__, str(tmp_path), str(i)]) for i in range(2)]
-    try:
-        deadline = time.monotonic() + 120
-        while not all((tmp_path / f"ready-{i}").exists() for i in range(2)):
-            assert time.monotonic() < deadline and all(w.poll() is None for w in workers), "a worker did not start"
-            time.sleep(0.05)
-        (tmp_path / "go").touch()
-        codes = [w.wait(timeout=300) for w in workers]
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
+    codes = two_processes.run_two_workers(__file__, tmp_path)
     assert codes == [0, 0]  # a torn predictions file or a colliding temporary file raises in the worker
     results = [json.loads((tmp_path / f"result-{i}.json").read_text()) for i in range(2)]
     for result in results:

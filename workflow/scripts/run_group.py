@@ -11,12 +11,11 @@ if TYPE_CHECKING:
 
 def main(smk) -> None:
     from siad.config import results_root
-    from siad.engine.protocol import RunKey
-    from siad.engine.runs import run_group
+    from siad.engine.runs import planned_runs, run_group
 
     p = smk.params
-    keys = [RunKey(setting, p.method, variant, source, target, p.seed) for setting, variant, source, target in p.runs]
-    planned = dict(zip(keys, (entry.rpartition("=")[2] for entry in p.spec), strict=True))
+    planned = planned_runs(p.method, p.seed, p.runs, p.spec)
+    keys = list(planned)
     run_group(smk.config, keys, meta_paths=dict(zip(p.datasets, map(Path, smk.input.meta), strict=True)),
               results_root=results_root(smk.config), expected_digests=planned)
 

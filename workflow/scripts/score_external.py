@@ -12,14 +12,14 @@ if TYPE_CHECKING:
 def main(smk) -> None:
     from siad.config import results_root
     from siad.engine.external import score_external_runs
-    from siad.engine.protocol import RunKey
+    from siad.engine.runs import planned_runs
     from siad.methods.external import register_external_methods
 
     register_external_methods(smk.config, check_names=False)  # their stand-in classes, in this process
 
     p = smk.params
-    keys = [RunKey(setting, p.method, variant, source, target, p.seed) for setting, variant, source, target in p.runs]
-    planned = dict(zip(keys, (entry.rpartition("=")[2] for entry in p.spec), strict=True))
+    planned = planned_runs(p.method, p.seed, p.runs, p.spec)
+    keys = list(planned)
     score_external_runs(smk.config, keys, meta_paths=dict(zip(p.datasets, map(Path, smk.input.meta), strict=True)),
                         results_root=results_root(smk.config), expected_digests=planned)
 
